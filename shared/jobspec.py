@@ -1,0 +1,206 @@
+"""The job specification: the one schema for what an operator submits.
+
+A job spec is a TOML file. ``aicfl jobs submit`` parses and validates it here,
+the coordinator validates it again on arrival, and the agent reads the
+``data``, ``model`` and ``training`` parts from the task it is given. The
+example in ``examples/churn.toml`` is documented from this module.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Task = Literal["binary", "multiclass", "regression"]
+StrategyName = Literal["fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi"]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+class JobSpecError(ValueError):
+    """A job spec that cannot be accepted; ``str()`` names each field and problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a string such as ``"90s"``, ``"5m"``, ``"1h"``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30, '30s', '5m' or '1h'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    else:
+        raise ValueError(f"expected a duration such as 30, '30s', '5m' or '1h', got {value!r}")
+    if seconds <= 0:
+        raise ValueError("must be a positive duration")
+    return seconds
+
+
+Duration = Annotated[float, Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Feature(_Strict):
+    """One input column of the tabular schema."""
+
+    name: str = Field(min_length=1)
+    type: Literal["numeric", "categorical"]
+
+
+class DataSchema(_Strict):
+    """The tabular schema every device's local data must follow."""
+
+    features: list[Feature] = Field(min_length=1)
+    target: str = Field(min_length=1)
+    task: Task
+    positive: str | None = Field(
+        default=None, description="binary tasks: the label counted as the positive class"
+    )
+    max_categories: int = Field(
+        default=64, ge=2, le=4096, description="the largest vocabulary kept per categorical column"
+    )
+
+    @model_validator(mode="after")
+    def _columns_distinct(self) -> DataSchema:
+        names = [f.name for f in self.features]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"feature names must be distinct; repeated: {', '.join(dupes)}")
+        if self.target in names:
+            raise ValueError(f"the target {self.target!r} is also listed as a feature")
+        if self.positive is not None and self.task != "binary":
+            raise ValueError("'positive' applies to binary tasks only")
+        return self
+
+
+class ModelSpec(_Strict):
+    """A model from the zoo and its sizes."""
+
+    zoo: Literal["mlp", "logreg"] = "mlp"
+    hidden: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [64, 32])
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+
+class CohortSpec(_Strict):
+    """How many devices a round takes and how long each stage may last."""
+
+    target: int = Field(default=10, ge=1, le=100_000)
+    minimum: int = Field(default=2, ge=1)
+    stage_timeout: Duration = 120.0
+    selection_timeout: Duration = Field(
+        default=10.0,
+        description="how long to wait for the target once the minimum is checked in",
+    )
+
+    @field_validator("stage_timeout", "selection_timeout", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+    @model_validator(mode="after")
+    def _minimum_le_target(self) -> CohortSpec:
+        if self.minimum > self.target:
+            raise ValueError(f"minimum ({self.minimum}) must not exceed target ({self.target})")
+        return self
+
+
+class TrainingSpec(_Strict):
+    """Local training on each device."""
+
+    epochs: int = Field(default=1, ge=1, le=1000)
+    batch_size: int = Field(default=32, ge=1, le=1_000_000)
+    learning_rate: float = Field(default=0.01, gt=0, le=10)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    holdout: float = Field(default=0.2, ge=0.0, lt=1.0, description="share of local rows kept for federated evaluation")
+    threads: int = Field(default=1, ge=1, le=256, description="CPU threads a device may use")
+
+
+class StrategySpec(_Strict):
+    """The server-side aggregation strategy (Flower's implementation)."""
+
+    name: StrategyName = "fedavg"
+    server_learning_rate: float = Field(default=1.0, gt=0)
+    server_momentum: float = Field(default=0.9, ge=0, lt=1)
+    proximal_mu: float = Field(default=0.01, ge=0)
+    eta: float = Field(default=0.01, gt=0, description="fedadam/fedyogi server learning rate")
+    eta_l: float = Field(default=0.0316, gt=0)
+    beta_1: float = Field(default=0.9, ge=0, lt=1)
+    beta_2: float = Field(default=0.99, ge=0, lt=1)
+    tau: float = Field(default=1e-3, gt=0)
+
+
+class EvaluationSpec(_Strict):
+    """Evaluation each round: central on reference data, federated on holdouts."""
+
+    reference: str | None = Field(default=None, description="CSV or Parquet path read by `aicfl jobs submit`")
+    federated: bool = True
+
+
+class JobSpec(_Strict):
+    """A whole federated job."""
+
+    name: str = Field(min_length=1, max_length=200)
+    rounds: int = Field(ge=1, le=100_000)
+    seed: int = Field(default=0, ge=0)
+    data: DataSchema
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    cohort: CohortSpec = Field(default_factory=CohortSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    strategy: StrategySpec = Field(default_factory=StrategySpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+
+
+def _format_errors(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(spec)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        elif e["type"] == "literal_error":
+            msg = f"{msg} (got {e.get('input')!r})"
+        problems.append(f"{loc}: {msg}")
+    return problems
+
+
+def validate_spec(data: Any) -> JobSpec:
+    """Validate a parsed spec (a mapping); raise :class:`JobSpecError` naming each bad field."""
+    if not isinstance(data, dict):
+        raise JobSpecError(["(spec): expected a table of fields"])
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise JobSpecError(_format_errors(err)) from None
+
+
+def parse_spec_text(text: str, source: str = "job spec") -> JobSpec:
+    """Parse TOML text and validate it."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise JobSpecError([f"{source}: not valid TOML: {err}"]) from None
+    return validate_spec(data)
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read and validate a job spec file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as err:
+        raise JobSpecError([f"{p}: cannot read: {err.strerror}"]) from None
+    return parse_spec_text(text, source=str(p))
