@@ -1,0 +1,130 @@
+"""``aicfl-agent``: enroll this device, run it, show its status."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+from pathlib import Path
+
+import httpx
+import typer
+
+from client_agent.config import AgentConfig, AgentConfigError, AgentHome
+from client_agent.identity import create_identity, public_key_b64
+from shared.tabular import DataSchemaError, load_table
+
+app = typer.Typer(help="The aicfl edge agent.", no_args_is_help=True, pretty_exceptions_enable=False)
+
+HOME_OPT = typer.Option(None, "--home", envvar="AICFL_AGENT_HOME", help="Agent folder (default ~/.aicfl-agent).")
+
+
+class AgentCliError(Exception):
+    pass
+
+
+@app.command()
+def enroll(
+    coordinator: str = typer.Option(..., "--coordinator", help="Coordinator URL."),
+    token: str = typer.Option(..., "--token", help="One-time enrollment token."),
+    data: Path = typer.Option(..., "--data", help="Local CSV or Parquet file."),
+    home: Path | None = HOME_OPT,
+    name: str = typer.Option("", "--name"),
+    threads: int = typer.Option(1, "--threads", min=1, max=256, help="Most CPU threads training may use."),
+    ca_cert: Path | None = typer.Option(None, "--ca-cert", help="CA bundle for a TLS coordinator."),
+) -> None:
+    """Make this device's identity key and enroll it with the coordinator."""
+    h = AgentHome(home)
+    if h.config_path.exists():
+        raise AgentCliError(f"{h.root} is already enrolled; use another --home")
+    try:
+        load_table(data)
+    except DataSchemaError as err:
+        raise AgentCliError(f"--data: {err}") from None
+    key = create_identity(h.key_path) if not h.key_path.exists() else None
+    if key is None:
+        from client_agent.identity import load_identity
+
+        key = load_identity(h.key_path)
+    body = {"token": token, "public_key": public_key_b64(key), "name": name or platform.node(), "platform": platform.platform()}
+    try:
+        resp = httpx.post(coordinator.rstrip("/") + "/v1/enroll", json=body, timeout=30, verify=str(ca_cert) if ca_cert else True)
+    except httpx.HTTPError as err:
+        raise AgentCliError(f"cannot reach the coordinator at {coordinator}: {err}") from None
+    if resp.status_code >= 400:
+        try:
+            detail = resp.json().get("detail")
+        except ValueError:
+            detail = resp.text
+        raise AgentCliError(f"enrollment refused: {detail} (HTTP {resp.status_code})")
+    out = resp.json()
+    h.save_config(
+        AgentConfig(
+            coordinator=coordinator,
+            device_id=out["device_id"],
+            coordinator_public_key=out["coordinator_public_key"],
+            data=str(data.resolve()),
+            threads=threads,
+            ca_cert=str(ca_cert.resolve()) if ca_cert else None,
+            name=body["name"],
+        )
+    )
+    print(f"enrolled as {out['device_id']}")
+
+
+@app.command()
+def run(
+    home: Path | None = HOME_OPT,
+    log_level: str = typer.Option("info", "--log-level"),
+) -> None:
+    """Check in with the coordinator and take part in rounds until stopped (SIGTERM, Ctrl-C)."""
+    from client_agent.loop import Agent
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        agent = Agent(AgentHome(home))
+    except (AgentConfigError, OSError) as err:
+        raise AgentCliError(str(err)) from None
+    agent.install_signal_handlers()
+    code = agent.run()
+    raise typer.Exit(code)
+
+
+@app.command()
+def status(home: Path | None = HOME_OPT, as_json: bool = typer.Option(False, "--json")) -> None:
+    """This device's enrollment, data file and last round."""
+    h = AgentHome(home)
+    try:
+        cfg = h.load_config()
+    except AgentConfigError as err:
+        raise AgentCliError(str(err)) from None
+    state = h.load_state()
+    reachable: bool | str
+    try:
+        reachable = httpx.get(cfg.coordinator.rstrip("/") + "/v1/health", timeout=5, verify=cfg.ca_cert or True).status_code == 200
+    except httpx.HTTPError as err:
+        reachable = f"no ({err})"
+    info = {
+        "device_id": cfg.device_id,
+        "coordinator": cfg.coordinator,
+        "coordinator_reachable": reachable,
+        "data": cfg.data,
+        "data_present": Path(cfg.data).exists(),
+        "threads": cfg.threads,
+        "last_round_id": state.last_round_id,
+        "stages_sent": state.stages_sent,
+    }
+    if as_json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print(f"{k:24} {v}")
+
+
+def main() -> None:
+    try:
+        app()
+    except AgentCliError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,127 @@
+"""The check-in loop: paced by the coordinator, backing off on errors, stopping cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import random
+import resource
+import signal
+import threading
+import time
+from importlib.metadata import PackageNotFoundError, version
+
+from client_agent.config import AgentHome, ResumeState
+from client_agent.identity import load_identity
+from client_agent.transport import CoordinatorError, SignedClient, TransientError
+from client_agent.worker import Worker
+from shared.wire import CheckinRequest, CheckinResponse, Task
+
+log = logging.getLogger("aicfl.agent")
+
+
+def agent_version() -> str:
+    try:
+        return version("aicfl")
+    except PackageNotFoundError:
+        return "dev"
+
+
+def peak_rss_mb() -> float:
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class Backoff:
+    """Exponential backoff with full jitter, capped."""
+
+    def __init__(self, base: float = 1.0, cap: float = 60.0, rng: random.Random | None = None):
+        self.base, self.cap, self.failures = base, cap, 0
+        self.rng = rng or random.Random()
+
+    def next_delay(self) -> float:
+        self.failures += 1
+        ceiling = min(self.cap, self.base * 2 ** (self.failures - 1))
+        return self.rng.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class Agent:
+    def __init__(self, home: AgentHome):
+        self.home = home
+        self.cfg = home.load_config()
+        key = load_identity(home.key_path)
+        verify: str | bool = self.cfg.ca_cert or True
+        self.client = SignedClient(self.cfg.coordinator, self.cfg.device_id, key, verify=verify)
+        self.worker = Worker(self.client, self.cfg.data, self.cfg.coordinator_public_key, self.cfg.device_id, self.cfg.threads)
+        self.state = home.load_state()
+        self.stop = threading.Event()
+
+    def install_signal_handlers(self) -> None:
+        def _stop(signum: int, _frame: object) -> None:
+            log.info("signal %d: stopping after the current step", signum)
+            self.stop.set()
+
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+
+    def checkin(self) -> CheckinResponse:
+        req = CheckinRequest(agent_version=agent_version(), peak_rss_mb=peak_rss_mb())
+        return CheckinResponse.model_validate(self.client.post_json("/v1/device/checkin", req.model_dump()))
+
+    def run(self) -> int:
+        backoff = Backoff()
+        log.info("agent %s checking in with %s", self.cfg.device_id, self.cfg.coordinator)
+        while not self.stop.is_set():
+            try:
+                resp = self.checkin()
+                backoff.reset()
+                if resp.task is not None:
+                    self.handle(resp.task)
+                    continue
+                delay = resp.retry_after
+            except TransientError as err:
+                delay = backoff.next_delay()
+                log.warning("coordinator unavailable (%s); retrying in %.1f s", err, delay)
+            except CoordinatorError as err:
+                if err.status == 401:
+                    log.error("the coordinator refused this device: %s", err.detail)
+                    return 3
+                delay = backoff.next_delay()
+                log.warning("request refused: %s; retrying in %.1f s", err, delay)
+            self.stop.wait(delay)
+        log.info("stopped")
+        return 0
+
+    def handle(self, task: Task) -> None:
+        """Do one stage of a round, at most once, and never for a stale round."""
+        if task.round_id < self.state.last_round_id:
+            log.warning("ignoring task for round %s: already worked on newer round %s", task.round_id, self.state.last_round_id)
+            self.stop.wait(1.0)
+            return
+        if task.round_id != self.state.round_id:
+            self.state = ResumeState(round_id=task.round_id, stages_sent=[], last_round_id=task.round_id)
+        if task.stage in self.state.stages_sent:
+            self.stop.wait(0.5)
+            return
+        path = f"/v1/device/rounds/{task.round_id}/{task.stage}"
+        log.info("job %s round %s (%s): stage %s", task.job_id, task.round, task.kind, task.stage)
+        try:
+            if task.stage == "configure":
+                msg = self.worker.configure(task)
+                if not msg.accepted:
+                    log.warning("declining round %s: %s", task.round_id, msg.reason)
+                self.client.post_json(path, msg.model_dump())
+            elif task.kind == "stats":
+                self.client.post_json(path, self.worker.statistics(task).model_dump())
+            elif task.kind == "evaluate":
+                self.client.post_json(path, self.worker.evaluate(task).model_dump())
+            else:
+                update = self.worker.train(task)
+                self.client.request("POST", path, update, content_type="application/octet-stream")
+        except CoordinatorError as err:
+            # Dropped, deadline passed, round over: nothing to retry for this stage.
+            log.warning("round %s stage %s not accepted: %s", task.round_id, task.stage, err.detail)
+        self.state.stages_sent.append(task.stage)
+        self.home.save_state(self.state)

@@ -1,0 +1,165 @@
+"""What a device does for each stage of a round: check, compute, answer.
+
+The device's rows never leave it: a statistics round sends sums and counts, a
+training round sends the difference between its locally trained model and the
+global one, an evaluation round sends holdout metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from client_agent.transport import SignedClient
+from shared import codec
+from shared.jobspec import JobSpec
+from shared.signing import SignatureError, load_public_key, verify_model
+from shared.tabular import DataSchemaError, Preprocessor, load_table, local_statistics, validate_table
+from shared.training import evaluate, train_local
+from shared.wire import ConfigureMessage, EvaluateMessage, StatsMessage, Task
+from shared.zoo import build_model, flatten_parameters, load_flat_parameters
+
+log = logging.getLogger("aicfl.agent")
+
+
+class Declined(Exception):
+    """This device cannot take part in the round; the message is sent as the reason."""
+
+
+@dataclass
+class _Model:
+    job_id: int
+    version: int
+    header: dict[str, Any]
+    vector: np.ndarray
+
+
+class Worker:
+    """Holds the device's data and the verified model between a round's stages."""
+
+    def __init__(self, client: SignedClient, data_path: str, coordinator_public_key: str, device_id: str, threads: int = 1):
+        self.client = client
+        self.data_path = data_path
+        self.coordinator_key = load_public_key(coordinator_public_key)
+        self.device_id = device_id
+        self.threads = threads
+        self._table: tuple[float, pd.DataFrame] | None = None
+        self._model: _Model | None = None
+
+    # -- data -------------------------------------------------------------
+
+    def _frame(self) -> pd.DataFrame:
+        mtime = os.stat(self.data_path).st_mtime if os.path.exists(self.data_path) else -1.0
+        if self._table is None or self._table[0] != mtime:
+            self._table = (mtime, load_table(self.data_path))
+        return self._table[1]
+
+    def _split(self, spec: JobSpec) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Training and holdout rows; the split is fixed per device and job, so holdouts stay unseen."""
+        df = self._frame()
+        validate_table(df, spec.data)
+        if spec.training.holdout <= 0 or len(df) < 5:
+            return df, df.iloc[0:0]
+        digest = hashlib.sha256(f"{self.device_id}:{spec.seed}".encode()).digest()
+        rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+        order = rng.permutation(len(df))
+        n_hold = max(1, int(round(len(df) * spec.training.holdout)))
+        return df.iloc[order[n_hold:]], df.iloc[order[:n_hold]]
+
+    # -- the model --------------------------------------------------------
+
+    def _verified_model(self, task: Task) -> _Model:
+        ref = task.model
+        if ref is None:
+            raise Declined("the task names no model")
+        if self._model and (self._model.job_id, self._model.version) == (task.job_id, ref.version):
+            return self._model
+        blob = self.client.request("GET", f"/v1/device/jobs/{task.job_id}/models/{ref.version}").content
+        try:
+            verify_model(self.coordinator_key, task.job_id, ref.version, blob, ref.sha256, ref.signature)
+            header, vector = codec.decode(blob)
+        except (SignatureError, codec.CodecError) as err:
+            raise Declined(f"model refused: {err}") from None
+        if header.get("job_id") != task.job_id or header.get("version") != ref.version:
+            raise Declined("model refused: its header names another job or version")
+        self._model = _Model(task.job_id, ref.version, header, np.array(vector))
+        return self._model
+
+    # -- stages -----------------------------------------------------------
+
+    def configure(self, task: Task) -> ConfigureMessage:
+        """Check the data against the job's schema and the model's signature; take part or decline."""
+        try:
+            spec = JobSpec.model_validate(task.spec)
+            train, _ = self._split(spec)
+            if task.kind != "stats":
+                self._verified_model(task)
+        except DataSchemaError as err:
+            return ConfigureMessage(accepted=False, reason=f"data does not match the job's schema: {err}")
+        except Declined as err:
+            return ConfigureMessage(accepted=False, reason=str(err))
+        return ConfigureMessage(accepted=True, rows=len(train))
+
+    def statistics(self, task: Task) -> StatsMessage:
+        spec = JobSpec.model_validate(task.spec)
+        train, _ = self._split(spec)
+        return StatsMessage(statistics=local_statistics(train, spec.data))
+
+    def _prepared(self, task: Task) -> tuple[JobSpec, Preprocessor, _Model, pd.DataFrame, pd.DataFrame]:
+        spec = JobSpec.model_validate(task.spec)
+        model = self._verified_model(task)
+        # Preprocessing comes from the signed model, not from the unsigned task.
+        pre = Preprocessor.from_dict(model.header["preprocess"])
+        train, holdout = self._split(spec)
+        return spec, pre, model, train, holdout
+
+    def _holdout_metrics(self, spec: JobSpec, pre: Preprocessor, model: _Model, holdout: pd.DataFrame) -> dict[str, float]:
+        if holdout.empty:
+            return {}
+        net = build_model(model.header["arch"])
+        load_flat_parameters(net, model.vector)
+        x, y = pre.transform(holdout)
+        metrics = evaluate(net, x, y, task=spec.data.task, target_mean=pre.target_mean, target_std=pre.target_std)
+        return {k: float(v) for k, v in metrics.items() if k != "examples"}
+
+    def evaluate(self, task: Task) -> EvaluateMessage:
+        spec, pre, model, _, holdout = self._prepared(task)
+        return EvaluateMessage(metrics=self._holdout_metrics(spec, pre, model, holdout), examples=len(holdout))
+
+    def train(self, task: Task) -> bytes:
+        """Train from the global model; return the encoded update (local minus global)."""
+        spec, pre, model, train, holdout = self._prepared(task)
+        metrics = self._holdout_metrics(spec, pre, model, holdout)
+        net = build_model(model.header["arch"])
+        load_flat_parameters(net, model.vector)
+        x, y = pre.transform(train)
+        mu = spec.strategy.proximal_mu if spec.strategy.name == "fedprox" else 0.0
+        result = train_local(
+            net,
+            x,
+            y,
+            task=spec.data.task,
+            epochs=spec.training.epochs,
+            batch_size=spec.training.batch_size,
+            learning_rate=spec.training.learning_rate,
+            optimizer=spec.training.optimizer,
+            seed=task.seed,
+            proximal_mu=mu,
+            threads=min(self.threads, spec.training.threads),
+        )
+        delta = flatten_parameters(net) - model.vector
+        header = {
+            "kind": "update",
+            "round_id": task.round_id,
+            "num_examples": int(len(train)),
+            "train_loss": float(result["loss"]),
+            "metrics": metrics,
+            "holdout_examples": int(len(holdout)),
+        }
+        return codec.encode(header, delta)

@@ -1,0 +1,169 @@
+"""Operators' bearer tokens, enrollment tokens, and the check of each signed device request."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from coordinator.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
+from coordinator.models import Device, DeviceNonce, EnrollmentToken, Event, OperatorToken
+from shared.signing import SignatureError, load_public_key, verify_request
+
+ROLES = ("admin", "viewer")
+OPERATOR_PREFIX = "aicfl_op_"
+ENROLL_PREFIX = "aicfl_enr_"
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Operator:
+    name: str
+    role: str
+
+    def require(self, role: str) -> None:
+        if role == "admin" and self.role != "admin":
+            raise Forbidden(f"this action needs the admin role; token {self.name!r} has {self.role!r}")
+
+
+def create_operator_token(session: Session, name: str, role: str) -> str:
+    """Make an operator token; only its hash is stored, the token is returned once."""
+    if role not in ROLES:
+        raise Invalid(f"role must be one of {', '.join(ROLES)}; got {role!r}")
+    token = OPERATOR_PREFIX + secrets.token_urlsafe(32)
+    session.add(OperatorToken(name=name, role=role, token_hash=hash_token(token)))
+    session.add(Event(actor=name, action="operator_token.create", target=name, detail={"role": role}))
+    return token
+
+
+def bootstrap_admin(session: Session, name: str = "admin") -> str:
+    """The first admin token; refused once any admin token exists."""
+    existing = session.scalar(
+        select(func.count()).select_from(OperatorToken).where(
+            OperatorToken.role == "admin", OperatorToken.revoked_at.is_(None)
+        )
+    )
+    if existing:
+        raise Conflict("an admin token already exists; create more with an admin token (POST /v1/operators)")
+    return create_operator_token(session, name, "admin")
+
+
+def authenticate_operator(session: Session, token: str | None) -> Operator:
+    if not token:
+        raise Unauthorized("missing operator token: send 'Authorization: Bearer <token>'")
+    row = session.scalar(select(OperatorToken).where(OperatorToken.token_hash == hash_token(token)))
+    if row is None or row.revoked_at is not None:
+        raise Unauthorized("operator token is not valid")
+    return Operator(name=row.name, role=row.role)
+
+
+def create_enrollment_tokens(session: Session, count: int, ttl_seconds: float, actor: str) -> list[str]:
+    if not 1 <= count <= 10_000:
+        raise Invalid(f"count must be between 1 and 10000; got {count}")
+    if not 1 <= ttl_seconds <= 90 * 86400:
+        raise Invalid(f"ttl must be between 1 s and 90 days; got {ttl_seconds:g} s")
+    expires = time.time() + ttl_seconds
+    tokens = [ENROLL_PREFIX + secrets.token_urlsafe(24) for _ in range(count)]
+    session.add_all(
+        EnrollmentToken(token_hash=hash_token(t), expires_at=expires, created_by=actor) for t in tokens
+    )
+    session.add(Event(actor=actor, action="enrollment_tokens.create", detail={"count": count, "ttl": ttl_seconds}))
+    return tokens
+
+
+def enroll_device(session: Session, token: str, public_key_b64: str, name: str, platform: str) -> Device:
+    """Spend a one-time enrollment token on a new device identity."""
+    try:
+        load_public_key(public_key_b64)
+    except SignatureError as err:
+        raise Invalid(f"public_key: {err}") from None
+    row = session.scalar(
+        select(EnrollmentToken).where(EnrollmentToken.token_hash == hash_token(token)).with_for_update()
+    )
+    if row is None:
+        raise Unauthorized("enrollment token is not valid")
+    if row.used_at is not None:
+        raise Unauthorized("enrollment token was already used")
+    if row.expires_at < time.time():
+        raise Unauthorized("enrollment token has expired")
+    if session.scalar(select(Device).where(Device.public_key == public_key_b64)) is not None:
+        raise Conflict("a device with this public key is already enrolled")
+    device = Device(id="dev-" + secrets.token_hex(6), name=name, public_key=public_key_b64, platform=platform)
+    session.add(device)
+    from coordinator.models import utcnow
+
+    row.used_at = utcnow()
+    row.device_id = device.id
+    session.add(Event(actor=f"device:{device.id}", action="device.enroll", target=device.id, detail={"name": name}))
+    return device
+
+
+def authenticate_device(
+    session: Session,
+    headers: dict[str, str],
+    method: str,
+    path: str,
+    body: bytes,
+    *,
+    window_seconds: float,
+) -> Device:
+    """Verify a signed device request: known device, fresh timestamp, good signature, unseen nonce."""
+    from shared.signing import HEADER_DEVICE, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP
+
+    missing = [h for h in (HEADER_DEVICE, HEADER_TIMESTAMP, HEADER_NONCE, HEADER_SIGNATURE) if not headers.get(h)]
+    if missing:
+        raise Unauthorized(f"unsigned device request: missing {', '.join(missing)}")
+    device = session.get(Device, headers[HEADER_DEVICE])
+    if device is None:
+        raise Unauthorized("unknown device")
+    if device.revoked_at is not None:
+        raise Unauthorized("this device has been revoked")
+    now = time.time()
+    try:
+        verify_request(
+            load_public_key(device.public_key),
+            method,
+            path,
+            headers[HEADER_TIMESTAMP],
+            headers[HEADER_NONCE],
+            headers[HEADER_SIGNATURE],
+            body,
+            now=now,
+            window_seconds=window_seconds,
+        )
+    except SignatureError as err:
+        raise Unauthorized(f"device request refused: {err}") from None
+    # The nonce goes in with a unique constraint, in its own savepoint, so a
+    # replay racing the original on another replica still fails.
+    try:
+        with session.begin_nested():
+            session.add(DeviceNonce(device_id=device.id, nonce=headers[HEADER_NONCE], seen_at=now))
+    except IntegrityError:
+        raise Unauthorized("device request refused: replayed nonce") from None
+    return device
+
+
+def prune_nonces(session: Session, window_seconds: float) -> int:
+    """Forget nonces older than twice the window; their timestamps are refused anyway."""
+    result = session.execute(delete(DeviceNonce).where(DeviceNonce.seen_at < time.time() - 2 * window_seconds))
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def revoke_device(session: Session, device_id: str, actor: str) -> Device:
+    from coordinator.models import utcnow
+
+    device = session.get(Device, device_id)
+    if device is None:
+        raise NotFound(f"no device {device_id!r}")
+    if device.revoked_at is None:
+        device.revoked_at = utcnow()
+        session.add(Event(actor=actor, action="device.revoke", target=device_id))
+    return device

@@ -1,0 +1,633 @@
+"""The federation engine: jobs, rounds, device selection, aggregation.
+
+Everything here goes through the database, so a coordinator killed at any
+moment restarts and goes on: the state machine of each round is in its rows,
+the deadlines are absolute times, and the aggregate of a round is recomputed
+from the stored vectors whenever the running sum held in memory does not
+account for exactly the devices the database says have sent theirs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from coordinator import registry
+from coordinator.blobs import LocalBlobStore
+from coordinator.errors import Conflict, Forbidden, Invalid, NotFound
+from coordinator.evaluation import check_reference, metrics_on, read_table_bytes, weighted_mean
+from coordinator.models import Device, Event, Job, ModelVersion, Participant, Round, RoundMessage, utcnow
+from coordinator.rounds import (
+    ACTIVE,
+    DECLINED,
+    DROPPED,
+    STAGES,
+    ParticipantView,
+    RoundView,
+    decide,
+    select_cohort,
+    stage_index,
+)
+from coordinator.strategies import apply_strategy
+from shared import codec
+from shared.jobspec import JobSpec, validate_spec
+from shared.tabular import DataSchemaError, Preprocessor, merge_statistics
+from shared.wire import CheckinRequest, CheckinResponse, ConfigureMessage, EvaluateMessage, ModelRef, StatsMessage, Task
+from shared.zoo import architecture, build_model, flatten_parameters
+
+log = logging.getLogger("aicfl.coordinator")
+
+MAX_EXAMPLES = 1_000_000_000
+MAX_CONSECUTIVE_ABANDONED = 20
+
+
+@dataclass
+class EngineSettings:
+    eligibility_window: float = 30.0
+    idle_retry: float = 2.0
+    active_retry: float = 0.5
+    evaluate_after_last_round: bool = True
+
+
+@dataclass
+class _Accumulator:
+    """The running weighted sum of one round's updates, as they arrive."""
+
+    total: np.ndarray
+    examples: int = 0
+    contributors: set[str] = field(default_factory=set)
+    seconds: float = 0.0
+
+
+class Federation:
+    """Drives every job's rounds; the API's routers call into it."""
+
+    def __init__(
+        self,
+        factory: sessionmaker[Session],
+        blobs: LocalBlobStore,
+        signing_key: Ed25519PrivateKey,
+        settings: EngineSettings | None = None,
+    ):
+        self.factory = factory
+        self.blobs = blobs
+        self.key = signing_key
+        self.settings = settings or EngineSettings()
+        engine = factory.kw["bind"]
+        # SQLite allows one writer: serialise our writers in-process rather than
+        # let a read transaction fail to upgrade. PostgreSQL uses row locks.
+        self._sqlite = engine.dialect.name == "sqlite"
+        self._write_lock: Any = threading.RLock() if self._sqlite else nullcontext()
+        self._acc: dict[int, _Accumulator] = {}
+        self._acc_lock = threading.Lock()
+        self._reference: dict[str, Any] = {}
+
+    # -- plumbing ---------------------------------------------------------
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        with self._write_lock, self.factory() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        with self.factory() as session:
+            yield session
+
+    def _lock(self, stmt: Any) -> Any:
+        return stmt if self._sqlite else stmt.with_for_update()
+
+    # -- jobs -------------------------------------------------------------
+
+    def submit_job(self, spec_data: dict[str, Any], actor: str) -> Job:
+        spec = validate_spec(spec_data)
+        with self.write() as s:
+            job = Job(name=spec.name, spec=spec.model_dump(mode="json"), status="running", created_by=actor)
+            s.add(job)
+            s.flush()
+            s.add(Event(actor=actor, action="job.submit", target=str(job.id), detail={"name": spec.name}))
+            return job
+
+    def set_reference(self, job_id: int, data: bytes, actor: str) -> str:
+        with self.read() as s:
+            job = self._job(s, job_id)
+            spec = JobSpec.model_validate(job.spec)
+        try:
+            df = check_reference(data, spec.data)
+        except DataSchemaError as err:
+            raise Invalid(f"reference data: {err}") from None
+        sha = self.blobs.put(data)
+        with self.write() as s:
+            job = self._job(s, job_id)
+            job.reference_sha256 = sha
+            s.add(Event(actor=actor, action="job.reference", target=str(job_id), detail={"rows": len(df), "sha256": sha}))
+        self._reference[sha] = df
+        return sha
+
+    def cancel_job(self, job_id: int, actor: str) -> Job:
+        with self.write() as s:
+            job = s.scalar(self._lock(select(Job).where(Job.id == job_id)))
+            if job is None:
+                raise NotFound(f"no job {job_id}")
+            if job.status not in ("running", "pending"):
+                raise Conflict(f"job {job_id} is already {job.status}")
+            for r in s.scalars(select(Round).where(Round.job_id == job_id, Round.status == "running")):
+                self._abandon(s, r, "job cancelled by the operator")
+            job.status = "cancelled"
+            job.reason = f"cancelled by {actor}"
+            s.add(Event(actor=actor, action="job.cancel", target=str(job_id)))
+            return job
+
+    def _job(self, s: Session, job_id: int) -> Job:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id}")
+        return job
+
+    # -- device side ------------------------------------------------------
+
+    def checkin(self, device_id: str, req: CheckinRequest) -> CheckinResponse:
+        now = time.time()
+        with self.write() as s:
+            device = s.get(Device, device_id)
+            if device is None:  # pragma: no cover - authenticated before
+                raise NotFound("unknown device")
+            device.last_seen = now
+            if req.agent_version:
+                device.agent_version = req.agent_version
+            if req.peak_rss_mb is not None:
+                device.peak_rss_mb = req.peak_rss_mb
+            rows = s.execute(
+                select(Participant, Round)
+                .join(Round, Participant.round_id == Round.id)
+                .where(Participant.device_id == device_id, Participant.status == ACTIVE, Round.status == "running")
+            ).all()
+            for p, r in rows:
+                if stage_index(r.kind, p.stage_done) < stage_index(r.kind, r.stage) and now < r.stage_deadline:
+                    return CheckinResponse(retry_after=self.settings.active_retry, task=self._task(s, r))
+            retry = self.settings.active_retry if rows else self.settings.idle_retry
+            return CheckinResponse(retry_after=retry)
+
+    def _task(self, s: Session, r: Round) -> Task:
+        job = self._job(s, r.job_id)
+        model = None
+        if r.model_version_in is not None:
+            mv = registry.get_version(s, job.id, r.model_version_in)
+            model = ModelRef(version=mv.version, sha256=mv.sha256, signature=mv.signature, size=mv.size)
+        return Task(
+            round_id=r.id,
+            job_id=job.id,
+            round=r.number,
+            kind=r.kind,  # type: ignore[arg-type]
+            stage=r.stage,  # type: ignore[arg-type]
+            deadline=r.stage_deadline,
+            seed=(job.spec.get("seed", 0) * 1_000_003 + r.number) % (2**31),
+            spec=job.spec,
+            model=model,
+            preprocess=job.preprocess if r.kind != "stats" else None,
+        )
+
+    def model_blob_for_device(self, device_id: str, job_id: int, version: int) -> bytes:
+        """A model's bytes, for a device selected in a running round of that job."""
+        with self.read() as s:
+            selected = s.scalar(
+                select(Participant.id)
+                .join(Round, Participant.round_id == Round.id)
+                .where(Participant.device_id == device_id, Round.job_id == job_id, Round.status == "running")
+                .limit(1)
+            )
+            if selected is None:
+                raise Forbidden(f"device {device_id} is not selected in a running round of job {job_id}")
+            mv = registry.get_version(s, job_id, version)
+            sha = mv.sha256
+        return self.blobs.get(sha)
+
+    def _participation(self, s: Session, device_id: str, round_id: int, stage: str, now: float) -> tuple[Round, Participant]:
+        """The round and the device's place in it, after every check of stage and deadline."""
+        r = s.scalar(self._lock(select(Round).where(Round.id == round_id)))
+        if r is None:
+            raise NotFound(f"no round {round_id}")
+        p = s.scalar(select(Participant).where(Participant.round_id == round_id, Participant.device_id == device_id))
+        if p is None:
+            raise Forbidden(f"device {device_id} was not selected for round {round_id}")
+        if r.status != "running":
+            raise Conflict(f"round {round_id} is {r.status}; the message is stale")
+        if p.status != ACTIVE:
+            raise Conflict(f"device {device_id} is {p.status} in round {round_id}" + (f": {p.reason}" if p.reason else ""))
+        if r.stage != stage:
+            raise Conflict(f"round {round_id} is in stage {r.stage!r}, not {stage!r}")
+        if stage_index(r.kind, p.stage_done) >= stage_index(r.kind, stage):
+            raise Conflict(f"device {device_id} already sent its {stage!r} message for round {round_id}")
+        if now >= r.stage_deadline:
+            raise Conflict(f"the deadline of stage {stage!r} in round {round_id} has passed")
+        return r, p
+
+    def handle_configure(self, device_id: str, round_id: int, msg: ConfigureMessage) -> None:
+        now = time.time()
+        with self.write() as s:
+            r, p = self._participation(s, device_id, round_id, "configure", now)
+            if msg.accepted:
+                p.stage_done = "configure"
+            else:
+                p.status = DECLINED
+                p.reason = (msg.reason or "declined without a reason")[:2000]
+                log.info("device %s declined round %s: %s", device_id, round_id, p.reason)
+            s.add(RoundMessage(round_id=round_id, device_id=device_id, stage="configure", payload=msg.model_dump()))
+            self._drive(s, r, now)
+
+    def handle_input_json(self, device_id: str, round_id: int, body: dict[str, Any]) -> None:
+        now = time.time()
+        with self.write() as s:
+            r, p = self._participation(s, device_id, round_id, "input", now)
+            try:
+                if r.kind == "stats":
+                    payload = StatsMessage.model_validate(body).model_dump()
+                    _check_statistics(payload["statistics"])
+                elif r.kind == "evaluate":
+                    ev = EvaluateMessage.model_validate(body)
+                    _check_metrics(ev.metrics)
+                    payload = ev.model_dump()
+                else:
+                    raise Invalid(f"round {round_id} is a training round: send the update as application/octet-stream")
+            except ValueError as err:
+                raise Invalid(f"{r.kind} message: {err}") from None
+            s.add(RoundMessage(round_id=round_id, device_id=device_id, stage="input", payload=payload))
+            p.stage_done = "input"
+            self._drive(s, r, now)
+
+    def handle_update(self, device_id: str, round_id: int, body: bytes) -> None:
+        """A device's model update: checked, stored, added to the running sum."""
+        now = time.time()
+        with self.read() as s:
+            r, _ = self._participation(s, device_id, round_id, "input", now)
+            if r.kind != "train":
+                raise Invalid(f"round {round_id} is a {r.kind} round: send a JSON message")
+            mv = registry.get_version(s, r.job_id, r.model_version_in)
+            numel = int(mv.num_parameters)
+        try:
+            header, vec = codec.decode(body, expected_numel=numel)
+        except codec.CodecError as err:
+            raise Invalid(f"update: {err}") from None
+        meta = _check_update_header(header, round_id)
+        sha = self.blobs.put(body)
+        with self.write() as s:
+            r, p = self._participation(s, device_id, round_id, "input", time.time())
+            s.add(RoundMessage(round_id=round_id, device_id=device_id, stage="input", payload=meta, blob_sha256=sha))
+            p.stage_done = "input"
+            p.num_examples = meta["num_examples"]
+        self._accumulate(round_id, device_id, vec, meta["num_examples"])
+        with self.write() as s:
+            r = s.scalar(self._lock(select(Round).where(Round.id == round_id)))
+            if r is not None and r.status == "running":
+                self._drive(s, r, time.time())
+
+    def _accumulate(self, round_id: int, device_id: str, vec: np.ndarray, n: int) -> None:
+        t0 = time.perf_counter()
+        with self._acc_lock:
+            acc = self._acc.get(round_id)
+            if acc is None:
+                acc = self._acc[round_id] = _Accumulator(total=np.zeros(vec.size, dtype=np.float32))
+            if device_id in acc.contributors or acc.total.size != vec.size:
+                return
+            acc.total += np.float32(n) * vec
+            acc.examples += n
+            acc.contributors.add(device_id)
+            acc.seconds += time.perf_counter() - t0
+
+    # -- the driver -------------------------------------------------------
+
+    def tick(self) -> None:
+        """One pass over every running job: advance rounds, open new ones."""
+        with self.read() as s:
+            job_ids = list(s.scalars(select(Job.id).where(Job.status == "running")))
+        for job_id in job_ids:
+            try:
+                self._tick_job(job_id)
+            except Exception:  # noqa: BLE001 - one job's failure must not stop the others
+                log.exception("tick of job %s failed", job_id)
+
+    def _tick_job(self, job_id: int) -> None:
+        now = time.time()
+        with self.write() as s:
+            q = select(Job).where(Job.id == job_id)
+            job = s.scalar(q if self._sqlite else q.with_for_update(skip_locked=True))
+            if job is None or job.status != "running":
+                return
+            current = s.scalar(select(Round).where(Round.job_id == job_id, Round.status == "running"))
+            if current is not None:
+                self._drive(s, current, now)
+                return
+            self._open_round(s, job, now)
+
+    def _drive(self, s: Session, r: Round, now: float) -> None:
+        parts = list(s.scalars(select(Participant).where(Participant.round_id == r.id)))
+        view = RoundView(
+            kind=r.kind,
+            stage=r.stage,
+            deadline=r.stage_deadline,
+            minimum=r.minimum,
+            participants=tuple(ParticipantView(p.device_id, p.status, p.stage_done) for p in parts),
+        )
+        d = decide(view, now)
+        if d.action == "wait":
+            return
+        for p in parts:
+            if p.device_id in d.drop:
+                p.status = DROPPED
+                p.reason = f"missed the deadline of stage {r.stage!r}"
+        if d.action == "abandon":
+            self._abandon(s, r, d.reason or "abandoned")
+        elif d.action == "advance":
+            job = self._job(s, r.job_id)
+            r.stage = d.next_stage or r.stage
+            r.stage_deadline = now + JobSpec.model_validate(job.spec).cohort.stage_timeout
+        else:
+            job = self._job(s, r.job_id)
+            try:
+                self._finish(s, job, r, [p for p in parts if p.status == ACTIVE])
+            except (Invalid, DataSchemaError, ValueError) as err:
+                self._abandon(s, r, f"aggregation failed: {err}")
+                if r.kind == "stats":
+                    job.status = "failed"
+                    job.reason = f"statistics round failed: {err}"
+
+    def _abandon(self, s: Session, r: Round, reason: str) -> None:
+        r.status = "abandoned"
+        r.reason = reason
+        r.ended_at = utcnow()
+        self._discard_round_data(s, r)
+        job = self._job(s, r.job_id)
+        s.add(Event(actor="coordinator", action="round.abandon", target=f"{job.id}/{r.number}", detail={"reason": reason}))
+        log.warning("job %s round %s abandoned: %s", job.id, r.number, reason)
+        recent = list(
+            s.scalars(select(Round.status).where(Round.job_id == job.id).order_by(Round.number.desc()).limit(MAX_CONSECUTIVE_ABANDONED))
+        )
+        if len(recent) >= MAX_CONSECUTIVE_ABANDONED and all(x == "abandoned" for x in recent) and job.status == "running":
+            job.status = "failed"
+            job.reason = f"{MAX_CONSECUTIVE_ABANDONED} rounds in a row were abandoned; last: {reason}"
+
+    def _discard_round_data(self, s: Session, r: Round) -> None:
+        with self._acc_lock:
+            self._acc.pop(r.id, None)
+        for sha in s.scalars(select(RoundMessage.blob_sha256).where(RoundMessage.round_id == r.id, RoundMessage.blob_sha256.is_not(None))):
+            self.blobs.delete(sha)
+
+    def _eligible(self, s: Session, job: Job, now: float) -> list[str]:
+        busy = (
+            select(Participant.device_id)
+            .join(Round, Participant.round_id == Round.id)
+            .where(Round.status == "running", Participant.status == ACTIVE)
+        )
+        declined = (
+            select(Participant.device_id)
+            .join(Round, Participant.round_id == Round.id)
+            .where(Round.job_id == job.id, Participant.status == DECLINED)
+        )
+        return list(
+            s.scalars(
+                select(Device.id).where(
+                    Device.revoked_at.is_(None),
+                    Device.last_seen >= now - self.settings.eligibility_window,
+                    Device.id.not_in(busy),
+                    Device.id.not_in(declined),
+                )
+            )
+        )
+
+    def _next_kind(self, job: Job, spec: JobSpec, s: Session) -> str | None:
+        if job.preprocess is None:
+            return "stats"
+        if job.rounds_completed < spec.rounds:
+            return "train"
+        if self.settings.evaluate_after_last_round and spec.evaluation.federated:
+            evaluated = s.scalar(
+                select(Round.id).where(Round.job_id == job.id, Round.kind == "evaluate", Round.status == "completed")
+            )
+            if evaluated is None:
+                return "evaluate"
+        return None
+
+    def _open_round(self, s: Session, job: Job, now: float) -> None:
+        spec = JobSpec.model_validate(job.spec)
+        kind = self._next_kind(job, spec, s)
+        if kind is None:
+            job.status = "completed"
+            s.add(Event(actor="coordinator", action="job.complete", target=str(job.id)))
+            return
+        eligible = self._eligible(s, job, now)
+        waited = None if job.waiting_since is None else now - job.waiting_since
+        cohort = select_cohort(
+            eligible,
+            target=spec.cohort.target,
+            minimum=spec.cohort.minimum,
+            seed=spec.seed,
+            round_number=job.next_round,
+            waited=waited,
+            selection_timeout=spec.cohort.selection_timeout,
+        )
+        if cohort is None:
+            if len(eligible) >= spec.cohort.minimum and job.waiting_since is None:
+                job.waiting_since = now
+            elif len(eligible) < spec.cohort.minimum:
+                job.waiting_since = None
+            return
+        r = Round(
+            job_id=job.id,
+            number=job.next_round,
+            kind=kind,
+            stage=STAGES[kind][0],
+            stage_deadline=now + spec.cohort.stage_timeout,
+            minimum=spec.cohort.minimum,
+            model_version_in=job.current_version if kind != "stats" else None,
+        )
+        s.add(r)
+        s.flush()
+        s.add_all(Participant(round_id=r.id, device_id=d) for d in cohort)
+        job.next_round += 1
+        job.waiting_since = None
+        log.info("job %s round %s (%s) opened with %d devices", job.id, r.number, kind, len(cohort))
+
+    # -- aggregation ------------------------------------------------------
+
+    def _finish(self, s: Session, job: Job, r: Round, active: list[Participant]) -> None:
+        spec = JobSpec.model_validate(job.spec)
+        msgs = {
+            m.device_id: m
+            for m in s.scalars(select(RoundMessage).where(RoundMessage.round_id == r.id, RoundMessage.stage == "input"))
+        }
+        senders = [p.device_id for p in active if p.device_id in msgs]
+        if r.kind == "stats":
+            self._finish_stats(s, job, spec, [msgs[d].payload["statistics"] for d in senders])
+        elif r.kind == "train":
+            self._finish_train(s, job, spec, r, [msgs[d] for d in senders])
+        else:
+            fed = weighted_mean([(int(msgs[d].payload["examples"]), msgs[d].payload["metrics"]) for d in senders])
+            r.metrics = {"federated": fed}
+            self._record_federated(s, job, r.model_version_in, fed)
+        r.status = "completed"
+        r.ended_at = utcnow()
+        s.add(Event(actor="coordinator", action="round.complete", target=f"{job.id}/{r.number}", detail={"participants": len(senders)}))
+
+    def _finish_stats(self, s: Session, job: Job, spec: JobSpec, stats: list[dict[str, Any]]) -> None:
+        merged = merge_statistics(stats)
+        pre = Preprocessor.from_statistics(merged, spec.data)
+        job.preprocess = pre.to_dict()
+        arch = architecture(spec.model, pre.input_dim, pre.output_dim)
+        existing = s.scalar(select(ModelVersion).where(ModelVersion.job_id == job.id, ModelVersion.version == 0))
+        if existing is not None:
+            header, _ = registry.load_vector(self.blobs, existing)
+            if header.get("arch") != arch:
+                raise Invalid(
+                    f"version 0 was built for {header.get('arch')}, but the federation's data needs {arch}"
+                )
+            job.current_version = 0
+            return
+        model = build_model(arch, seed=spec.seed)
+        registry.register_version(
+            s,
+            self.blobs,
+            self.key,
+            job_id=job.id,
+            version=0,
+            vector=flatten_parameters(model),
+            arch=arch,
+            preprocess=job.preprocess,
+            parent=None,
+            round_number=None,
+            provenance={"source": "initialised", "seed": spec.seed, "statistics_rows": merged.get("rows")},
+        )
+        job.current_version = 0
+
+    def _finish_train(self, s: Session, job: Job, spec: JobSpec, r: Round, msgs: list[RoundMessage]) -> None:
+        t0 = time.perf_counter()
+        current_row = registry.get_version(s, job.id, r.model_version_in)
+        header, current = registry.load_vector(self.blobs, current_row)
+        ids = {m.device_id for m in msgs}
+        with self._acc_lock:
+            acc = self._acc.pop(r.id, None)
+        incremental = 0.0
+        if acc is not None and acc.contributors == ids:
+            total, examples, incremental = acc.total, acc.examples, acc.seconds
+        else:
+            # Another replica took some updates, or we restarted: sum from the store.
+            total = np.zeros(current.size, dtype=np.float32)
+            examples = 0
+            for m in msgs:
+                _, vec = codec.decode(self.blobs.get(m.blob_sha256 or ""), expected_numel=current.size)
+                n = int(m.payload["num_examples"])
+                total += np.float32(n) * vec
+                examples += n
+        mean = current + total / np.float32(examples)
+        state = self.blobs.get(job.strategy_state_sha256) if job.strategy_state_sha256 else None
+        new, new_state = apply_strategy(spec.strategy, current, mean, examples, job.rounds_completed + 1, state)
+        version = registry.get_version(s, job.id).version + 1
+        train_loss = weighted_mean([(int(m.payload["num_examples"]), {"loss": m.payload["train_loss"]}) for m in msgs])
+        row = registry.register_version(
+            s,
+            self.blobs,
+            self.key,
+            job_id=job.id,
+            version=version,
+            vector=new,
+            arch=header["arch"],
+            preprocess=job.preprocess,
+            parent=current_row.version,
+            round_number=r.number,
+            metrics={"train_loss": train_loss.get("loss")},
+            provenance={"source": "federated", "round": r.number, "participants": len(msgs), "examples": examples},
+        )
+        if new_state is not None:
+            job.strategy_state_sha256 = self.blobs.put(new_state)
+        r.aggregation_seconds = incremental + (time.perf_counter() - t0)
+        r.model_version_out = row.version
+        job.current_version = row.version
+        job.rounds_completed += 1
+        fed = weighted_mean(
+            [(int(m.payload.get("holdout_examples", 0)), m.payload.get("metrics", {})) for m in msgs]
+        )
+        metrics: dict[str, Any] = {"train_loss": train_loss.get("loss"), "examples": examples}
+        central = self._central(job, spec, header["arch"], new)
+        if central:
+            metrics["central"] = central
+            row.metrics = {**row.metrics, "central": central}
+        r.metrics = metrics
+        if fed:
+            self._record_federated(s, job, current_row.version, fed)
+        self._discard_round_data(s, r)
+
+    def _record_federated(self, s: Session, job: Job, version: int | None, fed: dict[str, float]) -> None:
+        """Federated metrics describe the model the devices received: file them with its version."""
+        if version is None:
+            return
+        mv = registry.get_version(s, job.id, version)
+        mv.metrics = {**mv.metrics, "federated": fed}
+        producer = s.scalar(select(Round).where(Round.job_id == job.id, Round.model_version_out == version))
+        if producer is not None:
+            producer.metrics = {**producer.metrics, "federated": fed}
+
+    def _central(self, job: Job, spec: JobSpec, arch: dict[str, Any], vec: np.ndarray) -> dict[str, float] | None:
+        sha = job.reference_sha256
+        if not sha or job.preprocess is None:
+            return None
+        df = self._reference.get(sha)
+        if df is None:
+            df = self._reference[sha] = read_table_bytes(self.blobs.get(sha))
+        return metrics_on(df, spec.data, job.preprocess, arch, vec)
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_metrics(metrics: dict[str, Any]) -> None:
+    if len(metrics) > 64:
+        raise ValueError("too many metrics (at most 64)")
+    for name, value in metrics.items():
+        if not _finite(value):
+            raise ValueError(f"metric {name!r} must be a finite number")
+
+
+def _check_statistics(stats: dict[str, Any]) -> None:
+    if not isinstance(stats.get("rows"), int) or stats["rows"] < 0:
+        raise ValueError("statistics.rows must be a non-negative integer")
+    for section in ("numeric", "categorical"):
+        if not isinstance(stats.get(section, {}), dict):
+            raise ValueError(f"statistics.{section} must be a table")
+    for col, v in stats.get("numeric", {}).items():
+        if not isinstance(v, dict) or not all(_finite(v.get(k)) for k in ("count", "sum", "sum_sq")):
+            raise ValueError(f"statistics.numeric.{col} needs finite count, sum and sum_sq")
+
+
+def _check_update_header(header: dict[str, Any], round_id: int) -> dict[str, Any]:
+    if header.get("kind") != "update":
+        raise Invalid("update: header kind must be 'update'")
+    if header.get("round_id") != round_id:
+        raise Conflict(f"update was made for round {header.get('round_id')}, not round {round_id}")
+    n = header.get("num_examples")
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_EXAMPLES:
+        raise Invalid(f"update: num_examples must be an integer from 1 to {MAX_EXAMPLES}")
+    metrics = header.get("metrics", {})
+    if not isinstance(metrics, dict):
+        raise Invalid("update: metrics must be a table")
+    try:
+        _check_metrics(metrics)
+    except ValueError as err:
+        raise Invalid(f"update: {err}") from None
+    loss = header.get("train_loss", 0.0)
+    if not _finite(loss):
+        raise Invalid("update: train_loss must be a finite number")
+    holdout = header.get("holdout_examples", 0)
+    if not isinstance(holdout, int) or holdout < 0:
+        raise Invalid("update: holdout_examples must be a non-negative integer")
+    return {"num_examples": n, "metrics": metrics, "train_loss": float(loss), "holdout_examples": holdout}

@@ -1,0 +1,188 @@
+"""The coordinator API: a FastAPI app around the federation engine."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from sqlalchemy import func, select
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from coordinator import auth
+from coordinator.blobs import LocalBlobStore
+from coordinator.engine import EngineSettings, Federation
+from coordinator.errors import CoordinatorError
+from coordinator.keys import load_or_create_signing_key
+from coordinator.models import Device, Job, Round
+from coordinator.store import make_engine, migrate, session_factory
+from server.routers import device_api, jobs, operators
+from server.settings import ServerSettings
+from shared.jobspec import JobSpecError
+from shared.signing import b64e, public_key_bytes
+
+log = logging.getLogger("aicfl.server")
+PROBLEM = "application/problem+json"
+
+
+def problem(status: int, title: str, detail: str) -> JSONResponse:
+    """An RFC 9457 problem-details response."""
+    return JSONResponse(
+        {"type": "about:blank", "title": title, "status": status, "detail": detail}, status_code=status, media_type=PROBLEM
+    )
+
+
+def build_federation(settings: ServerSettings) -> Federation:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.database_url())
+    migrate(engine)
+    return Federation(
+        session_factory(engine),
+        LocalBlobStore(settings.data_dir / "blobs"),
+        load_or_create_signing_key(settings.data_dir / "coordinator_key.pem"),
+        EngineSettings(
+            eligibility_window=settings.eligibility_window,
+            idle_retry=settings.idle_retry,
+            active_retry=settings.active_retry,
+        ),
+    )
+
+
+class _Ticker:
+    """Drives the rounds from a background thread (deadlines pass without any request)."""
+
+    def __init__(self, fed: Federation, interval: float, window: float):
+        self.fed, self.interval, self.window = fed, interval, window
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="aicfl-ticker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        last_prune = 0.0
+        while not self._stop.wait(self.interval):
+            try:
+                self.fed.tick()
+                if time.time() - last_prune > 60:
+                    with self.fed.write() as s:
+                        auth.prune_nonces(s, self.window)
+                    last_prune = time.time()
+            except Exception:  # noqa: BLE001 - the ticker must outlive a bad pass
+                log.exception("coordinator tick failed")
+
+
+class _StateCollector:
+    def __init__(self, fed: Federation, window: float):
+        self.fed, self.window = fed, window
+
+    def collect(self) -> Any:
+        jobs_g = GaugeMetricFamily("aicfl_jobs", "Jobs by status", labels=["status"])
+        rounds_g = GaugeMetricFamily("aicfl_rounds", "Rounds by status", labels=["status"])
+        online = GaugeMetricFamily("aicfl_devices_online", "Devices checked in within the eligibility window")
+        with self.fed.read() as s:
+            for status, n in s.execute(select(Job.status, func.count()).group_by(Job.status)):
+                jobs_g.add_metric([status], n)
+            for status, n in s.execute(select(Round.status, func.count()).group_by(Round.status)):
+                rounds_g.add_metric([status], n)
+            online.add_metric([], s.scalar(
+                select(func.count()).select_from(Device).where(
+                    Device.revoked_at.is_(None), Device.last_seen >= time.time() - self.window
+                )
+            ) or 0)
+        yield from (jobs_g, rounds_g, online)
+
+
+def create_app(settings: ServerSettings | None = None, *, run_ticker: bool = True) -> FastAPI:
+    settings = settings or ServerSettings()
+    fed = build_federation(settings)
+    ticker = _Ticker(fed, settings.tick_interval, settings.signature_window)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if run_ticker:
+            ticker.start()
+        yield
+        if run_ticker:
+            ticker.stop()
+
+    app = FastAPI(
+        title="aicfl coordinator",
+        version="0.1.0",
+        description="Federation coordinator: devices, jobs, rounds, model registry.",
+        lifespan=lifespan,
+    )
+    app.state.federation = fed
+    app.state.settings = settings
+
+    registry = CollectorRegistry()
+    requests = Counter("aicfl_http_requests", "HTTP requests", ["route", "status"], registry=registry)
+    latency = Histogram("aicfl_http_request_seconds", "HTTP request latency", ["route"], registry=registry)
+    registry.register(_StateCollector(fed, settings.eligibility_window))  # type: ignore[arg-type]
+
+    @app.middleware("http")
+    async def _metrics(request: Request, call_next: Any) -> Any:
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        name = getattr(route, "path", "unmatched")
+        requests.labels(name, str(response.status_code)).inc()
+        latency.labels(name).observe(time.perf_counter() - t0)
+        return response
+
+    @app.exception_handler(CoordinatorError)
+    async def _coordinator_error(_: Request, err: CoordinatorError) -> JSONResponse:
+        return problem(err.status, err.title, err.detail)
+
+    @app.exception_handler(JobSpecError)
+    async def _spec_error(_: Request, err: JobSpecError) -> JSONResponse:
+        return problem(422, "Invalid job spec", str(err))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, err: RequestValidationError) -> JSONResponse:
+        parts = []
+        for e in err.errors()[:5]:
+            loc = ".".join(str(p) for p in e["loc"] if p != "body") or "(body)"
+            parts.append(f"{loc}: {e['msg']}")
+        return problem(422, "Invalid request", "; ".join(parts))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        return problem(err.status_code, "HTTP error", str(err.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, err: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return problem(500, "Internal error", f"the coordinator failed to handle this request ({type(err).__name__})")
+
+    @app.get("/v1/health", tags=["meta"])
+    def health() -> dict[str, Any]:
+        with fed.read() as s:
+            s.execute(select(1))
+        return {"status": "ok", "version": app.version}
+
+    @app.get("/v1/coordinator/key", tags=["meta"])
+    def coordinator_key() -> dict[str, str]:
+        """The public key that signs every model version."""
+        return {"algorithm": "Ed25519", "public_key": b64e(public_key_bytes(fed.key))}
+
+    @app.get("/metrics", tags=["meta"], include_in_schema=False)
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(operators.router)
+    app.include_router(jobs.router)
+    app.include_router(device_api.router)
+    return app

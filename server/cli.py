@@ -1,0 +1,400 @@
+"""``aicfl``: the operator CLI (typer + rich)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from server.client import ApiClient, CliError
+from shared.jobspec import JobSpecError, load_spec, parse_duration
+
+app = typer.Typer(help="Operate an aicfl federation.", no_args_is_help=True, pretty_exceptions_enable=False)
+server_app = typer.Typer(help="Run the coordinator.", no_args_is_help=True)
+admin_app = typer.Typer(help="Administration.", no_args_is_help=True)
+devices_app = typer.Typer(help="Enrollment tokens and devices.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Federated jobs.", no_args_is_help=True)
+rounds_app = typer.Typer(help="Rounds of a job.", no_args_is_help=True)
+models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
+app.add_typer(server_app, name="server")
+app.add_typer(admin_app, name="admin")
+app.add_typer(devices_app, name="devices")
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(rounds_app, name="rounds")
+app.add_typer(models_app, name="models")
+
+console = Console()
+_state: dict[str, Any] = {}
+
+JSON_OPT = typer.Option(False, "--json", help="Print JSON instead of a table.")
+
+
+@app.callback()
+def _main(
+    url: str = typer.Option("http://127.0.0.1:8080", envvar="AICFL_URL", help="Coordinator URL."),
+    token: str | None = typer.Option(None, envvar="AICFL_TOKEN", help="Operator token."),
+    ca_cert: Path | None = typer.Option(None, envvar="AICFL_CA_CERT", help="CA bundle for a TLS coordinator."),
+) -> None:
+    _state.update(url=url, token=token, ca_cert=ca_cert)
+
+
+def client() -> ApiClient:
+    ca = _state.get("ca_cert")
+    return ApiClient(_state["url"], _state.get("token"), verify=str(ca) if ca else True)
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _metrics_text(m: dict[str, Any] | None) -> str:
+    if not m:
+        return "-"
+    return " ".join(f"{k}={_fmt(v)}" for k, v in m.items() if k != "examples")
+
+
+# -- server ---------------------------------------------------------------
+
+
+@server_app.command("start")
+def server_start(
+    db: str | None = typer.Option(None, "--db", help="Database URL (default: SQLite under --data-dir)."),
+    data_dir: Path = typer.Option(Path("aicfl-data"), "--data-dir", help="Blobs, keys and the SQLite file."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8080, "--port"),
+    tls_cert: Path | None = typer.Option(None, "--tls-cert", help="PEM certificate; enables HTTPS with --tls-key."),
+    tls_key: Path | None = typer.Option(None, "--tls-key"),
+    log_level: str = typer.Option("info", "--log-level"),
+) -> None:
+    """Start the coordinator API (migrations are applied first)."""
+    import logging
+
+    import uvicorn
+
+    from server.app import create_app
+    from server.settings import ServerSettings
+
+    if (tls_cert is None) != (tls_key is None):
+        raise CliError("--tls-cert and --tls-key go together")
+    for f in (tls_cert, tls_key):
+        if f is not None and not f.is_file():
+            raise CliError(f"{f}: no such file")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ServerSettings(db=db, data_dir=data_dir, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, log_level=log_level)
+    try:
+        application = create_app(settings)
+    except Exception as err:  # noqa: BLE001 - a bad URL or unreachable database: one line
+        raise CliError(f"cannot start the coordinator: {err}") from None
+    uvicorn.run(
+        application,
+        host=host,
+        port=port,
+        log_level=log_level,
+        ssl_certfile=str(tls_cert) if tls_cert else None,
+        ssl_keyfile=str(tls_key) if tls_key else None,
+    )
+
+
+# -- admin ----------------------------------------------------------------
+
+
+@admin_app.command("bootstrap")
+def admin_bootstrap(
+    db: str | None = typer.Option(None, "--db"),
+    data_dir: Path = typer.Option(Path("aicfl-data"), "--data-dir"),
+    name: str = typer.Option("admin", "--name"),
+) -> None:
+    """Print the first admin token (refused once an admin exists). Works on the database directly."""
+    from coordinator import auth
+    from coordinator.errors import CoordinatorError
+    from coordinator.store import make_engine, migrate, session_factory, transaction
+    from server.settings import ServerSettings
+
+    settings = ServerSettings(db=db, data_dir=data_dir)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        engine = make_engine(settings.database_url())
+        migrate(engine)
+        with transaction(session_factory(engine)) as s:
+            token = auth.bootstrap_admin(s, name)
+    except CoordinatorError as err:
+        raise CliError(err.detail) from None
+    except Exception as err:  # noqa: BLE001
+        raise CliError(f"cannot open the database: {err}") from None
+    print(token)
+
+
+@admin_app.command("token")
+def admin_token(
+    name: str = typer.Argument(...), role: str = typer.Option("viewer", "--role", help="admin or viewer")
+) -> None:
+    """Make another operator token."""
+    out = client().json("POST", "/v1/operators", json={"name": name, "role": role})
+    print(out["token"])
+
+
+# -- devices --------------------------------------------------------------
+
+
+@devices_app.command("token")
+def devices_token(
+    count: int = typer.Option(1, "--count", min=1, max=10_000),
+    ttl: str = typer.Option("1h", "--ttl", help="Lifetime, e.g. 30m, 1h, 7d."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """One-time enrollment tokens for devices."""
+    try:
+        seconds = parse_duration(ttl)
+    except ValueError as err:
+        raise CliError(f"--ttl: {err}") from None
+    out = client().json("POST", "/v1/enrollment-tokens", json={"count": count, "ttl_seconds": seconds})
+    if as_json:
+        emit_json(out)
+    else:
+        for t in out["tokens"]:
+            print(t)
+
+
+@devices_app.command("list")
+def devices_list(as_json: bool = JSON_OPT) -> None:
+    rows = client().json("GET", "/v1/devices")
+    if as_json:
+        return emit_json(rows)
+    table = Table("id", "name", "online", "last seen", "agent", "peak RSS (MB)", "revoked")
+    now = time.time()
+    for d in rows:
+        seen = f"{now - d['last_seen']:.0f}s ago" if d["last_seen"] else "never"
+        table.add_row(d["id"], d["name"], "yes" if d["online"] else "no", seen, d["agent_version"], _fmt(d["peak_rss_mb"]), _fmt(d["revoked_at"]))
+    console.print(table)
+
+
+@devices_app.command("revoke")
+def devices_revoke(device_id: str) -> None:
+    """Revoke a device; its requests are refused from now on."""
+    d = client().json("POST", f"/v1/devices/{device_id}/revoke")
+    print(f"revoked {d['id']}")
+
+
+# -- jobs -----------------------------------------------------------------
+
+
+@jobs_app.command("submit")
+def jobs_submit(spec_file: Path, as_json: bool = JSON_OPT) -> None:
+    """Validate a TOML job spec, submit it, and upload its reference data."""
+    try:
+        spec = load_spec(spec_file)
+    except JobSpecError as err:
+        raise CliError(f"{spec_file}: {err}") from None
+    reference = None
+    if spec.evaluation.reference:
+        ref = Path(spec.evaluation.reference)
+        if not ref.is_absolute():
+            ref = spec_file.parent / ref
+        if not ref.is_file():
+            raise CliError(f"{spec_file}: evaluation.reference: no such file {ref}")
+        reference = ref.read_bytes()
+    api = client()
+    job = api.json("POST", "/v1/jobs", json=spec.model_dump(mode="json"))
+    if reference is not None:
+        try:
+            api.request("PUT", f"/v1/jobs/{job['id']}/reference", content=reference)
+        except CliError as err:
+            api.request("POST", f"/v1/jobs/{job['id']}/cancel")
+            raise CliError(f"job {job['id']} cancelled: {err}") from None
+    if as_json:
+        return emit_json(job)
+    print(f"submitted job {job['id']} ({job['name']})")
+    for w in job.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}")
+
+
+@jobs_app.command("list")
+def jobs_list(as_json: bool = JSON_OPT) -> None:
+    rows = client().json("GET", "/v1/jobs")
+    if as_json:
+        return emit_json(rows)
+    table = Table("id", "name", "status", "rounds", "version", "created")
+    for j in rows:
+        table.add_row(str(j["id"]), j["name"], j["status"], f"{j['rounds_completed']}/{j['rounds']}", _fmt(j["current_version"]), str(j["created_at"])[:19])
+    console.print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: int, as_json: bool = JSON_OPT) -> None:
+    j = client().json("GET", f"/v1/jobs/{job_id}")
+    if as_json:
+        return emit_json(j)
+    spec = j["spec"]
+    console.print(f"[bold]job {j['id']}[/] {j['name']}  status={j['status']}" + (f"  ({j['reason']})" if j["reason"] else ""))
+    console.print(
+        f"rounds {j['rounds_completed']}/{j['rounds']}  model version {_fmt(j['current_version'])}  "
+        f"strategy {spec['strategy']['name']}  model {spec['model']['zoo']} {spec['model']['hidden']}  "
+        f"cohort {spec['cohort']['minimum']}..{spec['cohort']['target']}"
+    )
+    m = j.get("latest_metrics") or {}
+    console.print(f"central:   {_metrics_text(m.get('central'))}")
+    console.print(f"federated: {_metrics_text(m.get('federated'))}")
+    if j.get("latest_round"):
+        r = j["latest_round"]
+        console.print(f"latest round {r['number']} ({r['kind']}): {r['status']} stage={r['stage']}" + (f" reason: {r['reason']}" if r["reason"] else ""))
+    for w in j.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}")
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: int) -> None:
+    j = client().json("POST", f"/v1/jobs/{job_id}/cancel")
+    print(f"job {j['id']} {j['status']}")
+
+
+# -- rounds ---------------------------------------------------------------
+
+
+def _rounds_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table("round", "kind", "status", "stage", "devices", "dropped", "declined", "agg s", "central", "federated", "reason")
+    for r in rows:
+        m = r["metrics"] or {}
+        table.add_row(
+            str(r["number"]), r["kind"], r["status"], r["stage"], str(r["participants"]), str(r["dropped"]),
+            str(r["declined"]), _fmt(r["aggregation_seconds"], 3), _metrics_text(m.get("central")),
+            _metrics_text(m.get("federated")), r["reason"] or "",
+        )
+    return table
+
+
+@rounds_app.command("list")
+def rounds_list(job_id: int, as_json: bool = JSON_OPT) -> None:
+    rows = client().json("GET", f"/v1/jobs/{job_id}/rounds")
+    if as_json:
+        return emit_json(rows)
+    console.print(_rounds_table(rows))
+
+
+@rounds_app.command("show")
+def rounds_show(job_id: int, number: int, as_json: bool = JSON_OPT) -> None:
+    r = client().json("GET", f"/v1/jobs/{job_id}/rounds/{number}")
+    if as_json:
+        return emit_json(r)
+    console.print(_rounds_table([r]))
+    table = Table("device", "status", "stage done", "examples", "reason")
+    for p in r["devices"]:
+        table.add_row(p["device_id"], p["status"], p["stage_done"] or "-", _fmt(p["num_examples"]), p["reason"] or "")
+    console.print(table)
+
+
+def watch_job(api: ApiClient, job_id: int, interval: float = 1.0, out: Console | None = None) -> dict[str, Any]:
+    """Live progress of a job until it ends; returns the final job."""
+    out = out or console
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=out, transient=False,
+    ) as progress:
+        job = api.json("GET", f"/v1/jobs/{job_id}")
+        task = progress.add_task(f"job {job_id} rounds", total=job["rounds"], info="")
+        while True:
+            job = api.json("GET", f"/v1/jobs/{job_id}")
+            r = job.get("latest_round") or {}
+            m = (job.get("latest_metrics") or {}).get("central") or {}
+            info = f"round {r.get('number', '-')} {r.get('kind', '')} {r.get('stage', '')} {r.get('status', '')}  " + _metrics_text(m)
+            progress.update(task, completed=job["rounds_completed"], info=info)
+            if job["status"] not in ("running", "pending"):
+                return job  # type: ignore[no-any-return]
+            time.sleep(interval)
+
+
+@rounds_app.command("watch")
+def rounds_watch(job_id: int, interval: float = typer.Option(1.0, "--interval")) -> None:
+    """Follow a job's rounds live until it ends."""
+    job = watch_job(client(), job_id, interval)
+    console.print(f"job {job_id} {job['status']}" + (f": {job['reason']}" if job["reason"] else ""))
+
+
+# -- models ---------------------------------------------------------------
+
+
+@models_app.command("list")
+def models_list(job_id: int, as_json: bool = JSON_OPT) -> None:
+    rows = client().json("GET", f"/v1/jobs/{job_id}/models")
+    if as_json:
+        return emit_json(rows)
+    table = Table("version", "parent", "round", "sha256", "params", "central", "federated", "source")
+    for v in rows:
+        m = v["metrics"]
+        table.add_row(
+            str(v["version"]), _fmt(v["parent"]), _fmt(v["round_number"]), v["sha256"][:12], str(v["num_parameters"]),
+            _metrics_text(m.get("central")), _metrics_text(m.get("federated")), v["provenance"].get("source", ""),
+        )
+    console.print(table)
+
+
+@models_app.command("export")
+def models_export(
+    job_id: int,
+    version: int | None = typer.Option(None, "--version", help="Default: the newest."),
+    fmt: str = typer.Option("state_dict", "--format", help="state_dict, torchscript or onnx"),
+    out: Path | None = typer.Option(None, "--out", help="Output file."),
+) -> None:
+    """Export a model version."""
+    if fmt not in ("state_dict", "torchscript", "onnx"):
+        raise CliError(f"--format must be state_dict, torchscript or onnx; got {fmt!r}")
+    api = client()
+    if version is None:
+        versions = api.json("GET", f"/v1/jobs/{job_id}/models")
+        if not versions:
+            raise CliError(f"job {job_id} has no model version yet")
+        version = versions[-1]["version"]
+    data = api.request("GET", f"/v1/jobs/{job_id}/models/{version}/export", params={"format": fmt}).content
+    ext = {"state_dict": "pt", "torchscript": "ts.pt", "onnx": "onnx"}[fmt]
+    target = out or Path(f"job{job_id}-v{version}.{ext}")
+    target.write_bytes(data)
+    print(f"wrote {target} ({len(data)} bytes, version {version}, {fmt})")
+
+
+# -- demo -----------------------------------------------------------------
+
+
+@app.command("demo")
+def demo(
+    devices: int = typer.Option(6, "--devices", min=2, max=64),
+    rounds: int = typer.Option(10, "--rounds", min=1, max=1000),
+    dataset: str = typer.Option("mlc_churn", "--dataset"),
+    out: Path = typer.Option(Path("demo-out"), "--out"),
+    seed: int = typer.Option(7, "--seed"),
+) -> None:
+    """Run a whole federation on this machine: server, real agent processes, a real dataset."""
+    from server.demo import DemoError, run_demo
+
+    try:
+        summary = run_demo(devices=devices, rounds=rounds, dataset=dataset, out=out, seed=seed, console=console)
+    except DemoError as err:
+        raise CliError(str(err)) from None
+    console.print(f"summary written to {out / 'summary.json'}")
+    final, ceiling = summary["final"], summary["ceiling"]
+    console.print(f"final:   {_metrics_text(final)}")
+    console.print(f"ceiling: {_metrics_text(ceiling)}")
+
+
+def main() -> None:
+    try:
+        app()
+    except CliError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,233 @@
+"""``aicfl demo``: a whole federation on this machine, with real processes and real data.
+
+A coordinator on a free loopback port with SQLite, N agent processes each
+holding one natural slice of a real dataset (one group of US states per
+device for mlc_churn), R rounds, then the final model and a centrally trained
+ceiling measured on the same held-out test rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from server.client import ApiClient, CliError
+from shared import codec
+from shared.datasets import load_dataset, natural_split, test_split
+from shared.jobspec import JobSpec, validate_spec
+from shared.tabular import Preprocessor, local_statistics
+from shared.training import evaluate, train_local
+from shared.zoo import architecture, build_model, load_flat_parameters
+
+
+class DemoError(Exception):
+    """The demo could not run; the message says which step failed."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def python_cmd(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 90.0) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise DemoError(f"the coordinator exited with code {proc.returncode} while starting")
+        try:
+            if httpx.get(url + "/v1/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise DemoError(f"the coordinator did not answer at {url} within {timeout:.0f} s")
+
+
+def demo_spec(schema: dict[str, Any], *, rounds: int, devices: int, seed: int, reference: str) -> dict[str, Any]:
+    """The job the demo runs: an MLP, FedAvg, every device in every round."""
+    return {
+        "name": "demo",
+        "rounds": rounds,
+        "seed": seed,
+        "data": schema,
+        "model": {"zoo": "mlp", "hidden": [64, 32]},
+        "cohort": {"target": devices, "minimum": max(2, (devices + 1) // 2), "stage_timeout": 120, "selection_timeout": 5},
+        "training": {"epochs": 2, "batch_size": 32, "learning_rate": 0.005, "optimizer": "adam", "holdout": 0.2},
+        "strategy": {"name": "fedavg"},
+        "evaluation": {"reference": reference},
+    }
+
+
+def ceiling_metrics(spec: JobSpec, train_rows: Any, test_rows: Any, epochs: int) -> dict[str, float]:
+    """The same architecture trained centrally on the pooled training rows."""
+    pre = Preprocessor.from_statistics(local_statistics(train_rows, spec.data), spec.data)
+    model = build_model(architecture(spec.model, pre.input_dim, pre.output_dim), seed=spec.seed)
+    x, y = pre.transform(train_rows)
+    train_local(
+        model, x, y, task=spec.data.task, epochs=epochs, batch_size=spec.training.batch_size,
+        learning_rate=spec.training.learning_rate, optimizer=spec.training.optimizer, seed=spec.seed, threads=2,
+    )
+    xt, yt = pre.transform(test_rows)
+    return evaluate(model, xt, yt, task=spec.data.task, target_mean=pre.target_mean, target_std=pre.target_std)
+
+
+class _Processes:
+    """The demo's child processes, stopped with SIGTERM whatever happens."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        fh = open(log, "wb")  # noqa: SIM115 - the child owns it until it exits
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        fh.close()
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.time() + 15
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def run_demo(
+    *, devices: int, rounds: int, dataset: str, out: Path, seed: int = 7, console: Console | None = None
+) -> dict[str, Any]:
+    console = console or Console()
+    t_start = time.time()
+    out = out.resolve()
+    for sub in ("server", "devices", "logs"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    if (out / "server" / "coordinator.db").exists():
+        raise DemoError(f"{out} holds an earlier demo; pass another --out or remove it")
+    try:
+        df, schema, group = load_dataset(dataset)
+    except ValueError as err:
+        raise DemoError(str(err)) from None
+    stratify = schema["target"] if schema["task"] != "regression" else None
+    train_df, test_df = test_split(df, 0.2, seed, stratify_column=stratify)
+    try:
+        parts = natural_split(train_df, group, devices, seed)
+    except ValueError as err:
+        raise DemoError(f"--devices {devices}: {err}") from None
+    reference = out / "reference.csv"
+    test_df.to_csv(reference, index=False)
+    spec_dict = demo_spec(schema, rounds=rounds, devices=devices, seed=seed, reference=str(reference))
+    spec = validate_spec(spec_dict)
+    console.print(
+        f"[bold]aicfl demo[/]: {dataset}, {len(df)} rows; {devices} devices split by {group!r} "
+        f"({', '.join(str(len(p)) for p in parts)} rows); {len(test_df)} test rows; {rounds} rounds"
+    )
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server_dir = out / "server"
+    boot = subprocess.run(
+        python_cmd("server", "admin", "bootstrap", "--data-dir", str(server_dir)), capture_output=True, text=True, env=env
+    )
+    if boot.returncode != 0:
+        raise DemoError(f"admin bootstrap failed: {boot.stderr.strip()}")
+    token = boot.stdout.strip()
+    procs = _Processes()
+    try:
+        server = procs.start(
+            python_cmd("server", "server", "start", "--port", str(port), "--data-dir", str(server_dir), "--log-level", "warning"),
+            out / "logs" / "server.log",
+            env,
+        )
+        wait_healthy(url, server)
+        api = ApiClient(url, token)
+        tokens = api.json("POST", "/v1/enrollment-tokens", json={"count": devices, "ttl_seconds": 3600})["tokens"]
+        homes = []
+        enrolls = []
+        for i, (part, tok) in enumerate(zip(parts, tokens, strict=True)):
+            d = out / "devices" / f"device-{i:02d}"
+            d.mkdir(parents=True, exist_ok=True)
+            part.to_csv(d / "data.csv", index=False)
+            homes.append(d / "home")
+            enrolls.append(subprocess.Popen(
+                python_cmd("client_agent", "enroll", "--coordinator", url, "--token", tok, "--data", str(d / "data.csv"),
+                           "--home", str(d / "home"), "--name", f"demo-{i:02d}"),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+            ))
+        for p in enrolls:
+            _, err = p.communicate(timeout=120)
+            if p.returncode != 0:
+                raise DemoError(f"agent enrollment failed: {err.decode().strip()}")
+        for i, home in enumerate(homes):
+            procs.start(python_cmd("client_agent", "run", "--home", str(home)), out / "logs" / f"agent-{i:02d}.log", env)
+        job = api.json("POST", "/v1/jobs", json=spec.model_dump(mode="json"))
+        api.request("PUT", f"/v1/jobs/{job['id']}/reference", content=reference.read_bytes())
+        from server.cli import watch_job
+
+        final_job = watch_job(api, job["id"], interval=0.5, out=console)
+        if final_job["status"] != "completed":
+            raise DemoError(f"job {job['id']} ended {final_job['status']}: {final_job['reason']}")
+        summary = _summary(api, job["id"], spec, dataset, devices, train_df, test_df, rounds)
+    except CliError as err:
+        raise DemoError(str(err)) from None
+    finally:
+        procs.stop()
+    summary["seconds"] = round(time.time() - t_start, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _summary(api: ApiClient, job_id: int, spec: JobSpec, dataset: str, devices: int, train_df: Any, test_df: Any, rounds: int) -> dict[str, Any]:
+    all_rounds = api.json("GET", f"/v1/jobs/{job_id}/rounds")
+    versions = api.json("GET", f"/v1/jobs/{job_id}/models")
+    last = versions[-1]
+    blob = api.request("GET", f"/v1/jobs/{job_id}/models/{last['version']}/blob").content
+    header, vec = codec.decode(blob)
+    pre = Preprocessor.from_dict(header["preprocess"])
+    model = build_model(header["arch"])
+    load_flat_parameters(model, vec)
+    x, y = pre.transform(test_df)
+    final = evaluate(model, x, y, task=spec.data.task, target_mean=pre.target_mean, target_std=pre.target_std)
+    ceiling = ceiling_metrics(spec, train_df, test_df, epochs=max(10, rounds * spec.training.epochs))
+    rss = [d["peak_rss_mb"] for d in api.json("GET", "/v1/devices") if d["peak_rss_mb"]]
+    return {
+        "devices": devices,
+        "dataset": dataset,
+        "job_id": job_id,
+        "rounds": [
+            {
+                "round": r["number"],
+                "status": r["status"],
+                "participants": r["participants"],
+                "dropped": r["dropped"],
+                "aggregation_seconds": r["aggregation_seconds"],
+                "central": (r["metrics"] or {}).get("central", {}),
+                "federated": (r["metrics"] or {}).get("federated", {}),
+            }
+            for r in all_rounds
+            if r["kind"] == "train"
+        ],
+        "final": final,
+        "ceiling": ceiling,
+        "final_version": last["version"],
+        "agent_peak_rss_mb": {"max": max(rss) if rss else None, "mean": sum(rss) / len(rss) if rss else None},
+    }

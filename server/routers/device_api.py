@@ -1,0 +1,89 @@
+"""Endpoints the edge agents call; every one but enrollment is a signed request."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from coordinator import auth
+from coordinator.errors import Invalid
+from server.security import device_request, federation, read_body
+from shared.signing import b64e, public_key_bytes
+from shared.wire import Accepted, CheckinRequest, CheckinResponse, ConfigureMessage, EnrollRequest, EnrollResponse
+
+router = APIRouter(prefix="/v1", tags=["devices (agent)"])
+
+
+def _json(body: bytes, model: Any) -> Any:
+    try:
+        return model.model_validate_json(body or b"{}")
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "(body)"
+        raise Invalid(f"{loc}: {first['msg']}") from None
+
+
+@router.post("/enroll", response_model=EnrollResponse)
+async def enroll(request: Request) -> EnrollResponse:
+    """Enroll a device with a one-time token and the Ed25519 public key it generated."""
+    req = _json(await read_body(request), EnrollRequest)
+    fed = federation(request)
+
+    def run() -> EnrollResponse:
+        with fed.write() as s:
+            device = auth.enroll_device(s, req.token, req.public_key, req.name, req.platform)
+            return EnrollResponse(
+                device_id=device.id,
+                coordinator_public_key=b64e(public_key_bytes(fed.key)),
+                signature_window_seconds=request.app.state.settings.signature_window,
+            )
+
+    return await run_in_threadpool(run)
+
+
+@router.post("/device/checkin", response_model=CheckinResponse)
+async def checkin(request: Request, who: tuple[str, bytes] = Depends(device_request)) -> CheckinResponse:
+    """Report in; the answer says when to come back and what to do now, if anything."""
+    device_id, body = who
+    req = _json(body, CheckinRequest)
+    return await run_in_threadpool(federation(request).checkin, device_id, req)
+
+
+@router.get("/device/jobs/{job_id}/models/{version}")
+async def device_model(
+    job_id: int, version: int, request: Request, who: tuple[str, bytes] = Depends(device_request)
+) -> Response:
+    """A model version's bytes, for a device selected in one of the job's rounds."""
+    data = await run_in_threadpool(federation(request).model_blob_for_device, who[0], job_id, version)
+    return Response(content=data, media_type="application/octet-stream")
+
+
+@router.post("/device/rounds/{round_id}/configure", response_model=Accepted)
+async def configure(round_id: int, request: Request, who: tuple[str, bytes] = Depends(device_request)) -> Accepted:
+    """Take part in a round (model verified, data checked), or decline with a reason."""
+    device_id, body = who
+    msg = _json(body, ConfigureMessage)
+    await run_in_threadpool(federation(request).handle_configure, device_id, round_id, msg)
+    return Accepted()
+
+
+@router.post("/device/rounds/{round_id}/input", response_model=Accepted)
+async def round_input(round_id: int, request: Request, who: tuple[str, bytes] = Depends(device_request)) -> Accepted:
+    """The round's input: a binary update (training) or a JSON message (statistics, evaluation)."""
+    device_id, body = who
+    fed = federation(request)
+    if request.headers.get("content-type", "").startswith("application/octet-stream"):
+        await run_in_threadpool(fed.handle_update, device_id, round_id, body)
+    else:
+        try:
+            payload = json.loads(body or b"{}")
+        except json.JSONDecodeError as err:
+            raise Invalid(f"body is not valid JSON: {err}") from None
+        if not isinstance(payload, dict):
+            raise Invalid("body must be a JSON object")
+        await run_in_threadpool(fed.handle_input_json, device_id, round_id, payload)
+    return Accepted()

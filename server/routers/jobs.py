@@ -1,0 +1,113 @@
+"""Jobs, rounds and model versions, for operators."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+
+from coordinator import queries, registry
+from coordinator.auth import Operator
+from coordinator.errors import Invalid
+from server.schemas import JobOut, ModelVersionOut, RoundDetailOut, RoundOut
+from server.security import admin, federation, operator, read_body
+from shared.export import export_model
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+EXPORT_TYPES = {"state_dict": ("application/octet-stream", "pt"), "torchscript": ("application/octet-stream", "ts.pt"), "onnx": ("application/octet-stream", "onnx")}
+
+
+@router.post("", response_model=JobOut, status_code=201)
+def submit_job(spec: dict[str, Any], request: Request, op: Operator = Depends(admin)) -> JobOut:
+    """Submit a job spec (the TOML file's tables, as JSON); it is validated field by field."""
+    fed = federation(request)
+    job = fed.submit_job(spec, op.name)
+    with fed.read() as s:
+        return JobOut.model_validate(queries.job_dict(s, s.get(type(job), job.id)))
+
+
+@router.get("", response_model=list[JobOut])
+def list_jobs(request: Request, op: Operator = Depends(operator)) -> list[JobOut]:
+    with federation(request).read() as s:
+        return [JobOut.model_validate(j) for j in queries.list_jobs(s)]
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def show_job(job_id: int, request: Request, op: Operator = Depends(operator)) -> JobOut:
+    fed = federation(request)
+    with fed.read() as s:
+        return JobOut.model_validate(queries.job_dict(s, fed._job(s, job_id)))
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+def cancel_job(job_id: int, request: Request, op: Operator = Depends(admin)) -> JobOut:
+    fed = federation(request)
+    fed.cancel_job(job_id, op.name)
+    with fed.read() as s:
+        return JobOut.model_validate(queries.job_dict(s, fed._job(s, job_id)))
+
+
+@router.put("/{job_id}/reference", status_code=204)
+async def put_reference(job_id: int, request: Request, op: Operator = Depends(admin)) -> Response:
+    """Reference data (CSV or Parquet) for central evaluation; checked against the job's schema."""
+    from starlette.concurrency import run_in_threadpool
+
+    body = await read_body(request)
+    if not body:
+        raise Invalid("reference data is empty")
+    await run_in_threadpool(federation(request).set_reference, job_id, body, op.name)
+    return Response(status_code=204)
+
+
+@router.get("/{job_id}/rounds", response_model=list[RoundOut])
+def list_rounds(job_id: int, request: Request, op: Operator = Depends(operator)) -> list[RoundOut]:
+    with federation(request).read() as s:
+        return [RoundOut.model_validate(r) for r in queries.rounds_of(s, job_id)]
+
+
+@router.get("/{job_id}/rounds/{number}", response_model=RoundDetailOut)
+def show_round(job_id: int, number: int, request: Request, op: Operator = Depends(operator)) -> RoundDetailOut:
+    with federation(request).read() as s:
+        return RoundDetailOut.model_validate(queries.round_detail(s, job_id, number))
+
+
+@router.get("/{job_id}/models", response_model=list[ModelVersionOut])
+def list_models(job_id: int, request: Request, op: Operator = Depends(operator)) -> list[ModelVersionOut]:
+    fed = federation(request)
+    with fed.read() as s:
+        fed._job(s, job_id)
+        return [ModelVersionOut.model_validate(v) for v in registry.list_versions(s, job_id)]
+
+
+@router.get("/{job_id}/models/{version}/blob")
+def model_blob(job_id: int, version: int, request: Request, op: Operator = Depends(operator)) -> Response:
+    """The signed model blob (aicfl tensor format), as agents receive it."""
+    fed = federation(request)
+    with fed.read() as s:
+        sha = registry.get_version(s, job_id, version).sha256
+    return Response(content=fed.blobs.get(sha), media_type="application/octet-stream")
+
+
+@router.get("/{job_id}/models/{version}/export")
+def export(
+    job_id: int,
+    version: int,
+    request: Request,
+    format: str = Query("state_dict", description="state_dict, torchscript or onnx"),
+    op: Operator = Depends(operator),
+) -> Response:
+    """A model version in a standard format, with its preprocessing (state_dict)."""
+    if format not in EXPORT_TYPES:
+        raise Invalid(f"format must be one of {', '.join(EXPORT_TYPES)}; got {format!r}")
+    fed = federation(request)
+    with fed.read() as s:
+        row = registry.get_version(s, job_id, version)
+        header, vec = registry.load_vector(fed.blobs, row)
+    data = export_model(header["arch"], vec, header.get("preprocess"), format)
+    media, ext = EXPORT_TYPES[format]
+    return Response(
+        content=data,
+        media_type=media,
+        headers={"Content-Disposition": f'attachment; filename="job{job_id}-v{version}.{ext}"'},
+    )

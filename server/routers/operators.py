@@ -1,0 +1,55 @@
+"""Operator endpoints: tokens, enrollment tokens, devices."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field
+
+from coordinator import auth, queries
+from coordinator.auth import Operator
+from server.schemas import DeviceOut, EnrollmentTokensOut, TokenOut
+from server.security import admin, federation, operator
+
+router = APIRouter(prefix="/v1", tags=["operators"])
+
+
+class NewOperator(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+    role: str = "viewer"
+
+
+class NewEnrollmentTokens(BaseModel):
+    count: int = Field(default=1, ge=1, le=10_000)
+    ttl_seconds: float = Field(default=3600, gt=0)
+
+
+@router.post("/operators", response_model=TokenOut, status_code=201)
+def create_operator(body: NewOperator, request: Request, op: Operator = Depends(admin)) -> TokenOut:
+    """Make an operator token (admin or viewer); the token is shown once."""
+    with federation(request).write() as s:
+        token = auth.create_operator_token(s, body.name, body.role)
+    return TokenOut(name=body.name, role=body.role, token=token)
+
+
+@router.post("/enrollment-tokens", response_model=EnrollmentTokensOut, status_code=201)
+def create_enrollment_tokens(body: NewEnrollmentTokens, request: Request, op: Operator = Depends(admin)) -> EnrollmentTokensOut:
+    """One-time, expiring tokens with which devices enroll."""
+    with federation(request).write() as s:
+        tokens = auth.create_enrollment_tokens(s, body.count, body.ttl_seconds, op.name)
+    return EnrollmentTokensOut(tokens=tokens, expires_in_seconds=body.ttl_seconds)
+
+
+@router.get("/devices", response_model=list[DeviceOut])
+def list_devices(request: Request, op: Operator = Depends(operator)) -> list[DeviceOut]:
+    fed = federation(request)
+    with fed.read() as s:
+        rows = queries.list_devices(s, fed.settings.eligibility_window)
+    return [DeviceOut.model_validate(r) for r in rows]
+
+
+@router.post("/devices/{device_id}/revoke", response_model=DeviceOut)
+def revoke_device(device_id: str, request: Request, op: Operator = Depends(admin)) -> DeviceOut:
+    """Revoke a device: its signed requests are refused from now on."""
+    with federation(request).write() as s:
+        d = auth.revoke_device(s, device_id, op.name)
+        return DeviceOut.model_validate(d)

@@ -1,0 +1,29 @@
+"""The coordinator's settings: one class, read from flags or ``AICFL_`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AICFL_", extra="ignore")
+
+    db: str | None = Field(default=None, description="database URL; default: SQLite under data_dir")
+    data_dir: Path = Path("aicfl-data")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    signature_window: float = Field(default=300.0, gt=0, description="seconds a signed device request stays valid")
+    tick_interval: float = Field(default=0.25, gt=0)
+    eligibility_window: float = Field(default=30.0, gt=0, description="a device checked in within this counts as online")
+    idle_retry: float = Field(default=2.0, gt=0)
+    active_retry: float = Field(default=0.5, gt=0)
+    max_body_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+    log_level: str = "info"
+
+    def database_url(self) -> str:
+        return self.db or f"sqlite:///{(self.data_dir / 'coordinator.db').resolve()}"

@@ -1,0 +1,82 @@
+"""The tensor codec: one binary format for models and updates on the wire and in the blob store.
+
+Layout: ``b"AICF\\x01"``, a little-endian ``uint32`` header length, a UTF-8 JSON
+header, then the payload as little-endian float32. Decoding is zero-copy
+(``numpy.frombuffer``) so the coordinator can sum large updates without
+copying them first.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+import numpy as np
+
+MAGIC = b"AICF\x01"
+_LEN = struct.Struct("<I")
+MAX_HEADER_BYTES = 1 << 20
+DTYPE = np.dtype("<f4")
+
+
+class CodecError(ValueError):
+    """Bytes that are not a well-formed aicfl tensor message."""
+
+
+def encode(header: dict[str, Any], vector: np.ndarray) -> bytes:
+    """Serialise a header and a 1-D float32 vector."""
+    vec = np.ascontiguousarray(vector, dtype=DTYPE)
+    if vec.ndim != 1:
+        raise CodecError(f"expected a 1-D vector, got shape {vec.shape}")
+    head = dict(header)
+    head["dtype"] = "float32"
+    head["numel"] = int(vec.size)
+    raw = json.dumps(head, sort_keys=True, separators=(",", ":")).encode()
+    return b"".join([MAGIC, _LEN.pack(len(raw)), raw, vec.tobytes()])
+
+
+def decode_header(data: bytes | memoryview) -> tuple[dict[str, Any], int]:
+    """Read only the header; return it and the payload offset."""
+    view = memoryview(data)
+    if len(view) < len(MAGIC) + _LEN.size or bytes(view[: len(MAGIC)]) != MAGIC:
+        raise CodecError("not an aicfl tensor message (bad magic)")
+    (hlen,) = _LEN.unpack_from(view, len(MAGIC))
+    start = len(MAGIC) + _LEN.size
+    if hlen > MAX_HEADER_BYTES or start + hlen > len(view):
+        raise CodecError(f"header length {hlen} is out of bounds")
+    try:
+        header = json.loads(bytes(view[start : start + hlen]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CodecError(f"header is not valid JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise CodecError("header must be a JSON object")
+    return header, start + hlen
+
+
+def decode(
+    data: bytes | memoryview,
+    *,
+    expected_numel: int | None = None,
+    check_finite: bool = True,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Parse a message; the vector is a read-only view onto ``data``.
+
+    Raises :class:`CodecError` on a wrong dtype, a payload whose length does
+    not match the header, an unexpected size, or non-finite values.
+    """
+    header, offset = decode_header(data)
+    if header.get("dtype") != "float32":
+        raise CodecError(f"unsupported dtype {header.get('dtype')!r}; expected 'float32'")
+    numel = header.get("numel")
+    if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
+        raise CodecError("header 'numel' must be a non-negative integer")
+    payload = len(data) - offset
+    if payload != numel * DTYPE.itemsize:
+        raise CodecError(f"payload is {payload} bytes; header says {numel} float32 values")
+    if expected_numel is not None and numel != expected_numel:
+        raise CodecError(f"expected {expected_numel} values, got {numel}")
+    vec = np.frombuffer(data, dtype=DTYPE, count=numel, offset=offset)
+    if check_finite and numel and not np.isfinite(vec).all():
+        raise CodecError("vector contains NaN or infinite values")
+    return header, vec

@@ -1,0 +1,87 @@
+"""Wire messages between agents, operators and the coordinator, defined once for both sides."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+RoundKind = Literal["stats", "train", "evaluate"]
+Stage = Literal["configure", "input"]
+AGENT_API = "v1"
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EnrollRequest(_Msg):
+    token: str = Field(min_length=8, max_length=256)
+    public_key: str = Field(min_length=40, max_length=64, description="raw Ed25519 public key, base64")
+    name: str = Field(default="", max_length=200)
+    platform: str = Field(default="", max_length=200)
+
+
+class EnrollResponse(_Msg):
+    device_id: str
+    coordinator_public_key: str
+    signature_window_seconds: float
+
+
+class ModelRef(_Msg):
+    version: int
+    sha256: str
+    signature: str
+    size: int
+
+
+class Task(_Msg):
+    """What a selected device has to do next in a round."""
+
+    round_id: int
+    job_id: int
+    round: int
+    kind: RoundKind
+    stage: Stage
+    deadline: float = Field(description="unix time by which the stage's message must arrive")
+    seed: int
+    spec: dict[str, Any]
+    model: ModelRef | None = None
+    preprocess: dict[str, Any] | None = None
+
+
+class CheckinRequest(_Msg):
+    agent_version: str = Field(default="", max_length=64)
+    peak_rss_mb: float | None = Field(default=None, ge=0)
+    platform: str = Field(default="", max_length=200)
+
+
+class CheckinResponse(_Msg):
+    retry_after: float
+    task: Task | None = None
+
+
+class ConfigureMessage(_Msg):
+    """The device's answer to the configure stage: it takes part, or declines with a reason."""
+
+    accepted: bool
+    reason: str | None = Field(default=None, max_length=2000)
+    rows: int = Field(default=0, ge=0)
+
+
+class StatsMessage(_Msg):
+    """Aggregate feature statistics of the device's training rows (no raw row)."""
+
+    statistics: dict[str, Any]
+
+
+class EvaluateMessage(_Msg):
+    """Metrics of the current global model on the device's holdout rows."""
+
+    metrics: dict[str, float]
+    examples: int = Field(ge=0)
+
+
+class Accepted(_Msg):
+    ok: bool = True
+    detail: str = ""
