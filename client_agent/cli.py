@@ -17,7 +17,9 @@ from shared.tabular import DataSchemaError, load_table
 
 app = typer.Typer(help="The aicfl edge agent.", no_args_is_help=True, pretty_exceptions_enable=False)
 
-HOME_OPT = typer.Option(None, "--home", envvar="AICFL_AGENT_HOME", help="Agent folder (default ~/.aicfl-agent).")
+HOME_OPT = typer.Option(
+    None, "--home", envvar="AICFL_AGENT_HOME", help="Agent folder (default ~/.aicfl-agent)."
+)
 
 
 class AgentCliError(Exception):
@@ -47,9 +49,19 @@ def enroll(
         from client_agent.identity import load_identity
 
         key = load_identity(h.key_path)
-    body = {"token": token, "public_key": public_key_b64(key), "name": name or platform.node(), "platform": platform.platform()}
+    body = {
+        "token": token,
+        "public_key": public_key_b64(key),
+        "name": name or platform.node(),
+        "platform": platform.platform(),
+    }
     try:
-        resp = httpx.post(coordinator.rstrip("/") + "/v1/enroll", json=body, timeout=30, verify=str(ca_cert) if ca_cert else True)
+        resp = httpx.post(
+            coordinator.rstrip("/") + "/v1/enroll",
+            json=body,
+            timeout=30,
+            verify=str(ca_cert) if ca_cert else True,
+        )
     except httpx.HTTPError as err:
         raise AgentCliError(f"cannot reach the coordinator at {coordinator}: {err}") from None
     if resp.status_code >= 400:
@@ -102,7 +114,12 @@ def status(home: Path | None = HOME_OPT, as_json: bool = typer.Option(False, "--
     state = h.load_state()
     reachable: bool | str
     try:
-        reachable = httpx.get(cfg.coordinator.rstrip("/") + "/v1/health", timeout=5, verify=cfg.ca_cert or True).status_code == 200
+        reachable = (
+            httpx.get(
+                cfg.coordinator.rstrip("/") + "/v1/health", timeout=5, verify=cfg.ca_cert or True
+            ).status_code
+            == 200
+        )
     except httpx.HTTPError as err:
         reachable = f"no ({err})"
     info = {

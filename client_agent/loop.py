@@ -7,7 +7,6 @@ import random
 import resource
 import signal
 import threading
-import time
 from importlib.metadata import PackageNotFoundError, version
 
 from client_agent.config import AgentHome, ResumeState
@@ -54,7 +53,9 @@ class Agent:
         key = load_identity(home.key_path)
         verify: str | bool = self.cfg.ca_cert or True
         self.client = SignedClient(self.cfg.coordinator, self.cfg.device_id, key, verify=verify)
-        self.worker = Worker(self.client, self.cfg.data, self.cfg.coordinator_public_key, self.cfg.device_id, self.cfg.threads)
+        self.worker = Worker(
+            self.client, self.cfg.data, self.cfg.coordinator_public_key, self.cfg.device_id, self.cfg.threads
+        )
         self.state = home.load_state()
         self.stop = threading.Event()
 
@@ -97,7 +98,11 @@ class Agent:
     def handle(self, task: Task) -> None:
         """Do one stage of a round, at most once, and never for a stale round."""
         if task.round_id < self.state.last_round_id:
-            log.warning("ignoring task for round %s: already worked on newer round %s", task.round_id, self.state.last_round_id)
+            log.warning(
+                "ignoring task for round %s: already worked on newer round %s",
+                task.round_id,
+                self.state.last_round_id,
+            )
             self.stop.wait(1.0)
             return
         if task.round_id != self.state.round_id:

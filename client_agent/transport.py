@@ -25,7 +25,14 @@ class TransientError(Exception):
 
 
 class SignedClient:
-    def __init__(self, base_url: str, device_id: str, key: Ed25519PrivateKey, verify: str | bool = True, timeout: float = 120.0):
+    def __init__(
+        self,
+        base_url: str,
+        device_id: str,
+        key: Ed25519PrivateKey,
+        verify: str | bool = True,
+        timeout: float = 120.0,
+    ):
         self.device_id = device_id
         self.key = key
         self._http = httpx.Client(base_url=base_url.rstrip("/"), verify=verify, timeout=timeout)
@@ -33,7 +40,9 @@ class SignedClient:
     def close(self) -> None:
         self._http.close()
 
-    def request(self, method: str, path: str, body: bytes = b"", content_type: str = "application/json") -> httpx.Response:
+    def request(
+        self, method: str, path: str, body: bytes = b"", content_type: str = "application/json"
+    ) -> httpx.Response:
         headers = sign_request(self.key, self.device_id, method, path, body)
         if body:
             headers["Content-Type"] = content_type

@@ -43,7 +43,14 @@ class _Model:
 class Worker:
     """Holds the device's data and the verified model between a round's stages."""
 
-    def __init__(self, client: SignedClient, data_path: str, coordinator_public_key: str, device_id: str, threads: int = 1):
+    def __init__(
+        self,
+        client: SignedClient,
+        data_path: str,
+        coordinator_public_key: str,
+        device_id: str,
+        threads: int = 1,
+    ):
         self.client = client
         self.data_path = data_path
         self.coordinator_key = load_public_key(coordinator_public_key)
@@ -119,18 +126,24 @@ class Worker:
         train, holdout = self._split(spec)
         return spec, pre, model, train, holdout
 
-    def _holdout_metrics(self, spec: JobSpec, pre: Preprocessor, model: _Model, holdout: pd.DataFrame) -> dict[str, float]:
+    def _holdout_metrics(
+        self, spec: JobSpec, pre: Preprocessor, model: _Model, holdout: pd.DataFrame
+    ) -> dict[str, float]:
         if holdout.empty:
             return {}
         net = build_model(model.header["arch"])
         load_flat_parameters(net, model.vector)
         x, y = pre.transform(holdout)
-        metrics = evaluate(net, x, y, task=spec.data.task, target_mean=pre.target_mean, target_std=pre.target_std)
+        metrics = evaluate(
+            net, x, y, task=spec.data.task, target_mean=pre.target_mean, target_std=pre.target_std
+        )
         return {k: float(v) for k, v in metrics.items() if k != "examples"}
 
     def evaluate(self, task: Task) -> EvaluateMessage:
         spec, pre, model, _, holdout = self._prepared(task)
-        return EvaluateMessage(metrics=self._holdout_metrics(spec, pre, model, holdout), examples=len(holdout))
+        return EvaluateMessage(
+            metrics=self._holdout_metrics(spec, pre, model, holdout), examples=len(holdout)
+        )
 
     def train(self, task: Task) -> bytes:
         """Train from the global model; return the encoded update (local minus global)."""

@@ -47,9 +47,9 @@ def create_operator_token(session: Session, name: str, role: str) -> str:
 def bootstrap_admin(session: Session, name: str = "admin") -> str:
     """The first admin token; refused once any admin token exists."""
     existing = session.scalar(
-        select(func.count()).select_from(OperatorToken).where(
-            OperatorToken.role == "admin", OperatorToken.revoked_at.is_(None)
-        )
+        select(func.count())
+        .select_from(OperatorToken)
+        .where(OperatorToken.role == "admin", OperatorToken.revoked_at.is_(None))
     )
     if existing:
         raise Conflict("an admin token already exists; create more with an admin token (POST /v1/operators)")
@@ -75,7 +75,9 @@ def create_enrollment_tokens(session: Session, count: int, ttl_seconds: float, a
     session.add_all(
         EnrollmentToken(token_hash=hash_token(t), expires_at=expires, created_by=actor) for t in tokens
     )
-    session.add(Event(actor=actor, action="enrollment_tokens.create", detail={"count": count, "ttl": ttl_seconds}))
+    session.add(
+        Event(actor=actor, action="enrollment_tokens.create", detail={"count": count, "ttl": ttl_seconds})
+    )
     return tokens
 
 
@@ -102,7 +104,9 @@ def enroll_device(session: Session, token: str, public_key_b64: str, name: str, 
 
     row.used_at = utcnow()
     row.device_id = device.id
-    session.add(Event(actor=f"device:{device.id}", action="device.enroll", target=device.id, detail={"name": name}))
+    session.add(
+        Event(actor=f"device:{device.id}", action="device.enroll", target=device.id, detail={"name": name})
+    )
     return device
 
 
@@ -118,7 +122,9 @@ def authenticate_device(
     """Verify a signed device request: known device, fresh timestamp, good signature, unseen nonce."""
     from shared.signing import HEADER_DEVICE, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP
 
-    missing = [h for h in (HEADER_DEVICE, HEADER_TIMESTAMP, HEADER_NONCE, HEADER_SIGNATURE) if not headers.get(h)]
+    missing = [
+        h for h in (HEADER_DEVICE, HEADER_TIMESTAMP, HEADER_NONCE, HEADER_SIGNATURE) if not headers.get(h)
+    ]
     if missing:
         raise Unauthorized(f"unsigned device request: missing {', '.join(missing)}")
     device = session.get(Device, headers[HEADER_DEVICE])
@@ -153,7 +159,9 @@ def authenticate_device(
 
 def prune_nonces(session: Session, window_seconds: float) -> int:
     """Forget nonces older than twice the window; their timestamps are refused anyway."""
-    result = session.execute(delete(DeviceNonce).where(DeviceNonce.seen_at < time.time() - 2 * window_seconds))
+    result = session.execute(
+        delete(DeviceNonce).where(DeviceNonce.seen_at < time.time() - 2 * window_seconds)
+    )
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 

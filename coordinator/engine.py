@@ -43,7 +43,15 @@ from coordinator.strategies import apply_strategy
 from shared import codec
 from shared.jobspec import JobSpec, validate_spec
 from shared.tabular import DataSchemaError, Preprocessor, merge_statistics
-from shared.wire import CheckinRequest, CheckinResponse, ConfigureMessage, EvaluateMessage, ModelRef, StatsMessage, Task
+from shared.wire import (
+    CheckinRequest,
+    CheckinResponse,
+    ConfigureMessage,
+    EvaluateMessage,
+    ModelRef,
+    StatsMessage,
+    Task,
+)
 from shared.zoo import architecture, build_model, flatten_parameters
 
 log = logging.getLogger("aicfl.coordinator")
@@ -131,7 +139,14 @@ class Federation:
         with self.write() as s:
             job = self._job(s, job_id)
             job.reference_sha256 = sha
-            s.add(Event(actor=actor, action="job.reference", target=str(job_id), detail={"rows": len(df), "sha256": sha}))
+            s.add(
+                Event(
+                    actor=actor,
+                    action="job.reference",
+                    target=str(job_id),
+                    detail={"rows": len(df), "sha256": sha},
+                )
+            )
         self._reference[sha] = df
         return sha
 
@@ -171,10 +186,17 @@ class Federation:
             rows = s.execute(
                 select(Participant, Round)
                 .join(Round, Participant.round_id == Round.id)
-                .where(Participant.device_id == device_id, Participant.status == ACTIVE, Round.status == "running")
+                .where(
+                    Participant.device_id == device_id,
+                    Participant.status == ACTIVE,
+                    Round.status == "running",
+                )
             ).all()
             for p, r in rows:
-                if stage_index(r.kind, p.stage_done) < stage_index(r.kind, r.stage) and now < r.stage_deadline:
+                if (
+                    stage_index(r.kind, p.stage_done) < stage_index(r.kind, r.stage)
+                    and now < r.stage_deadline
+                ):
                     return CheckinResponse(retry_after=self.settings.active_retry, task=self._task(s, r))
             retry = self.settings.active_retry if rows else self.settings.idle_retry
             return CheckinResponse(retry_after=retry)
@@ -213,18 +235,25 @@ class Federation:
             sha = mv.sha256
         return self.blobs.get(sha)
 
-    def _participation(self, s: Session, device_id: str, round_id: int, stage: str, now: float) -> tuple[Round, Participant]:
+    def _participation(
+        self, s: Session, device_id: str, round_id: int, stage: str, now: float
+    ) -> tuple[Round, Participant]:
         """The round and the device's place in it, after every check of stage and deadline."""
         r = s.scalar(self._lock(select(Round).where(Round.id == round_id)))
         if r is None:
             raise NotFound(f"no round {round_id}")
-        p = s.scalar(select(Participant).where(Participant.round_id == round_id, Participant.device_id == device_id))
+        p = s.scalar(
+            select(Participant).where(Participant.round_id == round_id, Participant.device_id == device_id)
+        )
         if p is None:
             raise Forbidden(f"device {device_id} was not selected for round {round_id}")
         if r.status != "running":
             raise Conflict(f"round {round_id} is {r.status}; the message is stale")
         if p.status != ACTIVE:
-            raise Conflict(f"device {device_id} is {p.status} in round {round_id}" + (f": {p.reason}" if p.reason else ""))
+            raise Conflict(
+                f"device {device_id} is {p.status} in round {round_id}"
+                + (f": {p.reason}" if p.reason else "")
+            )
         if r.stage != stage:
             raise Conflict(f"round {round_id} is in stage {r.stage!r}, not {stage!r}")
         if stage_index(r.kind, p.stage_done) >= stage_index(r.kind, stage):
@@ -242,8 +271,12 @@ class Federation:
             else:
                 p.status = DECLINED
                 p.reason = (msg.reason or "declined without a reason")[:2000]
-                log.info("device %s declined round %s: %s", device_id, round_id, p.reason)
-            s.add(RoundMessage(round_id=round_id, device_id=device_id, stage="configure", payload=msg.model_dump()))
+                log.info("device %s declined round %s of job %s: %s", device_id, r.number, r.job_id, p.reason)
+            s.add(
+                RoundMessage(
+                    round_id=round_id, device_id=device_id, stage="configure", payload=msg.model_dump()
+                )
+            )
             self._drive(s, r, now)
 
     def handle_input_json(self, device_id: str, round_id: int, body: dict[str, Any]) -> None:
@@ -259,7 +292,9 @@ class Federation:
                     _check_metrics(ev.metrics)
                     payload = ev.model_dump()
                 else:
-                    raise Invalid(f"round {round_id} is a training round: send the update as application/octet-stream")
+                    raise Invalid(
+                        f"round {round_id} is a training round: send the update as application/octet-stream"
+                    )
             except ValueError as err:
                 raise Invalid(f"{r.kind} message: {err}") from None
             s.add(RoundMessage(round_id=round_id, device_id=device_id, stage="input", payload=payload))
@@ -283,7 +318,11 @@ class Federation:
         sha = self.blobs.put(body)
         with self.write() as s:
             r, p = self._participation(s, device_id, round_id, "input", time.time())
-            s.add(RoundMessage(round_id=round_id, device_id=device_id, stage="input", payload=meta, blob_sha256=sha))
+            s.add(
+                RoundMessage(
+                    round_id=round_id, device_id=device_id, stage="input", payload=meta, blob_sha256=sha
+                )
+            )
             p.stage_done = "input"
             p.num_examples = meta["num_examples"]
         self._accumulate(round_id, device_id, vec, meta["num_examples"])
@@ -368,20 +407,42 @@ class Federation:
         r.ended_at = utcnow()
         self._discard_round_data(s, r)
         job = self._job(s, r.job_id)
-        s.add(Event(actor="coordinator", action="round.abandon", target=f"{job.id}/{r.number}", detail={"reason": reason}))
+        s.add(
+            Event(
+                actor="coordinator",
+                action="round.abandon",
+                target=f"{job.id}/{r.number}",
+                detail={"reason": reason},
+            )
+        )
         log.warning("job %s round %s abandoned: %s", job.id, r.number, reason)
         recent = list(
-            s.scalars(select(Round.status).where(Round.job_id == job.id).order_by(Round.number.desc()).limit(MAX_CONSECUTIVE_ABANDONED))
+            s.scalars(
+                select(Round.status)
+                .where(Round.job_id == job.id)
+                .order_by(Round.number.desc())
+                .limit(MAX_CONSECUTIVE_ABANDONED)
+            )
         )
-        if len(recent) >= MAX_CONSECUTIVE_ABANDONED and all(x == "abandoned" for x in recent) and job.status == "running":
+        if (
+            len(recent) >= MAX_CONSECUTIVE_ABANDONED
+            and all(x == "abandoned" for x in recent)
+            and job.status == "running"
+        ):
             job.status = "failed"
             job.reason = f"{MAX_CONSECUTIVE_ABANDONED} rounds in a row were abandoned; last: {reason}"
 
     def _discard_round_data(self, s: Session, r: Round) -> None:
         with self._acc_lock:
             self._acc.pop(r.id, None)
-        for sha in s.scalars(select(RoundMessage.blob_sha256).where(RoundMessage.round_id == r.id, RoundMessage.blob_sha256.is_not(None))):
-            self.blobs.delete(sha)
+        shas = s.scalars(
+            select(RoundMessage.blob_sha256).where(
+                RoundMessage.round_id == r.id, RoundMessage.blob_sha256.is_not(None)
+            )
+        )
+        for sha in shas:
+            if sha:
+                self.blobs.delete(sha)
 
     def _eligible(self, s: Session, job: Job, now: float) -> list[str]:
         busy = (
@@ -412,7 +473,9 @@ class Federation:
             return "train"
         if self.settings.evaluate_after_last_round and spec.evaluation.federated:
             evaluated = s.scalar(
-                select(Round.id).where(Round.job_id == job.id, Round.kind == "evaluate", Round.status == "completed")
+                select(Round.id).where(
+                    Round.job_id == job.id, Round.kind == "evaluate", Round.status == "completed"
+                )
             )
             if evaluated is None:
                 return "evaluate"
@@ -464,7 +527,9 @@ class Federation:
         spec = JobSpec.model_validate(job.spec)
         msgs = {
             m.device_id: m
-            for m in s.scalars(select(RoundMessage).where(RoundMessage.round_id == r.id, RoundMessage.stage == "input"))
+            for m in s.scalars(
+                select(RoundMessage).where(RoundMessage.round_id == r.id, RoundMessage.stage == "input")
+            )
         }
         senders = [p.device_id for p in active if p.device_id in msgs]
         if r.kind == "stats":
@@ -472,19 +537,30 @@ class Federation:
         elif r.kind == "train":
             self._finish_train(s, job, spec, r, [msgs[d] for d in senders])
         else:
-            fed = weighted_mean([(int(msgs[d].payload["examples"]), msgs[d].payload["metrics"]) for d in senders])
+            fed = weighted_mean(
+                [(int(msgs[d].payload["examples"]), msgs[d].payload["metrics"]) for d in senders]
+            )
             r.metrics = {"federated": fed}
             self._record_federated(s, job, r.model_version_in, fed)
         r.status = "completed"
         r.ended_at = utcnow()
-        s.add(Event(actor="coordinator", action="round.complete", target=f"{job.id}/{r.number}", detail={"participants": len(senders)}))
+        s.add(
+            Event(
+                actor="coordinator",
+                action="round.complete",
+                target=f"{job.id}/{r.number}",
+                detail={"participants": len(senders)},
+            )
+        )
 
     def _finish_stats(self, s: Session, job: Job, spec: JobSpec, stats: list[dict[str, Any]]) -> None:
         merged = merge_statistics(stats)
         pre = Preprocessor.from_statistics(merged, spec.data)
         job.preprocess = pre.to_dict()
         arch = architecture(spec.model, pre.input_dim, pre.output_dim)
-        existing = s.scalar(select(ModelVersion).where(ModelVersion.job_id == job.id, ModelVersion.version == 0))
+        existing = s.scalar(
+            select(ModelVersion).where(ModelVersion.job_id == job.id, ModelVersion.version == 0)
+        )
         if existing is not None:
             header, _ = registry.load_vector(self.blobs, existing)
             if header.get("arch") != arch:
@@ -530,9 +606,13 @@ class Federation:
                 examples += n
         mean = current + total / np.float32(examples)
         state = self.blobs.get(job.strategy_state_sha256) if job.strategy_state_sha256 else None
-        new, new_state = apply_strategy(spec.strategy, current, mean, examples, job.rounds_completed + 1, state)
+        new, new_state = apply_strategy(
+            spec.strategy, current, mean, examples, job.rounds_completed + 1, state
+        )
         version = registry.get_version(s, job.id).version + 1
-        train_loss = weighted_mean([(int(m.payload["num_examples"]), {"loss": m.payload["train_loss"]}) for m in msgs])
+        train_loss = weighted_mean(
+            [(int(m.payload["num_examples"]), {"loss": m.payload["train_loss"]}) for m in msgs]
+        )
         row = registry.register_version(
             s,
             self.blobs,
@@ -545,7 +625,12 @@ class Federation:
             parent=current_row.version,
             round_number=r.number,
             metrics={"train_loss": train_loss.get("loss")},
-            provenance={"source": "federated", "round": r.number, "participants": len(msgs), "examples": examples},
+            provenance={
+                "source": "federated",
+                "round": r.number,
+                "participants": len(msgs),
+                "examples": examples,
+            },
         )
         if new_state is not None:
             job.strategy_state_sha256 = self.blobs.put(new_state)
@@ -576,7 +661,9 @@ class Federation:
         if producer is not None:
             producer.metrics = {**producer.metrics, "federated": fed}
 
-    def _central(self, job: Job, spec: JobSpec, arch: dict[str, Any], vec: np.ndarray) -> dict[str, float] | None:
+    def _central(
+        self, job: Job, spec: JobSpec, arch: dict[str, Any], vec: np.ndarray
+    ) -> dict[str, float] | None:
         sha = job.reference_sha256
         if not sha or job.preprocess is None:
             return None

@@ -14,10 +14,25 @@ from coordinator.rounds import ACTIVE, DECLINED, DROPPED
 
 
 def round_dict(r: Round, counts: dict[str, int]) -> dict[str, Any]:
-    out = {c: getattr(r, c) for c in (
-        "job_id", "number", "kind", "stage", "status", "stage_deadline", "reason", "started_at", "ended_at",
-        "model_version_in", "model_version_out", "minimum", "aggregation_seconds", "metrics",
-    )}
+    out = {
+        c: getattr(r, c)
+        for c in (
+            "job_id",
+            "number",
+            "kind",
+            "stage",
+            "status",
+            "stage_deadline",
+            "reason",
+            "started_at",
+            "ended_at",
+            "model_version_in",
+            "model_version_out",
+            "minimum",
+            "aggregation_seconds",
+            "metrics",
+        )
+    }
     out["participants"] = sum(counts.values())
     out["dropped"] = counts.get(DROPPED, 0)
     out["declined"] = counts.get(DECLINED, 0)
@@ -52,13 +67,21 @@ def round_detail(s: Session, job_id: int, number: int) -> dict[str, Any]:
     r = s.scalar(select(Round).where(Round.job_id == job_id, Round.number == number))
     if r is None:
         raise NotFound(f"job {job_id} has no round {number}")
-    parts = list(s.scalars(select(Participant).where(Participant.round_id == r.id).order_by(Participant.device_id)))
+    parts = list(
+        s.scalars(select(Participant).where(Participant.round_id == r.id).order_by(Participant.device_id))
+    )
     counts: dict[str, int] = {}
     for p in parts:
         counts[p.status] = counts.get(p.status, 0) + 1
     out = round_dict(r, counts)
     out["devices"] = [
-        {"device_id": p.device_id, "status": p.status, "stage_done": p.stage_done, "reason": p.reason, "num_examples": p.num_examples}
+        {
+            "device_id": p.device_id,
+            "status": p.status,
+            "stage_done": p.stage_done,
+            "reason": p.reason,
+            "num_examples": p.num_examples,
+        }
         for p in parts
     ]
     return out
@@ -67,18 +90,29 @@ def round_detail(s: Session, job_id: int, number: int) -> dict[str, Any]:
 def job_dict(s: Session, job: Job, with_latest: bool = True) -> dict[str, Any]:
     spec = job.spec
     out: dict[str, Any] = {
-        "id": job.id, "name": job.name, "status": job.status, "reason": job.reason, "created_at": job.created_at,
-        "updated_at": job.updated_at, "created_by": job.created_by, "rounds": spec.get("rounds", 0),
-        "rounds_completed": job.rounds_completed, "current_version": job.current_version,
-        "reference": job.reference_sha256 is not None, "spec": spec, "warnings": job_warnings(spec),
+        "id": job.id,
+        "name": job.name,
+        "status": job.status,
+        "reason": job.reason,
+        "created_at": job.created_at,
+        "updated_at": job.updated_at,
+        "created_by": job.created_by,
+        "rounds": spec.get("rounds", 0),
+        "rounds_completed": job.rounds_completed,
+        "current_version": job.current_version,
+        "reference": job.reference_sha256 is not None,
+        "spec": spec,
+        "warnings": job_warnings(spec),
     }
     if with_latest:
         latest = s.scalar(select(Round).where(Round.job_id == job.id).order_by(Round.number.desc()).limit(1))
         if latest is not None:
             out["latest_round"] = round_dict(latest, _counts(s, [latest.id]).get(latest.id, {}))
         done = s.scalar(
-            select(Round).where(Round.job_id == job.id, Round.kind == "train", Round.status == "completed")
-            .order_by(Round.number.desc()).limit(1)
+            select(Round)
+            .where(Round.job_id == job.id, Round.kind == "train", Round.status == "completed")
+            .order_by(Round.number.desc())
+            .limit(1)
         )
         if done is not None:
             out["latest_metrics"] = done.metrics
@@ -102,9 +136,21 @@ def list_devices(s: Session, eligibility_window: float) -> list[dict[str, Any]]:
     now = time.time()
     out = []
     for d in s.scalars(select(Device).order_by(Device.enrolled_at)):
-        row = {c: getattr(d, c) for c in (
-            "id", "name", "platform", "enrolled_at", "last_seen", "revoked_at", "agent_version", "peak_rss_mb"
-        )}
-        row["online"] = d.revoked_at is None and d.last_seen is not None and d.last_seen >= now - eligibility_window
+        row = {
+            c: getattr(d, c)
+            for c in (
+                "id",
+                "name",
+                "platform",
+                "enrolled_at",
+                "last_seen",
+                "revoked_at",
+                "agent_version",
+                "peak_rss_mb",
+            )
+        }
+        row["online"] = (
+            d.revoked_at is None and d.last_seen is not None and d.last_seen >= now - eligibility_window
+        )
         out.append(row)
     return out

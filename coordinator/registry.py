@@ -66,13 +66,17 @@ def get_version(session: Session, job_id: int, version: int | None = None) -> Mo
     else:
         row = session.scalar(q.where(ModelVersion.version == version))
     if row is None:
-        which = "any model version" if version is None else f"model version {version}"
+        which = "model version yet" if version is None else f"model version {version}"
         raise NotFound(f"job {job_id} has no {which}")
     return row
 
 
 def list_versions(session: Session, job_id: int) -> list[ModelVersion]:
-    return list(session.scalars(select(ModelVersion).where(ModelVersion.job_id == job_id).order_by(ModelVersion.version)))
+    return list(
+        session.scalars(
+            select(ModelVersion).where(ModelVersion.job_id == job_id).order_by(ModelVersion.version)
+        )
+    )
 
 
 def load_vector(blobs: LocalBlobStore, row: ModelVersion) -> tuple[dict[str, Any], np.ndarray]:

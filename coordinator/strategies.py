@@ -33,6 +33,7 @@ def build_strategy(spec: StrategySpec, current: np.ndarray) -> Strategy:
     common: dict[str, Any] = {
         "min_fit_clients": 1,
         "min_available_clients": 1,
+        "min_evaluate_clients": 1,
         "fit_metrics_aggregation_fn": _no_metrics,
         "initial_parameters": ndarrays_to_parameters([current]),
     }
@@ -45,7 +46,7 @@ def build_strategy(spec: StrategySpec, current: np.ndarray) -> Strategy:
         return FedAvgM(
             server_learning_rate=spec.server_learning_rate, server_momentum=spec.server_momentum, **common
         )
-    opt = {"eta": spec.eta, "eta_l": spec.eta_l, "beta_1": spec.beta_1, "tau": spec.tau}
+    opt: dict[str, Any] = {"eta": spec.eta, "eta_l": spec.eta_l, "beta_1": spec.beta_1, "tau": spec.tau}
     if name == "fedadam":
         return FedAdam(beta_2=spec.beta_2, **opt, **common)
     if name == "fedyogi":
@@ -58,13 +59,13 @@ def dump_state(spec: StrategySpec, strategy: Strategy) -> bytes | None:
     attrs = _STATE_ATTRS.get(spec.name)
     if not attrs:
         return None
-    arrays = {}
+    arrays: dict[str, Any] = {}
     for attr in attrs:
         value = getattr(strategy, attr, None)
         if value:
             arrays[attr] = np.asarray(value[0])
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
     return buf.getvalue()
 
 

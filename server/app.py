@@ -36,7 +36,9 @@ PROBLEM = "application/problem+json"
 def problem(status: int, title: str, detail: str) -> JSONResponse:
     """An RFC 9457 problem-details response."""
     return JSONResponse(
-        {"type": "about:blank", "title": title, "status": status, "detail": detail}, status_code=status, media_type=PROBLEM
+        {"type": "about:blank", "title": title, "status": status, "detail": detail},
+        status_code=status,
+        media_type=PROBLEM,
     )
 
 
@@ -97,11 +99,15 @@ class _StateCollector:
                 jobs_g.add_metric([status], n)
             for status, n in s.execute(select(Round.status, func.count()).group_by(Round.status)):
                 rounds_g.add_metric([status], n)
-            online.add_metric([], s.scalar(
-                select(func.count()).select_from(Device).where(
-                    Device.revoked_at.is_(None), Device.last_seen >= time.time() - self.window
+            online.add_metric(
+                [],
+                s.scalar(
+                    select(func.count())
+                    .select_from(Device)
+                    .where(Device.revoked_at.is_(None), Device.last_seen >= time.time() - self.window)
                 )
-            ) or 0)
+                or 0,
+            )
         yield from (jobs_g, rounds_g, online)
 
 
@@ -165,7 +171,9 @@ def create_app(settings: ServerSettings | None = None, *, run_ticker: bool = Tru
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, err: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return problem(500, "Internal error", f"the coordinator failed to handle this request ({type(err).__name__})")
+        return problem(
+            500, "Internal error", f"the coordinator failed to handle this request ({type(err).__name__})"
+        )
 
     @app.get("/v1/health", tags=["meta"])
     def health() -> dict[str, Any]:

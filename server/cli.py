@@ -40,7 +40,9 @@ JSON_OPT = typer.Option(False, "--json", help="Print JSON instead of a table.")
 def _main(
     url: str = typer.Option("http://127.0.0.1:8080", envvar="AICFL_URL", help="Coordinator URL."),
     token: str | None = typer.Option(None, envvar="AICFL_TOKEN", help="Operator token."),
-    ca_cert: Path | None = typer.Option(None, envvar="AICFL_CA_CERT", help="CA bundle for a TLS coordinator."),
+    ca_cert: Path | None = typer.Option(
+        None, envvar="AICFL_CA_CERT", help="CA bundle for a TLS coordinator."
+    ),
 ) -> None:
     _state.update(url=url, token=token, ca_cert=ca_cert)
 
@@ -77,7 +79,9 @@ def server_start(
     data_dir: Path = typer.Option(Path("aicfl-data"), "--data-dir", help="Blobs, keys and the SQLite file."),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8080, "--port"),
-    tls_cert: Path | None = typer.Option(None, "--tls-cert", help="PEM certificate; enables HTTPS with --tls-key."),
+    tls_cert: Path | None = typer.Option(
+        None, "--tls-cert", help="PEM certificate; enables HTTPS with --tls-key."
+    ),
     tls_key: Path | None = typer.Option(None, "--tls-key"),
     log_level: str = typer.Option("info", "--log-level"),
 ) -> None:
@@ -95,7 +99,15 @@ def server_start(
         if f is not None and not f.is_file():
             raise CliError(f"{f}: no such file")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = ServerSettings(db=db, data_dir=data_dir, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, log_level=log_level)
+    settings = ServerSettings(
+        db=db,
+        data_dir=data_dir,
+        host=host,
+        port=port,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        log_level=log_level,
+    )
     try:
         application = create_app(settings)
     except Exception as err:  # noqa: BLE001 - a bad URL or unreachable database: one line
@@ -179,7 +191,15 @@ def devices_list(as_json: bool = JSON_OPT) -> None:
     now = time.time()
     for d in rows:
         seen = f"{now - d['last_seen']:.0f}s ago" if d["last_seen"] else "never"
-        table.add_row(d["id"], d["name"], "yes" if d["online"] else "no", seen, d["agent_version"], _fmt(d["peak_rss_mb"]), _fmt(d["revoked_at"]))
+        table.add_row(
+            d["id"],
+            d["name"],
+            "yes" if d["online"] else "no",
+            seen,
+            d["agent_version"],
+            _fmt(d["peak_rss_mb"]),
+            _fmt(d["revoked_at"]),
+        )
     console.print(table)
 
 
@@ -230,7 +250,14 @@ def jobs_list(as_json: bool = JSON_OPT) -> None:
         return emit_json(rows)
     table = Table("id", "name", "status", "rounds", "version", "created")
     for j in rows:
-        table.add_row(str(j["id"]), j["name"], j["status"], f"{j['rounds_completed']}/{j['rounds']}", _fmt(j["current_version"]), str(j["created_at"])[:19])
+        table.add_row(
+            str(j["id"]),
+            j["name"],
+            j["status"],
+            f"{j['rounds_completed']}/{j['rounds']}",
+            _fmt(j["current_version"]),
+            str(j["created_at"])[:19],
+        )
     console.print(table)
 
 
@@ -240,7 +267,10 @@ def jobs_show(job_id: int, as_json: bool = JSON_OPT) -> None:
     if as_json:
         return emit_json(j)
     spec = j["spec"]
-    console.print(f"[bold]job {j['id']}[/] {j['name']}  status={j['status']}" + (f"  ({j['reason']})" if j["reason"] else ""))
+    console.print(
+        f"[bold]job {j['id']}[/] {j['name']}  status={j['status']}"
+        + (f"  ({j['reason']})" if j["reason"] else "")
+    )
     console.print(
         f"rounds {j['rounds_completed']}/{j['rounds']}  model version {_fmt(j['current_version'])}  "
         f"strategy {spec['strategy']['name']}  model {spec['model']['zoo']} {spec['model']['hidden']}  "
@@ -251,7 +281,10 @@ def jobs_show(job_id: int, as_json: bool = JSON_OPT) -> None:
     console.print(f"federated: {_metrics_text(m.get('federated'))}")
     if j.get("latest_round"):
         r = j["latest_round"]
-        console.print(f"latest round {r['number']} ({r['kind']}): {r['status']} stage={r['stage']}" + (f" reason: {r['reason']}" if r["reason"] else ""))
+        console.print(
+            f"latest round {r['number']} ({r['kind']}): {r['status']} stage={r['stage']}"
+            + (f" reason: {r['reason']}" if r["reason"] else "")
+        )
     for w in j.get("warnings", []):
         console.print(f"[yellow]warning:[/] {w}")
 
@@ -266,13 +299,33 @@ def jobs_cancel(job_id: int) -> None:
 
 
 def _rounds_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table("round", "kind", "status", "stage", "devices", "dropped", "declined", "agg s", "central", "federated", "reason")
+    table = Table(
+        "round",
+        "kind",
+        "status",
+        "stage",
+        "devices",
+        "dropped",
+        "declined",
+        "agg s",
+        "central",
+        "federated",
+        "reason",
+    )
     for r in rows:
         m = r["metrics"] or {}
         table.add_row(
-            str(r["number"]), r["kind"], r["status"], r["stage"], str(r["participants"]), str(r["dropped"]),
-            str(r["declined"]), _fmt(r["aggregation_seconds"], 3), _metrics_text(m.get("central")),
-            _metrics_text(m.get("federated")), r["reason"] or "",
+            str(r["number"]),
+            r["kind"],
+            r["status"],
+            r["stage"],
+            str(r["participants"]),
+            str(r["dropped"]),
+            str(r["declined"]),
+            _fmt(r["aggregation_seconds"], 3),
+            _metrics_text(m.get("central")),
+            _metrics_text(m.get("federated")),
+            r["reason"] or "",
         )
     return table
 
@@ -293,16 +346,25 @@ def rounds_show(job_id: int, number: int, as_json: bool = JSON_OPT) -> None:
     console.print(_rounds_table([r]))
     table = Table("device", "status", "stage done", "examples", "reason")
     for p in r["devices"]:
-        table.add_row(p["device_id"], p["status"], p["stage_done"] or "-", _fmt(p["num_examples"]), p["reason"] or "")
+        table.add_row(
+            p["device_id"], p["status"], p["stage_done"] or "-", _fmt(p["num_examples"]), p["reason"] or ""
+        )
     console.print(table)
 
 
-def watch_job(api: ApiClient, job_id: int, interval: float = 1.0, out: Console | None = None) -> dict[str, Any]:
+def watch_job(
+    api: ApiClient, job_id: int, interval: float = 1.0, out: Console | None = None
+) -> dict[str, Any]:
     """Live progress of a job until it ends; returns the final job."""
     out = out or console
     with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=out, transient=False,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=out,
+        transient=False,
     ) as progress:
         job = api.json("GET", f"/v1/jobs/{job_id}")
         task = progress.add_task(f"job {job_id} rounds", total=job["rounds"], info="")
@@ -310,7 +372,10 @@ def watch_job(api: ApiClient, job_id: int, interval: float = 1.0, out: Console |
             job = api.json("GET", f"/v1/jobs/{job_id}")
             r = job.get("latest_round") or {}
             m = (job.get("latest_metrics") or {}).get("central") or {}
-            info = f"round {r.get('number', '-')} {r.get('kind', '')} {r.get('stage', '')} {r.get('status', '')}  " + _metrics_text(m)
+            info = (
+                f"round {r.get('number', '-')} {r.get('kind', '')} {r.get('stage', '')} {r.get('status', '')}  "
+                + _metrics_text(m)
+            )
             progress.update(task, completed=job["rounds_completed"], info=info)
             if job["status"] not in ("running", "pending"):
                 return job  # type: ignore[no-any-return]
@@ -336,8 +401,14 @@ def models_list(job_id: int, as_json: bool = JSON_OPT) -> None:
     for v in rows:
         m = v["metrics"]
         table.add_row(
-            str(v["version"]), _fmt(v["parent"]), _fmt(v["round_number"]), v["sha256"][:12], str(v["num_parameters"]),
-            _metrics_text(m.get("central")), _metrics_text(m.get("federated")), v["provenance"].get("source", ""),
+            str(v["version"]),
+            _fmt(v["parent"]),
+            _fmt(v["round_number"]),
+            v["sha256"][:12],
+            str(v["num_parameters"]),
+            _metrics_text(m.get("central")),
+            _metrics_text(m.get("federated")),
+            v["provenance"].get("source", ""),
         )
     console.print(table)
 
@@ -380,7 +451,9 @@ def demo(
     from server.demo import DemoError, run_demo
 
     try:
-        summary = run_demo(devices=devices, rounds=rounds, dataset=dataset, out=out, seed=seed, console=console)
+        summary = run_demo(
+            devices=devices, rounds=rounds, dataset=dataset, out=out, seed=seed, console=console
+        )
     except DemoError as err:
         raise CliError(str(err)) from None
     console.print(f"summary written to {out / 'summary.json'}")

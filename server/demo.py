@@ -59,7 +59,9 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 90.0)
     raise DemoError(f"the coordinator did not answer at {url} within {timeout:.0f} s")
 
 
-def demo_spec(schema: dict[str, Any], *, rounds: int, devices: int, seed: int, reference: str) -> dict[str, Any]:
+def demo_spec(
+    schema: dict[str, Any], *, rounds: int, devices: int, seed: int, reference: str
+) -> dict[str, Any]:
     """The job the demo runs: an MLP, FedAvg, every device in every round."""
     return {
         "name": "demo",
@@ -67,8 +69,19 @@ def demo_spec(schema: dict[str, Any], *, rounds: int, devices: int, seed: int, r
         "seed": seed,
         "data": schema,
         "model": {"zoo": "mlp", "hidden": [64, 32]},
-        "cohort": {"target": devices, "minimum": max(2, (devices + 1) // 2), "stage_timeout": 120, "selection_timeout": 5},
-        "training": {"epochs": 2, "batch_size": 32, "learning_rate": 0.005, "optimizer": "adam", "holdout": 0.2},
+        "cohort": {
+            "target": devices,
+            "minimum": max(2, (devices + 1) // 2),
+            "stage_timeout": 120,
+            "selection_timeout": 5,
+        },
+        "training": {
+            "epochs": 2,
+            "batch_size": 32,
+            "learning_rate": 0.005,
+            "optimizer": "adam",
+            "holdout": 0.2,
+        },
         "strategy": {"name": "fedavg"},
         "evaluation": {"reference": reference},
     }
@@ -80,11 +93,21 @@ def ceiling_metrics(spec: JobSpec, train_rows: Any, test_rows: Any, epochs: int)
     model = build_model(architecture(spec.model, pre.input_dim, pre.output_dim), seed=spec.seed)
     x, y = pre.transform(train_rows)
     train_local(
-        model, x, y, task=spec.data.task, epochs=epochs, batch_size=spec.training.batch_size,
-        learning_rate=spec.training.learning_rate, optimizer=spec.training.optimizer, seed=spec.seed, threads=2,
+        model,
+        x,
+        y,
+        task=spec.data.task,
+        epochs=epochs,
+        batch_size=spec.training.batch_size,
+        learning_rate=spec.training.learning_rate,
+        optimizer=spec.training.optimizer,
+        seed=spec.seed,
+        threads=2,
     )
     xt, yt = pre.transform(test_rows)
-    return evaluate(model, xt, yt, task=spec.data.task, target_mean=pre.target_mean, target_std=pre.target_std)
+    return evaluate(
+        model, xt, yt, task=spec.data.task, target_mean=pre.target_mean, target_std=pre.target_std
+    )
 
 
 class _Processes:
@@ -146,7 +169,10 @@ def run_demo(
     url = f"http://127.0.0.1:{port}"
     server_dir = out / "server"
     boot = subprocess.run(
-        python_cmd("server", "admin", "bootstrap", "--data-dir", str(server_dir)), capture_output=True, text=True, env=env
+        python_cmd("server", "admin", "bootstrap", "--data-dir", str(server_dir)),
+        capture_output=True,
+        text=True,
+        env=env,
     )
     if boot.returncode != 0:
         raise DemoError(f"admin bootstrap failed: {boot.stderr.strip()}")
@@ -154,13 +180,25 @@ def run_demo(
     procs = _Processes()
     try:
         server = procs.start(
-            python_cmd("server", "server", "start", "--port", str(port), "--data-dir", str(server_dir), "--log-level", "warning"),
+            python_cmd(
+                "server",
+                "server",
+                "start",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(server_dir),
+                "--log-level",
+                "warning",
+            ),
             out / "logs" / "server.log",
             env,
         )
         wait_healthy(url, server)
         api = ApiClient(url, token)
-        tokens = api.json("POST", "/v1/enrollment-tokens", json={"count": devices, "ttl_seconds": 3600})["tokens"]
+        tokens = api.json("POST", "/v1/enrollment-tokens", json={"count": devices, "ttl_seconds": 3600})[
+            "tokens"
+        ]
         homes = []
         enrolls = []
         for i, (part, tok) in enumerate(zip(parts, tokens, strict=True)):
@@ -168,17 +206,37 @@ def run_demo(
             d.mkdir(parents=True, exist_ok=True)
             part.to_csv(d / "data.csv", index=False)
             homes.append(d / "home")
-            enrolls.append(subprocess.Popen(
-                python_cmd("client_agent", "enroll", "--coordinator", url, "--token", tok, "--data", str(d / "data.csv"),
-                           "--home", str(d / "home"), "--name", f"demo-{i:02d}"),
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-            ))
+            enrolls.append(
+                subprocess.Popen(
+                    python_cmd(
+                        "client_agent",
+                        "enroll",
+                        "--coordinator",
+                        url,
+                        "--token",
+                        tok,
+                        "--data",
+                        str(d / "data.csv"),
+                        "--home",
+                        str(d / "home"),
+                        "--name",
+                        f"demo-{i:02d}",
+                    ),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    env=env,
+                )
+            )
         for p in enrolls:
-            _, err = p.communicate(timeout=120)
+            _, stderr = p.communicate(timeout=120)
             if p.returncode != 0:
-                raise DemoError(f"agent enrollment failed: {err.decode().strip()}")
+                raise DemoError(f"agent enrollment failed: {stderr.decode().strip()}")
         for i, home in enumerate(homes):
-            procs.start(python_cmd("client_agent", "run", "--home", str(home)), out / "logs" / f"agent-{i:02d}.log", env)
+            procs.start(
+                python_cmd("client_agent", "run", "--home", str(home)),
+                out / "logs" / f"agent-{i:02d}.log",
+                env,
+            )
         job = api.json("POST", "/v1/jobs", json=spec.model_dump(mode="json"))
         api.request("PUT", f"/v1/jobs/{job['id']}/reference", content=reference.read_bytes())
         from server.cli import watch_job
@@ -196,7 +254,16 @@ def run_demo(
     return summary
 
 
-def _summary(api: ApiClient, job_id: int, spec: JobSpec, dataset: str, devices: int, train_df: Any, test_df: Any, rounds: int) -> dict[str, Any]:
+def _summary(
+    api: ApiClient,
+    job_id: int,
+    spec: JobSpec,
+    dataset: str,
+    devices: int,
+    train_df: Any,
+    test_df: Any,
+    rounds: int,
+) -> dict[str, Any]:
     all_rounds = api.json("GET", f"/v1/jobs/{job_id}/rounds")
     versions = api.json("GET", f"/v1/jobs/{job_id}/models")
     last = versions[-1]

@@ -58,7 +58,10 @@ async def device_request(request: Request) -> tuple[str, bytes]:
     fed = federation(request)
     window = request.app.state.settings.signature_window
     headers = {k: v for k, v in request.headers.items()}
-    canonical = {h: headers.get(h.lower(), "") for h in ("X-AICFL-Device", "X-AICFL-Timestamp", "X-AICFL-Nonce", "X-AICFL-Signature")}
+    canonical = {
+        h: headers.get(h.lower(), "")
+        for h in ("X-AICFL-Device", "X-AICFL-Timestamp", "X-AICFL-Nonce", "X-AICFL-Signature")
+    }
 
     def check() -> str:
         with fed.write() as s:

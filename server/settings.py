@@ -17,9 +17,13 @@ class ServerSettings(BaseSettings):
     port: int = Field(default=8080, ge=0, le=65535)
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    signature_window: float = Field(default=300.0, gt=0, description="seconds a signed device request stays valid")
+    signature_window: float = Field(
+        default=300.0, gt=0, description="seconds a signed device request stays valid"
+    )
     tick_interval: float = Field(default=0.25, gt=0)
-    eligibility_window: float = Field(default=30.0, gt=0, description="a device checked in within this counts as online")
+    eligibility_window: float = Field(
+        default=30.0, gt=0, description="a device checked in within this counts as online"
+    )
     idle_retry: float = Field(default=2.0, gt=0)
     active_retry: float = Field(default=0.5, gt=0)
     max_body_bytes: int = Field(default=512 * 1024 * 1024, gt=0)

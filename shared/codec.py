@@ -47,8 +47,8 @@ def decode_header(data: bytes | memoryview) -> tuple[dict[str, Any], int]:
         raise CodecError(f"header length {hlen} is out of bounds")
     try:
         header = json.loads(bytes(view[start : start + hlen]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CodecError(f"header is not valid JSON: {err}") from None
+    except (ValueError, RecursionError) as err:  # ValueError covers bad UTF-8, bad JSON, huge integers
+        raise CodecError(f"header is not valid JSON: {type(err).__name__}") from None
     if not isinstance(header, dict):
         raise CodecError("header must be a JSON object")
     return header, start + hlen

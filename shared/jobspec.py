@@ -123,7 +123,9 @@ class TrainingSpec(_Strict):
     batch_size: int = Field(default=32, ge=1, le=1_000_000)
     learning_rate: float = Field(default=0.01, gt=0, le=10)
     optimizer: Literal["sgd", "adam"] = "sgd"
-    holdout: float = Field(default=0.2, ge=0.0, lt=1.0, description="share of local rows kept for federated evaluation")
+    holdout: float = Field(
+        default=0.2, ge=0.0, lt=1.0, description="share of local rows kept for federated evaluation"
+    )
     threads: int = Field(default=1, ge=1, le=256, description="CPU threads a device may use")
 
 

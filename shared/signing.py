@@ -58,9 +58,7 @@ def load_public_key(raw_b64: str) -> Ed25519PublicKey:
 
 def canonical_request(method: str, path: str, timestamp: str, nonce: str, body: bytes) -> bytes:
     """The bytes a device signs for one request."""
-    return "\n".join(
-        ["AICFL-DEVICE-v1", method.upper(), path, timestamp, nonce, sha256_hex(body)]
-    ).encode()
+    return "\n".join(["AICFL-DEVICE-v1", method.upper(), path, timestamp, nonce, sha256_hex(body)]).encode()
 
 
 def sign_request(
@@ -95,12 +93,14 @@ def verify_request(
         ts = float(timestamp)
     except ValueError:
         raise SignatureError("timestamp is not a number") from None
-    if abs(now - ts) > window_seconds:
+    if not abs(now - ts) <= window_seconds:  # also refuses nan and inf
         raise SignatureError(f"timestamp is outside the {window_seconds:.0f} s window")
     if not (8 <= len(nonce) <= 128) or not nonce.isalnum():
         raise SignatureError("nonce must be 8 to 128 letters or digits")
     try:
-        public_key.verify(b64d(signature_b64, "signature"), canonical_request(method, path, timestamp, nonce, body))
+        public_key.verify(
+            b64d(signature_b64, "signature"), canonical_request(method, path, timestamp, nonce, body)
+        )
     except InvalidSignature:
         raise SignatureError("signature does not match the request") from None
 
@@ -110,7 +110,9 @@ def model_message(job_id: int, version: int, sha256: str) -> bytes:
     return f"AICFL-MODEL-v1\n{job_id}\n{version}\n{sha256}".encode()
 
 
-def verify_model(public_key: Ed25519PublicKey, job_id: int, version: int, blob: bytes, sha256: str, signature_b64: str) -> None:
+def verify_model(
+    public_key: Ed25519PublicKey, job_id: int, version: int, blob: bytes, sha256: str, signature_b64: str
+) -> None:
     """Refuse a model whose hash or coordinator signature does not match."""
     actual = sha256_hex(blob)
     if actual != sha256:

@@ -13,7 +13,14 @@ from coordinator import auth
 from coordinator.errors import Invalid
 from server.security import device_request, federation, read_body
 from shared.signing import b64e, public_key_bytes
-from shared.wire import Accepted, CheckinRequest, CheckinResponse, ConfigureMessage, EnrollRequest, EnrollResponse
+from shared.wire import (
+    Accepted,
+    CheckinRequest,
+    CheckinResponse,
+    ConfigureMessage,
+    EnrollRequest,
+    EnrollResponse,
+)
 
 router = APIRouter(prefix="/v1", tags=["devices (agent)"])
 
@@ -63,7 +70,9 @@ async def device_model(
 
 
 @router.post("/device/rounds/{round_id}/configure", response_model=Accepted)
-async def configure(round_id: int, request: Request, who: tuple[str, bytes] = Depends(device_request)) -> Accepted:
+async def configure(
+    round_id: int, request: Request, who: tuple[str, bytes] = Depends(device_request)
+) -> Accepted:
     """Take part in a round (model verified, data checked), or decline with a reason."""
     device_id, body = who
     msg = _json(body, ConfigureMessage)
@@ -72,7 +81,9 @@ async def configure(round_id: int, request: Request, who: tuple[str, bytes] = De
 
 
 @router.post("/device/rounds/{round_id}/input", response_model=Accepted)
-async def round_input(round_id: int, request: Request, who: tuple[str, bytes] = Depends(device_request)) -> Accepted:
+async def round_input(
+    round_id: int, request: Request, who: tuple[str, bytes] = Depends(device_request)
+) -> Accepted:
     """The round's input: a binary update (training) or a JSON message (statistics, evaluation)."""
     device_id, body = who
     fed = federation(request)

@@ -15,7 +15,11 @@ from shared.export import export_model
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-EXPORT_TYPES = {"state_dict": ("application/octet-stream", "pt"), "torchscript": ("application/octet-stream", "ts.pt"), "onnx": ("application/octet-stream", "onnx")}
+EXPORT_TYPES = {
+    "state_dict": ("application/octet-stream", "pt"),
+    "torchscript": ("application/octet-stream", "ts.pt"),
+    "onnx": ("application/octet-stream", "onnx"),
+}
 
 
 @router.post("", response_model=JobOut, status_code=201)
@@ -24,7 +28,7 @@ def submit_job(spec: dict[str, Any], request: Request, op: Operator = Depends(ad
     fed = federation(request)
     job = fed.submit_job(spec, op.name)
     with fed.read() as s:
-        return JobOut.model_validate(queries.job_dict(s, s.get(type(job), job.id)))
+        return JobOut.model_validate(queries.job_dict(s, fed._job(s, job.id)))
 
 
 @router.get("", response_model=list[JobOut])
@@ -67,7 +71,9 @@ def list_rounds(job_id: int, request: Request, op: Operator = Depends(operator))
 
 
 @router.get("/{job_id}/rounds/{number}", response_model=RoundDetailOut)
-def show_round(job_id: int, number: int, request: Request, op: Operator = Depends(operator)) -> RoundDetailOut:
+def show_round(
+    job_id: int, number: int, request: Request, op: Operator = Depends(operator)
+) -> RoundDetailOut:
     with federation(request).read() as s:
         return RoundDetailOut.model_validate(queries.round_detail(s, job_id, number))
 

@@ -32,7 +32,9 @@ def create_operator(body: NewOperator, request: Request, op: Operator = Depends(
 
 
 @router.post("/enrollment-tokens", response_model=EnrollmentTokensOut, status_code=201)
-def create_enrollment_tokens(body: NewEnrollmentTokens, request: Request, op: Operator = Depends(admin)) -> EnrollmentTokensOut:
+def create_enrollment_tokens(
+    body: NewEnrollmentTokens, request: Request, op: Operator = Depends(admin)
+) -> EnrollmentTokensOut:
     """One-time, expiring tokens with which devices enroll."""
     with federation(request).write() as s:
         tokens = auth.create_enrollment_tokens(s, body.count, body.ttl_seconds, op.name)
