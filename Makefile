@@ -1,0 +1,40 @@
+# The single entry point. `make demo` runs the main job, `make test` the whole suite;
+# both set up their own virtualenv (.venv) from nothing but python3.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_OUT ?= demo-out
+
+.PHONY: setup demo test test-fast lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of torch that this machine serves; a looser pin downloads a CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	rm -rf $(DEMO_OUT)
+	$(BIN)/aicfl demo --devices 6 --rounds 10 --out $(DEMO_OUT)
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy shared client_agent coordinator server
+
+bench: $(STAMP)
+	$(BIN)/python bench/aggregate.py
+	$(BIN)/python bench/demo_quality.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
