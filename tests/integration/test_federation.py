@@ -216,3 +216,22 @@ def test_viewer_token_cannot_submit_jobs(coord: Coordinator) -> None:
     assert resp.status_code == 403 and "admin role" in resp.json()["detail"]
     assert ApiClient(coord.url, "nope")._http.get("/v1/jobs").status_code == 401
     assert ApiClient(coord.url, None)._http.get("/v1/devices").status_code == 401
+
+
+def test_coordinator_killed_mid_job_restarts_and_finishes(coord: Coordinator, tmp_path: Path) -> None:
+    paths, ref, schema = churn_slices(tmp_path / "data", 3)
+    for i, p in enumerate(paths):
+        coord.run_agent(coord.enroll(p, f"a{i}"))
+    job_id = submit(coord, small_spec(schema, rounds=3, target=3, minimum=2, stage_timeout=15), ref)
+    wait_for(lambda: coord.job(job_id)["rounds_completed"] >= 1, 90, "the first training round")
+
+    coord.stop(signal.SIGKILL)
+    coord.start()  # same database, blobs and key; the agents reconnect by themselves
+    job = coord.wait_job(job_id, timeout=180)
+
+    assert job["rounds_completed"] == 3
+    versions = coord.api().json("GET", f"/v1/jobs/{job_id}/models")
+    assert [v["version"] for v in versions] == [0, 1, 2, 3]
+    assert [v["parent"] for v in versions] == [None, 0, 1, 2]
+    statuses = [r["status"] for r in train_rounds(coord, job_id)]
+    assert statuses.count("completed") == 3 and set(statuses) <= {"completed", "abandoned"}
