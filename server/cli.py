@@ -23,12 +23,14 @@ devices_app = typer.Typer(help="Enrollment tokens and devices.", no_args_is_help
 jobs_app = typer.Typer(help="Federated jobs.", no_args_is_help=True)
 rounds_app = typer.Typer(help="Rounds of a job.", no_args_is_help=True)
 models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
+data_app = typer.Typer(help="Example data for trying a federation by hand.", no_args_is_help=True)
 app.add_typer(server_app, name="server")
 app.add_typer(admin_app, name="admin")
 app.add_typer(devices_app, name="devices")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(rounds_app, name="rounds")
 app.add_typer(models_app, name="models")
+app.add_typer(data_app, name="data")
 
 console = Console()
 _state: dict[str, Any] = {}
@@ -289,6 +291,14 @@ def jobs_show(job_id: int, as_json: bool = JSON_OPT) -> None:
         console.print(f"[yellow]warning:[/] {w}")
 
 
+@jobs_app.command("schema")
+def jobs_schema() -> None:
+    """Print the job spec reference (Markdown), generated from the schema."""
+    from shared.jobspec import reference_markdown
+
+    print(reference_markdown())
+
+
 @jobs_app.command("cancel")
 def jobs_cancel(job_id: int) -> None:
     j = client().json("POST", f"/v1/jobs/{job_id}/cancel")
@@ -434,6 +444,30 @@ def models_export(
     target = out or Path(f"job{job_id}-v{version}.{ext}")
     target.write_bytes(data)
     print(f"wrote {target} ({len(data)} bytes, version {version}, {fmt})")
+
+
+# -- data -----------------------------------------------------------------
+
+
+@data_app.command("split")
+def data_split(
+    out: Path = typer.Option(..., "--out", help="Folder for the device files, reference.csv and job.toml."),
+    dataset: str = typer.Option("mlc_churn", "--dataset"),
+    devices: int = typer.Option(4, "--devices", min=1, max=1000),
+    rounds: int = typer.Option(10, "--rounds", min=1),
+    seed: int = typer.Option(7, "--seed"),
+) -> None:
+    """Split a bundled dataset naturally across devices, with test rows and a job spec to submit."""
+    from server.demo import DemoError, prepare_data
+
+    try:
+        data = prepare_data(dataset, devices, seed, out, rounds)
+    except DemoError as err:
+        raise CliError(str(err)) from None
+    for f, part in zip(data["files"], data["parts"], strict=True):
+        print(f"{f}  {len(part)} rows")
+    print(f"{data['reference']}  {len(data['test'])} test rows")
+    print(f"{out / 'job.toml'}")
 
 
 # -- demo -----------------------------------------------------------------

@@ -87,6 +87,49 @@ def demo_spec(
     }
 
 
+def prepare_data(dataset: str, devices: int, seed: int, out: Path, rounds: int = 10) -> dict[str, Any]:
+    """Split a bundled dataset into held-out test rows and one natural slice per device, on disk.
+
+    Writes ``devices/device-NN/data.csv``, ``reference.csv`` (the test rows) and
+    ``job.toml``; returns the frames and the spec for the caller.
+    """
+    import tomli_w
+
+    try:
+        df, schema, group = load_dataset(dataset)
+    except ValueError as err:
+        raise DemoError(str(err)) from None
+    stratify = schema["target"] if schema["task"] != "regression" else None
+    train_df, test_df = test_split(df, 0.2, seed, stratify_column=stratify)
+    try:
+        parts = natural_split(train_df, group, devices, seed)
+    except ValueError as err:
+        raise DemoError(f"--devices {devices}: {err}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, part in enumerate(parts):
+        d = out / "devices" / f"device-{i:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        part.to_csv(d / "data.csv", index=False)
+        files.append(d / "data.csv")
+    reference = out / "reference.csv"
+    test_df.to_csv(reference, index=False)
+    spec_dict = demo_spec(schema, rounds=rounds, devices=devices, seed=seed, reference="reference.csv")
+    validate_spec(spec_dict)
+    (out / "job.toml").write_text(tomli_w.dumps(spec_dict))
+    return {
+        "df": df,
+        "train": train_df,
+        "test": test_df,
+        "parts": parts,
+        "group": group,
+        "files": files,
+        "reference": reference,
+        "spec": spec_dict,
+        "schema": schema,
+    }
+
+
 def ceiling_metrics(spec: JobSpec, train_rows: Any, test_rows: Any, epochs: int) -> dict[str, float]:
     """The same architecture trained centrally on the pooled training rows."""
     pre = Preprocessor.from_statistics(local_statistics(train_rows, spec.data), spec.data)
@@ -145,20 +188,16 @@ def run_demo(
         (out / sub).mkdir(parents=True, exist_ok=True)
     if (out / "server" / "coordinator.db").exists():
         raise DemoError(f"{out} holds an earlier demo; pass another --out or remove it")
-    try:
-        df, schema, group = load_dataset(dataset)
-    except ValueError as err:
-        raise DemoError(str(err)) from None
-    stratify = schema["target"] if schema["task"] != "regression" else None
-    train_df, test_df = test_split(df, 0.2, seed, stratify_column=stratify)
-    try:
-        parts = natural_split(train_df, group, devices, seed)
-    except ValueError as err:
-        raise DemoError(f"--devices {devices}: {err}") from None
-    reference = out / "reference.csv"
-    test_df.to_csv(reference, index=False)
-    spec_dict = demo_spec(schema, rounds=rounds, devices=devices, seed=seed, reference=str(reference))
-    spec = validate_spec(spec_dict)
+    data = prepare_data(dataset, devices, seed, out, rounds)
+    df, train_df, test_df, parts, group = (
+        data["df"],
+        data["train"],
+        data["test"],
+        data["parts"],
+        data["group"],
+    )
+    reference = data["reference"]
+    spec = validate_spec(data["spec"])
     console.print(
         f"[bold]aicfl demo[/]: {dataset}, {len(df)} rows; {devices} devices split by {group!r} "
         f"({', '.join(str(len(p)) for p in parts)} rows); {len(test_df)} test rows; {rounds} rounds"
@@ -201,10 +240,8 @@ def run_demo(
         ]
         homes = []
         enrolls = []
-        for i, (part, tok) in enumerate(zip(parts, tokens, strict=True)):
-            d = out / "devices" / f"device-{i:02d}"
-            d.mkdir(parents=True, exist_ok=True)
-            part.to_csv(d / "data.csv", index=False)
+        for i, (data_file, tok) in enumerate(zip(data["files"], tokens, strict=True)):
+            d = data_file.parent
             homes.append(d / "home")
             enrolls.append(
                 subprocess.Popen(

@@ -55,16 +55,18 @@ class _Strict(BaseModel):
 class Feature(_Strict):
     """One input column of the tabular schema."""
 
-    name: str = Field(min_length=1)
-    type: Literal["numeric", "categorical"]
+    name: str = Field(min_length=1, description="the column name in every device's data file")
+    type: Literal["numeric", "categorical"] = Field(description="numeric: standardised; categorical: one-hot")
 
 
 class DataSchema(_Strict):
     """The tabular schema every device's local data must follow."""
 
-    features: list[Feature] = Field(min_length=1)
-    target: str = Field(min_length=1)
-    task: Task
+    features: list[Feature] = Field(
+        min_length=1, description="the input columns, as [[data.features]] tables"
+    )
+    target: str = Field(min_length=1, description="the column to predict")
+    task: Task = Field(description="binary, multiclass or regression")
     positive: str | None = Field(
         default=None, description="binary tasks: the label counted as the positive class"
     )
@@ -88,17 +90,23 @@ class DataSchema(_Strict):
 class ModelSpec(_Strict):
     """A model from the zoo and its sizes."""
 
-    zoo: Literal["mlp", "logreg"] = "mlp"
-    hidden: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [64, 32])
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    zoo: Literal["mlp", "logreg"] = Field(default="mlp", description="the model family from shared/zoo.py")
+    hidden: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+        default_factory=lambda: [64, 32], description="hidden layer widths (mlp)"
+    )
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="dropout after each hidden layer")
 
 
 class CohortSpec(_Strict):
     """How many devices a round takes and how long each stage may last."""
 
-    target: int = Field(default=10, ge=1, le=100_000)
-    minimum: int = Field(default=2, ge=1)
-    stage_timeout: Duration = 120.0
+    target: int = Field(default=10, ge=1, le=100_000, description="devices selected per round")
+    minimum: int = Field(
+        default=2, ge=1, description="fewest devices that must finish every stage, or the round is abandoned"
+    )
+    stage_timeout: Duration = Field(
+        default=120.0, description="deadline of each stage; later devices count as dropped"
+    )
     selection_timeout: Duration = Field(
         default=10.0,
         description="how long to wait for the target once the minimum is checked in",
@@ -119,10 +127,10 @@ class CohortSpec(_Strict):
 class TrainingSpec(_Strict):
     """Local training on each device."""
 
-    epochs: int = Field(default=1, ge=1, le=1000)
+    epochs: int = Field(default=1, ge=1, le=1000, description="local epochs per round")
     batch_size: int = Field(default=32, ge=1, le=1_000_000)
-    learning_rate: float = Field(default=0.01, gt=0, le=10)
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    learning_rate: float = Field(default=0.01, gt=0, le=10, description="local learning rate")
+    optimizer: Literal["sgd", "adam"] = Field(default="sgd", description="local optimiser")
     holdout: float = Field(
         default=0.2, ge=0.0, lt=1.0, description="share of local rows kept for federated evaluation"
     )
@@ -132,30 +140,32 @@ class TrainingSpec(_Strict):
 class StrategySpec(_Strict):
     """The server-side aggregation strategy (Flower's implementation)."""
 
-    name: StrategyName = "fedavg"
-    server_learning_rate: float = Field(default=1.0, gt=0)
-    server_momentum: float = Field(default=0.9, ge=0, lt=1)
-    proximal_mu: float = Field(default=0.01, ge=0)
+    name: StrategyName = Field(default="fedavg", description="fedavg, fedavgm, fedprox, fedadam or fedyogi")
+    server_learning_rate: float = Field(default=1.0, gt=0, description="fedavgm")
+    server_momentum: float = Field(default=0.9, ge=0, lt=1, description="fedavgm")
+    proximal_mu: float = Field(
+        default=0.01, ge=0, description="fedprox: weight of the proximal term on devices"
+    )
     eta: float = Field(default=0.01, gt=0, description="fedadam/fedyogi server learning rate")
-    eta_l: float = Field(default=0.0316, gt=0)
-    beta_1: float = Field(default=0.9, ge=0, lt=1)
-    beta_2: float = Field(default=0.99, ge=0, lt=1)
-    tau: float = Field(default=1e-3, gt=0)
+    eta_l: float = Field(default=0.0316, gt=0, description="fedadam/fedyogi: client learning rate (recorded)")
+    beta_1: float = Field(default=0.9, ge=0, lt=1, description="fedadam/fedyogi: first-moment decay")
+    beta_2: float = Field(default=0.99, ge=0, lt=1, description="fedadam/fedyogi: second-moment decay")
+    tau: float = Field(default=1e-3, gt=0, description="fedadam/fedyogi: adaptivity")
 
 
 class EvaluationSpec(_Strict):
     """Evaluation each round: central on reference data, federated on holdouts."""
 
     reference: str | None = Field(default=None, description="CSV or Parquet path read by `aicfl jobs submit`")
-    federated: bool = True
+    federated: bool = Field(default=True, description="devices evaluate each model on their holdout rows")
 
 
 class JobSpec(_Strict):
     """A whole federated job."""
 
-    name: str = Field(min_length=1, max_length=200)
-    rounds: int = Field(ge=1, le=100_000)
-    seed: int = Field(default=0, ge=0)
+    name: str = Field(min_length=1, max_length=200, description="a name for people")
+    rounds: int = Field(ge=1, le=100_000, description="training rounds to complete")
+    seed: int = Field(default=0, ge=0, description="seeds the initial model, cohort draws and local shuffles")
     data: DataSchema
     model: ModelSpec = Field(default_factory=ModelSpec)
     cohort: CohortSpec = Field(default_factory=CohortSpec)
@@ -206,3 +216,65 @@ def load_spec(path: str | Path) -> JobSpec:
     except OSError as err:
         raise JobSpecError([f"{p}: cannot read: {err.strerror}"]) from None
     return parse_spec_text(text, source=str(p))
+
+
+_SECTIONS: list[tuple[str, type[BaseModel]]] = [
+    ("(top level)", JobSpec),
+    ("[data]", DataSchema),
+    ("[[data.features]]", Feature),
+    ("[model]", ModelSpec),
+    ("[cohort]", CohortSpec),
+    ("[training]", TrainingSpec),
+    ("[strategy]", StrategySpec),
+    ("[evaluation]", EvaluationSpec),
+]
+
+
+def _type_text(annotation: Any) -> str:
+    text = str(annotation).replace("typing.", "")
+    for cls in (DataSchema, ModelSpec, CohortSpec, TrainingSpec, StrategySpec, EvaluationSpec, Feature):
+        text = text.replace(f"{cls.__module__}.{cls.__name__}", cls.__name__)
+    return text.replace("<class '", "").replace("'>", "")
+
+
+def _constraint(meta: Any) -> str:
+    ops = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "length >=", "max_length": "length <="}
+    for attr, op in ops.items():
+        if getattr(meta, attr, None) is not None:
+            return f"{op} {getattr(meta, attr)}"
+    return str(meta)
+
+
+def reference_markdown() -> str:
+    """The job spec reference, generated from the models above (docs/jobspec.md)."""
+    lines = [
+        "# Job spec reference",
+        "",
+        "Generated from `shared/jobspec.py` by `aicfl jobs schema`; do not edit by hand.",
+        'Durations take seconds or a string such as `"90s"`, `"5m"`, `"1h"`.',
+        "An example: `examples/churn.toml`.",
+        "",
+    ]
+    for title, model in _SECTIONS:
+        lines += [
+            f"## {title}",
+            "",
+            (model.__doc__ or "").strip().splitlines()[0],
+            "",
+            "| field | type | default | meaning |",
+            "|---|---|---|---|",
+        ]
+        for name, f in model.model_fields.items():
+            if f.is_required():
+                default = "required"
+            else:
+                value = f.get_default(call_default_factory=True)
+                default = "" if isinstance(value, BaseModel) else f"`{value!r}`"
+            constraints = ", ".join(_constraint(m) for m in f.metadata)
+            meaning = " ".join(
+                x for x in (f.description or "", f"({constraints})" if constraints else "") if x
+            )
+            type_text = _type_text(f.annotation).replace("|", "\\|")
+            lines.append(f"| `{name}` | `{type_text}` | {default} | {meaning} |")
+        lines.append("")
+    return "\n".join(lines)
