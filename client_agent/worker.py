@@ -146,7 +146,13 @@ class Worker:
         )
 
     def train(self, task: Task) -> bytes:
-        """Train from the global model; return the encoded update (local minus global)."""
+        """Train from the global model; return the encoded update.
+
+        The update is the example-weighted difference ``n * (local - global)``,
+        so the coordinator's aggregate is a plain sum (as under secure
+        aggregation, where only the sum is ever revealed) divided by the total
+        of the example counts.
+        """
         spec, pre, model, train, holdout = self._prepared(task)
         metrics = self._holdout_metrics(spec, pre, model, holdout)
         net = build_model(model.header["arch"])
@@ -166,7 +172,7 @@ class Worker:
             proximal_mu=mu,
             threads=min(self.threads, spec.training.threads),
         )
-        delta = flatten_parameters(net) - model.vector
+        delta = (flatten_parameters(net) - model.vector) * np.float32(len(train))
         header = {
             "kind": "update",
             "round_id": task.round_id,

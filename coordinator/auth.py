@@ -13,7 +13,16 @@ from sqlalchemy.orm import Session
 
 from coordinator.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
 from coordinator.models import Device, DeviceNonce, EnrollmentToken, Event, OperatorToken
-from shared.signing import SignatureError, load_public_key, verify_request
+from shared.signing import (
+    DEVICE_HEADERS,
+    HEADER_DEVICE,
+    HEADER_NONCE,
+    HEADER_SIGNATURE,
+    HEADER_TIMESTAMP,
+    SignatureError,
+    load_public_key,
+    verify_request,
+)
 
 ROLES = ("admin", "viewer")
 OPERATOR_PREFIX = "aicfl_op_"
@@ -110,6 +119,30 @@ def enroll_device(session: Session, token: str, public_key_b64: str, name: str, 
     return device
 
 
+def _signed_device(session: Session, headers: dict[str, str], now: float, window_seconds: float) -> Device:
+    """The device a request claims to come from, if its headers are complete and fresh."""
+    missing = [h for h in DEVICE_HEADERS if not headers.get(h)]
+    if missing:
+        raise Unauthorized(f"unsigned device request: missing {', '.join(missing)}")
+    device = session.get(Device, headers[HEADER_DEVICE])
+    if device is None:
+        raise Unauthorized("unknown device")
+    if device.revoked_at is not None:
+        raise Unauthorized("this device has been revoked")
+    try:
+        ts = float(headers[HEADER_TIMESTAMP])
+    except ValueError:
+        raise Unauthorized("device request refused: timestamp is not a number") from None
+    if not abs(now - ts) <= window_seconds:
+        raise Unauthorized(f"device request refused: timestamp is outside the {window_seconds:.0f} s window")
+    return device
+
+
+def precheck_device(session: Session, headers: dict[str, str], *, window_seconds: float) -> None:
+    """The checks that need no body, done before a large body is read."""
+    _signed_device(session, headers, time.time(), window_seconds)
+
+
 def authenticate_device(
     session: Session,
     headers: dict[str, str],
@@ -120,19 +153,8 @@ def authenticate_device(
     window_seconds: float,
 ) -> Device:
     """Verify a signed device request: known device, fresh timestamp, good signature, unseen nonce."""
-    from shared.signing import HEADER_DEVICE, HEADER_NONCE, HEADER_SIGNATURE, HEADER_TIMESTAMP
-
-    missing = [
-        h for h in (HEADER_DEVICE, HEADER_TIMESTAMP, HEADER_NONCE, HEADER_SIGNATURE) if not headers.get(h)
-    ]
-    if missing:
-        raise Unauthorized(f"unsigned device request: missing {', '.join(missing)}")
-    device = session.get(Device, headers[HEADER_DEVICE])
-    if device is None:
-        raise Unauthorized("unknown device")
-    if device.revoked_at is not None:
-        raise Unauthorized("this device has been revoked")
     now = time.time()
+    device = _signed_device(session, headers, now, window_seconds)
     try:
         verify_request(
             load_public_key(device.public_key),

@@ -339,7 +339,7 @@ class Federation:
                 acc = self._acc[round_id] = _Accumulator(total=np.zeros(vec.size, dtype=np.float32))
             if device_id in acc.contributors or acc.total.size != vec.size:
                 return
-            acc.total += np.float32(n) * vec
+            acc.total += vec  # updates arrive weighted by their example counts
             acc.examples += n
             acc.contributors.add(device_id)
             acc.seconds += time.perf_counter() - t0
@@ -601,9 +601,8 @@ class Federation:
             examples = 0
             for m in msgs:
                 _, vec = codec.decode(self.blobs.get(m.blob_sha256 or ""), expected_numel=current.size)
-                n = int(m.payload["num_examples"])
-                total += np.float32(n) * vec
-                examples += n
+                total += vec
+                examples += int(m.payload["num_examples"])
         mean = current + total / np.float32(examples)
         state = self.blobs.get(job.strategy_state_sha256) if job.strategy_state_sha256 else None
         new, new_state = apply_strategy(

@@ -42,3 +42,8 @@ class Forbidden(CoordinatorError):
 class Gone(CoordinatorError):
     status = 410
     title = "Gone"
+
+
+class TooLarge(CoordinatorError):
+    status = 413
+    title = "Content too large"

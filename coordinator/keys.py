@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -10,10 +11,22 @@ from shared.signing import load_private_key, save_private_key
 
 
 def load_or_create_signing_key(path: str | Path) -> Ed25519PrivateKey:
+    """The key at ``path``, made there first if missing.
+
+    The key is written to a private temporary file and hard-linked into place,
+    which fails if the file exists: replicas starting together on a shared
+    folder end up with the one key that won, never one each.
+    """
     p = Path(path)
-    if p.exists():
-        return load_private_key(str(p))
-    p.parent.mkdir(parents=True, exist_ok=True)
-    key = Ed25519PrivateKey.generate()
-    save_private_key(key, str(p))
-    return key
+    if not p.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        key = Ed25519PrivateKey.generate()
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        save_private_key(key, str(tmp))
+        try:
+            os.link(tmp, p)  # atomic and exclusive: fails if another process got there first
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    return load_private_key(str(p))

@@ -49,7 +49,7 @@ def build_federation(settings: ServerSettings) -> Federation:
     return Federation(
         session_factory(engine),
         LocalBlobStore(settings.data_dir / "blobs"),
-        load_or_create_signing_key(settings.data_dir / "coordinator_key.pem"),
+        load_or_create_signing_key(settings.signing_key_file or settings.data_dir / "coordinator_key.pem"),
         EngineSettings(
             eligibility_window=settings.eligibility_window,
             idle_retry=settings.idle_retry,

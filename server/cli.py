@@ -77,15 +77,25 @@ def _metrics_text(m: dict[str, Any] | None) -> str:
 
 @server_app.command("start")
 def server_start(
-    db: str | None = typer.Option(None, "--db", help="Database URL (default: SQLite under --data-dir)."),
-    data_dir: Path = typer.Option(Path("aicfl-data"), "--data-dir", help="Blobs, keys and the SQLite file."),
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8080, "--port"),
-    tls_cert: Path | None = typer.Option(
-        None, "--tls-cert", help="PEM certificate; enables HTTPS with --tls-key."
+    db: str | None = typer.Option(
+        None, "--db", envvar="AICFL_DB", help="Database URL (default: SQLite under --data-dir)."
     ),
-    tls_key: Path | None = typer.Option(None, "--tls-key"),
-    log_level: str = typer.Option("info", "--log-level"),
+    data_dir: Path = typer.Option(
+        Path("aicfl-data"), "--data-dir", envvar="AICFL_DATA_DIR", help="Blobs, keys and the SQLite file."
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", envvar="AICFL_HOST"),
+    port: int = typer.Option(8080, "--port", envvar="AICFL_PORT"),
+    tls_cert: Path | None = typer.Option(
+        None, "--tls-cert", envvar="AICFL_TLS_CERT", help="PEM certificate; enables HTTPS with --tls-key."
+    ),
+    tls_key: Path | None = typer.Option(None, "--tls-key", envvar="AICFL_TLS_KEY"),
+    signing_key: Path | None = typer.Option(
+        None,
+        "--signing-key",
+        envvar="AICFL_SIGNING_KEY_FILE",
+        help="Model-signing key (PEM); replicas must share one.",
+    ),
+    log_level: str = typer.Option("info", "--log-level", envvar="AICFL_LOG_LEVEL"),
 ) -> None:
     """Start the coordinator API (migrations are applied first)."""
     import logging
@@ -129,8 +139,8 @@ def server_start(
 
 @admin_app.command("bootstrap")
 def admin_bootstrap(
-    db: str | None = typer.Option(None, "--db"),
-    data_dir: Path = typer.Option(Path("aicfl-data"), "--data-dir"),
+    db: str | None = typer.Option(None, "--db", envvar="AICFL_DB"),
+    data_dir: Path = typer.Option(Path("aicfl-data"), "--data-dir", envvar="AICFL_DATA_DIR"),
     name: str = typer.Option("admin", "--name"),
 ) -> None:
     """Print the first admin token (refused once an admin exists). Works on the database directly."""

@@ -8,7 +8,8 @@ from starlette.concurrency import run_in_threadpool
 from coordinator import auth
 from coordinator.auth import Operator
 from coordinator.engine import Federation
-from coordinator.errors import Invalid
+from coordinator.errors import TooLarge
+from shared.signing import DEVICE_HEADERS
 
 
 def federation(request: Request) -> Federation:
@@ -36,14 +37,19 @@ def admin(request: Request) -> Operator:
 
 
 async def read_body(request: Request) -> bytes:
+    """The body, read in chunks and refused as soon as it passes the size limit."""
     limit = request.app.state.settings.max_body_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise Invalid(f"request body of {declared} bytes is over the {limit}-byte limit")
-    body = await request.body()
-    if len(body) > limit:
-        raise Invalid(f"request body is over the {limit}-byte limit")
-    return body
+        raise TooLarge(f"request body of {declared} bytes is over the {limit}-byte limit")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"request body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def signed_target(request: Request) -> str:
@@ -53,20 +59,26 @@ def signed_target(request: Request) -> str:
 
 
 async def device_request(request: Request) -> tuple[str, bytes]:
-    """Authenticate a signed device request; returns the device id and the body."""
-    body = await read_body(request)
+    """Authenticate a signed device request; returns the device id and the body.
+
+    Device, revocation and timestamp are checked before the body is read, so an
+    unsigned client cannot make the coordinator buffer a large upload.
+    """
     fed = federation(request)
     window = request.app.state.settings.signature_window
-    headers = {k: v for k, v in request.headers.items()}
-    canonical = {
-        h: headers.get(h.lower(), "")
-        for h in ("X-AICFL-Device", "X-AICFL-Timestamp", "X-AICFL-Nonce", "X-AICFL-Signature")
-    }
+    headers = {h: request.headers.get(h, "") for h in DEVICE_HEADERS}
+
+    def precheck() -> None:
+        with fed.read() as s:
+            auth.precheck_device(s, headers, window_seconds=window)
+
+    await run_in_threadpool(precheck)
+    body = await read_body(request)
 
     def check() -> str:
         with fed.write() as s:
             return auth.authenticate_device(
-                s, canonical, request.method, signed_target(request), body, window_seconds=window
+                s, headers, request.method, signed_target(request), body, window_seconds=window
             ).id
 
     return await run_in_threadpool(check), body

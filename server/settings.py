@@ -17,6 +17,10 @@ class ServerSettings(BaseSettings):
     port: int = Field(default=8080, ge=0, le=65535)
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    signing_key_file: Path | None = Field(
+        default=None,
+        description="the model-signing key (PEM); default data_dir/coordinator_key.pem; replicas share one",
+    )
     signature_window: float = Field(
         default=300.0, gt=0, description="seconds a signed device request stays valid"
     )

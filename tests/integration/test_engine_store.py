@@ -158,7 +158,7 @@ def test_rounds_aggregate_the_exact_weighted_mean(fed: Federation) -> None:
     counts = {d: 10 * (i + 1) for i, d in enumerate(devices)}
     for d, t in tasks.items():
         assert t.stage == "input" and t.model.version == 0
-        fed.handle_update(d, t.round_id, update(t.round_id, deltas[d], counts[d]))
+        fed.handle_update(d, t.round_id, update(t.round_id, deltas[d] * np.float32(counts[d]), counts[d]))
 
     expected = w0 + sum(counts[d] * deltas[d].astype(np.float64) for d in devices) / sum(counts.values())
     with fed.read() as s:
@@ -204,7 +204,7 @@ def test_missed_deadline_drops_device_and_round_completes(fed: Federation) -> No
     late = devices[2]
     for d in devices[:2]:
         fed.handle_update(
-            d, tasks[d].round_id, update(tasks[d].round_id, np.full(w0.size, 3.0, np.float32), 7)
+            d, tasks[d].round_id, update(tasks[d].round_id, np.full(w0.size, 3.0 * 7, np.float32), 7)
         )
     time.sleep(1.6)
     fed.tick()
@@ -296,7 +296,7 @@ def test_stateful_strategy_keeps_its_state_across_rounds(fed: Federation, strate
         with fed.read() as s:
             n = registry.get_version(s, job.id).num_parameters
         for d, t in tasks.items():
-            fed.handle_update(d, t.round_id, update(t.round_id, np.full(n, 0.1, np.float32), 3))
+            fed.handle_update(d, t.round_id, update(t.round_id, np.full(n, 0.1 * 3, np.float32), 3))
     with fed.read() as s:
         vs = [registry.load_vector(fed.blobs, v)[1] for v in registry.list_versions(s, job.id)]
         state = s.get(type(job), job.id).strategy_state_sha256
