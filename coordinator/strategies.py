@@ -35,13 +35,14 @@ def build_strategy(spec: StrategySpec, current: np.ndarray) -> Strategy:
         "min_available_clients": 1,
         "min_evaluate_clients": 1,
         "fit_metrics_aggregation_fn": _no_metrics,
-        "initial_parameters": ndarrays_to_parameters([current]),
     }
     name = spec.name
+    # FedAvg and FedProx never read the current model on the server; the others step from it.
     if name == "fedavg":
         return FedAvg(**common)
     if name == "fedprox":
         return FedProx(proximal_mu=spec.proximal_mu, **common)
+    common["initial_parameters"] = ndarrays_to_parameters([current])
     if name == "fedavgm":
         return FedAvgM(
             server_learning_rate=spec.server_learning_rate, server_momentum=spec.server_momentum, **common
