@@ -14,6 +14,7 @@ import typer
 from client_agent.config import AgentConfig, AgentConfigError, AgentHome
 from client_agent.identity import create_identity, public_key_b64
 from shared.tabular import DataSchemaError, load_table
+from shared.tls import verify_setting
 
 app = typer.Typer(help="The aicfl edge agent.", no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -60,7 +61,7 @@ def enroll(
             coordinator.rstrip("/") + "/v1/enroll",
             json=body,
             timeout=30,
-            verify=str(ca_cert) if ca_cert else True,
+            verify=verify_setting(str(ca_cert) if ca_cert else None),
         )
     except httpx.HTTPError as err:
         raise AgentCliError(f"cannot reach the coordinator at {coordinator}: {err}") from None
@@ -116,7 +117,7 @@ def status(home: Path | None = HOME_OPT, as_json: bool = typer.Option(False, "--
     try:
         reachable = (
             httpx.get(
-                cfg.coordinator.rstrip("/") + "/v1/health", timeout=5, verify=cfg.ca_cert or True
+                cfg.coordinator.rstrip("/") + "/v1/health", timeout=5, verify=verify_setting(cfg.ca_cert)
             ).status_code
             == 200
         )

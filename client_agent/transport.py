@@ -9,6 +9,7 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared.signing import sign_request
+from shared.tls import verify_setting
 
 
 class CoordinatorError(Exception):
@@ -35,7 +36,8 @@ class SignedClient:
     ):
         self.device_id = device_id
         self.key = key
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), verify=verify, timeout=timeout)
+        tls = verify_setting(verify) if isinstance(verify, str) else verify
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), verify=tls, timeout=timeout)
 
     def close(self) -> None:
         self._http.close()

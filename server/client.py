@@ -6,6 +6,8 @@ from typing import Any
 
 import httpx
 
+from shared.tls import verify_setting
+
 
 class CliError(Exception):
     """An error to print as one line, exiting non-zero."""
@@ -19,7 +21,8 @@ class ApiClient:
     def __init__(self, url: str, token: str | None, verify: str | bool = True, timeout: float = 60.0):
         self.url = url.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, verify=verify, timeout=timeout)
+        tls = verify_setting(verify) if isinstance(verify, str) else verify
+        self._http = httpx.Client(base_url=self.url, headers=headers, verify=tls, timeout=timeout)
 
     def close(self) -> None:
         self._http.close()

@@ -51,10 +51,15 @@ class Coordinator:
     proc: subprocess.Popen[bytes] | None = None
     token: str = ""
     agents: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    tls: tuple[Path, Path] | None = None  # certificate and key; the certificate is its own CA
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def verify(self) -> str | bool:
+        return str(self.tls[0]) if self.tls else True
 
     @property
     def data_dir(self) -> Path:
@@ -66,6 +71,9 @@ class Coordinator:
 
     def _db_args(self) -> list[str]:
         return ["--db", self.db] if self.db else []
+
+    def _tls_args(self) -> list[str]:
+        return ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])] if self.tls else []
 
     def bootstrap(self) -> str:
         out = subprocess.run(
@@ -92,6 +100,7 @@ class Coordinator:
                     "--log-level",
                     "info",
                     *self._db_args(),
+                    *self._tls_args(),
                 ),
                 stdout=fh,
                 stderr=subprocess.STDOUT,
@@ -101,7 +110,7 @@ class Coordinator:
         def healthy() -> bool:
             assert self.proc is not None and self.proc.poll() is None, self.log.read_text()[-3000:]
             try:
-                return httpx.get(self.url + "/v1/health", timeout=1).status_code == 200
+                return httpx.get(self.url + "/v1/health", timeout=1, verify=self.verify).status_code == 200
             except httpx.HTTPError:
                 return False
 
@@ -116,7 +125,7 @@ class Coordinator:
                 self.proc.kill()
 
     def api(self) -> ApiClient:
-        return ApiClient(self.url, self.token)
+        return ApiClient(self.url, self.token, verify=self.verify)
 
     def enroll(self, data: Path, name: str) -> Path:
         token = self.api().json("POST", "/v1/enrollment-tokens", json={"count": 1, "ttl_seconds": 600})[
@@ -137,6 +146,7 @@ class Coordinator:
                 str(home),
                 "--name",
                 name,
+                *(["--ca-cert", str(self.tls[0])] if self.tls else []),
             ),
             capture_output=True,
             text=True,
@@ -227,3 +237,41 @@ def small_spec(
 def drop_column(path: Path, column: str, out: Path) -> Path:
     pd.read_csv(path).drop(columns=[column]).to_csv(out, index=False)
     return out
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, the certificate serving as its own CA."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "aicfl test coordinator")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path

@@ -62,6 +62,21 @@ def test_three_rounds_complete_with_real_agents(coord: Coordinator, tmp_path: Pa
         verify_model(key, job_id, v["version"], blob, v["sha256"], v["signature"])
     assert len({v["sha256"] for v in versions}) == 4
 
+    # The operator CLI exports the last version; the ONNX file carries the model.
+    env = {**ENV, "AICFL_URL": coord.url, "AICFL_TOKEN": coord.token}
+    target = tmp_path / "model.onnx"
+    out = subprocess.run(
+        py("server", "models", "export", str(job_id), "--format", "onnx", "--out", str(target)),
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    import onnx
+
+    graph = onnx.load(str(target)).graph
+    assert [i.name for i in graph.input] == ["features"] and [o.name for o in graph.output] == ["output"]
+
 
 def test_device_killed_mid_round_is_dropped_and_round_completes(coord: Coordinator, tmp_path: Path) -> None:
     paths, _, schema = churn_slices(tmp_path / "data", 3)
@@ -235,3 +250,66 @@ def test_coordinator_killed_mid_job_restarts_and_finishes(coord: Coordinator, tm
     assert [v["parent"] for v in versions] == [None, 0, 1, 2]
     statuses = [r["status"] for r in train_rounds(coord, job_id)]
     assert statuses.count("completed") == 3 and set(statuses) <= {"completed", "abandoned"}
+
+
+def test_agent_restarted_mid_round_resumes_and_nobody_is_dropped(coord: Coordinator, tmp_path: Path) -> None:
+    paths, _, schema = churn_slices(tmp_path / "data", 3)
+    homes = [coord.enroll(p, f"a{i}") for i, p in enumerate(paths)]
+    procs = [coord.run_agent(h) for h in homes]
+    job_id = submit(coord, small_spec(schema, rounds=2, target=3, minimum=3, stage_timeout=40))
+
+    wait_for(lambda: any(r["kind"] == "train" for r in coord.rounds(job_id)), 60, "the training round")
+    procs[0].send_signal(signal.SIGKILL)
+    procs[0].wait()
+    coord.run_agent(homes[0])  # same identity and state file: it picks the round up again
+    coord.wait_job(job_id, timeout=120)
+
+    rounds = train_rounds(coord, job_id)
+    assert [r["status"] for r in rounds] == ["completed", "completed"]
+    assert all(r["dropped"] == 0 and r["participants"] == 3 for r in rounds)
+
+
+def test_agent_stops_cleanly_on_sigterm_and_reports_status(coord: Coordinator, tmp_path: Path) -> None:
+    paths, _, _ = churn_slices(tmp_path / "data", 1)
+    home = coord.enroll(paths[0], "a0")
+    proc = coord.run_agent(home)
+    wait_for(
+        lambda: any(d["online"] for d in coord.api().json("GET", "/v1/devices")), 60, "the agent to check in"
+    )
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    out = subprocess.run(
+        py("client_agent", "status", "--home", str(home), "--json"), capture_output=True, text=True, env=ENV
+    )
+    assert out.returncode == 0, out.stderr
+    import json
+
+    status = json.loads(out.stdout)
+    assert status["coordinator_reachable"] is True and status["data_present"] is True
+    assert status["device_id"].startswith("dev-")
+
+
+def test_tls_coordinator_with_agent_and_cli(tmp_path: Path) -> None:
+    from .harness import self_signed_certificate
+
+    c = Coordinator(tmp_path, tls=self_signed_certificate(tmp_path / "tls"))
+    c.bootstrap()
+    c.start()
+    try:
+        paths, _, _ = churn_slices(tmp_path / "data", 1)
+        c.run_agent(c.enroll(paths[0], "a0"))
+        wait_for(
+            lambda: any(d["online"] for d in c.api().json("GET", "/v1/devices")), 60, "the agent over TLS"
+        )
+        env = {**ENV, "AICFL_URL": c.url, "AICFL_TOKEN": c.token, "AICFL_CA_CERT": str(c.tls[0])}
+        out = subprocess.run(
+            py("server", "devices", "list", "--json"), capture_output=True, text=True, env=env
+        )
+        assert out.returncode == 0 and '"online": true' in out.stdout
+        # Without the CA the client refuses the certificate, with one clear line.
+        env.pop("AICFL_CA_CERT")
+        out = subprocess.run(py("server", "devices", "list"), capture_output=True, text=True, env=env)
+        assert out.returncode == 2 and "certificate" in out.stderr.lower() and "Traceback" not in out.stderr
+    finally:
+        c.stop_agents()
+        c.stop()
