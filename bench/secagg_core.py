@@ -1,0 +1,213 @@
+"""CPU cost of the SecAgg+ core (shared/secagg), without HTTP or a database.
+
+For each (devices, params) row, one round is played in this process: every
+device's SecAggClient runs advertise, share_keys, masked_input and unmask
+(timed per device with the process CPU clock), and the coordinator's
+unmask_total is timed with 0% and 10% of the devices dropping after their
+masked input (their self-mask seeds are rebuilt from the neighbours' shares),
+and with 10% dropping after share_keys (their mask keys are rebuilt and the
+pairwise masks with each surviving neighbour re-expanded). The share of
+unmask_total spent in pycryptodome's Shamir combine is reported, to tell
+whether Shamir dominates.
+
+    python bench/secagg_core.py [--rows 10x100000,50x100000] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import shared.secagg.protocol as protocol  # noqa: E402
+from shared.secagg import (  # noqa: E402
+    SecAggClient,
+    decode_share,
+    derive_params,
+    neighbour_graph,
+    unmask_total,
+    weighted_input,
+)
+
+
+class Clock:
+    """Accumulates the CPU seconds of the functions it wraps."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.calls = 0
+
+    def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.process_time() - start
+                self.calls += 1
+
+        return timed
+
+
+def one_round(devices: int, params_count: int, drop_after: str, drop_fraction: float) -> dict[str, Any]:
+    params = derive_params(devices)
+    context = b"bench/job/round"
+    ids = [f"device-{i:04d}" for i in range(devices)]
+    rng = np.random.default_rng(0)
+    keys = {d: Ed25519PrivateKey.generate() for d in ids}
+    public = {d: k.public_key() for d, k in keys.items()}
+
+    def verify(device: str, message: bytes, signature: bytes) -> bool:
+        public[device].verify(signature, message)
+        return True
+
+    graph = neighbour_graph(ids, params.k, os.urandom(32))
+    clients = {d: SecAggClient(d, context, params, keys[d].sign) for d in ids}
+    cpu = dict.fromkeys(ids, 0.0)
+    stage_cpu = {"advertise": 0.0, "share_keys": 0.0, "masked_input": 0.0, "unmask": 0.0}
+
+    def timed(device: str, stage: str, fn: Callable[[], Any]) -> Any:
+        start = time.process_time()
+        out = fn()
+        spent = time.process_time() - start
+        cpu[device] += spent
+        stage_cpu[stage] += spent
+        return out
+
+    quant_start = time.process_time()
+    inputs = {
+        d: weighted_input(rng.normal(0, 0.1, params_count).astype(np.float32), 100, params, rng) for d in ids
+    }
+    quant_cpu = (time.process_time() - quant_start) / devices
+
+    drop_count = round(drop_fraction * devices)
+    dropping = set(ids[:: max(1, devices // drop_count)][:drop_count]) if drop_count else set()
+
+    advertised = {d: timed(d, "advertise", clients[d].advertise) for d in ids}
+
+    def share(d: str) -> dict[str, str]:
+        return clients[d].share_keys({v: advertised[v] for v in graph[d]}, verify)
+
+    ciphertexts = {d: timed(d, "share_keys", partial(share, d)) for d in ids}
+    shared = set(ids)
+    senders = shared - dropping if drop_after == "share_keys" else shared
+
+    def mask(d: str) -> np.ndarray:
+        return clients[d].masked_input(inputs[d], {v: ciphertexts[v][d] for v in graph[d] if v in shared})
+
+    masked = {d: timed(d, "masked_input", partial(mask, d)) for d in sorted(senders)}
+    survivors = set(masked)
+    responders = survivors - dropping if drop_after == "masked_input" else survivors
+    dropped = shared - survivors
+
+    def unmask(d: str) -> dict[str, str]:
+        nbrs = set(graph[d])
+        return clients[d].unmask((survivors - {d}) & nbrs, dropped & nbrs)
+
+    b_shares: dict[str, list[tuple[int, bytes]]] = {}
+    sk_shares: dict[str, list[tuple[int, bytes]]] = {}
+    for d in sorted(responders):
+        for v, text in timed(d, "unmask", partial(unmask, d)).items():
+            (b_shares if v in survivors else sk_shares).setdefault(v, []).append(decode_share(text))
+
+    # What the coordinator does as masked inputs arrive: a running uint64 sum (the plaintext floor's work).
+    sum_start = time.process_time()
+    total = np.zeros(params_count + 1, dtype=np.uint64)
+    for y in masked.values():
+        total += y
+    sum_cpu = time.process_time() - sum_start
+
+    shamir = Clock()
+    original = protocol.shamir_combine
+    protocol.shamir_combine = shamir.wrap(original)
+    try:
+        wall_start, cpu_start = time.perf_counter(), time.process_time()
+        result = unmask_total(
+            total,
+            context=context,
+            params=params,
+            graph=graph,
+            shared=shared,
+            survivors=survivors,
+            advertised=advertised,
+            b_shares=b_shares,
+            sk_shares=sk_shares,
+        )
+        server_cpu = time.process_time() - cpu_start
+        server_wall = time.perf_counter() - wall_start
+    finally:
+        protocol.shamir_combine = original
+
+    plain = np.zeros_like(total)
+    for d in survivors:
+        plain += inputs[d]
+
+    return {
+        "devices": devices,
+        "params": params_count,
+        "k": params.k,
+        "t": params.t,
+        "drop_after": drop_after if drop_count else None,
+        "dropped": drop_count,
+        "exact": bool(np.array_equal(result, plain)),
+        "client_cpu_s_mean": sum(cpu.values()) / devices,
+        "client_cpu_s_max": max(cpu.values()),
+        "client_stage_cpu_s_mean": {k: v / devices for k, v in stage_cpu.items()},
+        "client_quantise_cpu_s_mean": quant_cpu,
+        "server_unmask_cpu_s": server_cpu,
+        "server_unmask_wall_s": server_wall,
+        "shamir_combine_calls": shamir.calls,
+        "shamir_combine_cpu_s": shamir.seconds,
+        "shamir_share_of_unmask": shamir.seconds / server_cpu if server_cpu else 0.0,
+        "running_sum_cpu_s": sum_cpu,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="10x100000,50x100000", help="comma-separated DEVICESxPARAMS")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    args = parser.parse_args()
+    rows = [tuple(int(float(x)) for x in row.split("x")) for row in args.rows.split(",")]
+    cases = [("none", 0.0), ("masked_input", 0.1), ("share_keys", 0.1)]
+    if not args.json:
+        print(
+            f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}"
+        )
+        print(
+            f"{'devices':>7} {'params':>8} {'k':>3} {'t':>3} {'drop':>20} {'exact':>5} "
+            f"{'client cpu s':>12} {'server s':>9} {'shamir s':>9} {'shamir %':>8} {'running sum s':>13}"
+        )
+    for devices, params_count in rows:
+        for drop_after, fraction in cases:
+            r = one_round(devices, params_count, drop_after, fraction)
+            if args.json:
+                print(json.dumps(r))
+                continue
+            drop = f"{r['dropped']} after {drop_after}" if r["dropped"] else "0"
+            print(
+                f"{devices:>7} {params_count:>8} {r['k']:>3} {r['t']:>3} {drop:>20} {r['exact']!s:>5} "
+                f"{r['client_cpu_s_mean']:>12.4f} {r['server_unmask_cpu_s']:>9.4f} "
+                f"{r['shamir_combine_cpu_s']:>9.4f} {100 * r['shamir_share_of_unmask']:>7.1f}% "
+                f"{r['running_sum_cpu_s']:>13.4f}"
+            )
+            stages = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in r["client_stage_cpu_s_mean"].items())
+            print(
+                f"{'':>7} client ms per device: {stages}; quantise {r['client_quantise_cpu_s_mean'] * 1e3:.1f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
