@@ -7,10 +7,16 @@ unmask_total is timed with 0% and 10% of the devices dropping after their
 masked input (their self-mask seeds are rebuilt from the neighbours' shares),
 and with 10% dropping after share_keys (their mask keys are rebuilt and the
 pairwise masks with each surviving neighbour re-expanded). The share of
-unmask_total spent in pycryptodome's Shamir combine is reported, to tell
-whether Shamir dominates.
+unmask_total spent in Shamir combine is reported, to tell whether Shamir
+dominates.
 
-    python bench/secagg_core.py [--rows 10x100000,50x100000] [--json]
+Each round is played twice, with the same inputs: once with the prime-field
+Shamir of shared/secagg/primitives.py (what the protocol uses) and once with
+the pycryptodome Shamir it replaced (GF(2**128) on two 16-byte halves, kept
+below as the reference), so that the before and after figures come from the
+same run. ``--shamir`` keeps only one of them.
+
+    python bench/secagg_core.py [--rows 10x100000,50x100000] [--shamir both|prime|pycryptodome] [--json]
 """
 
 from __future__ import annotations
@@ -21,12 +27,14 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from Crypto.Protocol.SecretSharing import Shamir
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -34,12 +42,61 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import shared.secagg.protocol as protocol  # noqa: E402
 from shared.secagg import (  # noqa: E402
     SecAggClient,
+    SecAggError,
     decode_share,
     derive_params,
     neighbour_graph,
     unmask_total,
     weighted_input,
 )
+
+# ---------------------------------------------------------------- the reference: pycryptodome's Shamir
+
+_PYCRYPTODOME_SHARE_BYTES = 32
+
+
+def _shamir_split_pycryptodome(secret: bytes, t: int, n: int) -> list[tuple[int, bytes]]:
+    """The split the protocol used before issue 3: each 16-byte half shared over GF(2**128), halves joined."""
+    if len(secret) != 32 or not 1 <= t <= n:
+        raise ValueError("a 32-byte secret and 1 <= t <= n")
+    low = Shamir.split(t, n, secret[:16], ssss=False)
+    high = Shamir.split(t, n, secret[16:], ssss=False)
+    return [(i, a + b) for (i, a), (j, b) in zip(low, high, strict=True) if i == j]
+
+
+def _shamir_combine_pycryptodome(shares: list[tuple[int, bytes]]) -> bytes:
+    """The combine the protocol used before issue 3 (same checks, same cost)."""
+    if not shares:
+        raise SecAggError("no shares to combine")
+    indices = [i for i, _ in shares]
+    if len(set(indices)) != len(indices):
+        raise SecAggError("duplicate share indices")
+    if any(len(s) != _PYCRYPTODOME_SHARE_BYTES or not 1 <= i < 2**16 for i, s in shares):
+        raise SecAggError(f"a share is an index in [1, 65535] and {_PYCRYPTODOME_SHARE_BYTES} bytes")
+    low = Shamir.combine([(i, s[:16]) for i, s in shares], ssss=False)
+    high = Shamir.combine([(i, s[16:]) for i, s in shares], ssss=False)
+    return low + high
+
+
+BACKENDS = ("pycryptodome", "prime")
+
+
+@contextmanager
+def shamir_backend(name: str) -> Iterator[None]:
+    """Runs the protocol with one Shamir: "prime" (shared.secagg.primitives, as shipped) or "pycryptodome"."""
+    if name == "prime":
+        yield
+        return
+    if name != "pycryptodome":
+        raise ValueError(f"unknown Shamir backend {name!r}")
+    saved = (protocol.shamir_split, protocol.shamir_combine, protocol.SHARE_BYTES)
+    protocol.shamir_split = _shamir_split_pycryptodome
+    protocol.shamir_combine = _shamir_combine_pycryptodome
+    protocol.SHARE_BYTES = _PYCRYPTODOME_SHARE_BYTES
+    try:
+        yield
+    finally:
+        protocol.shamir_split, protocol.shamir_combine, protocol.SHARE_BYTES = saved
 
 
 class Clock:
@@ -61,7 +118,15 @@ class Clock:
         return timed
 
 
-def one_round(devices: int, params_count: int, drop_after: str, drop_fraction: float) -> dict[str, Any]:
+def one_round(
+    devices: int, params_count: int, drop_after: str, drop_fraction: float, backend: str = "prime"
+) -> dict[str, Any]:
+    with shamir_backend(backend):
+        out = _one_round(devices, params_count, drop_after, drop_fraction)
+    return {"shamir": backend, **out}
+
+
+def _one_round(devices: int, params_count: int, drop_after: str, drop_fraction: float) -> dict[str, Any]:
     params = derive_params(devices)
     context = b"bench/job/round"
     ids = [f"device-{i:04d}" for i in range(devices)]
@@ -178,35 +243,48 @@ def one_round(devices: int, params_count: int, drop_after: str, drop_fraction: f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="10x100000,50x100000", help="comma-separated DEVICESxPARAMS")
+    parser.add_argument("--shamir", choices=("both", *BACKENDS), default="both", help="which Shamir to time")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     args = parser.parse_args()
     rows = [tuple(int(float(x)) for x in row.split("x")) for row in args.rows.split(",")]
     cases = [("none", 0.0), ("masked_input", 0.1), ("share_keys", 0.1)]
+    backends = BACKENDS if args.shamir == "both" else (args.shamir,)
     if not args.json:
         print(
             f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}"
         )
         print(
-            f"{'devices':>7} {'params':>8} {'k':>3} {'t':>3} {'drop':>20} {'exact':>5} "
-            f"{'client cpu s':>12} {'server s':>9} {'shamir s':>9} {'shamir %':>8} {'running sum s':>13}"
+            f"{'devices':>7} {'params':>8} {'k':>3} {'t':>3} {'drop':>20} {'shamir':>12} {'exact':>5} "
+            f"{'client cpu s':>12} {'server s':>9} {'shamir s':>9} {'shamir %':>8} {'per combine':>11} "
+            f"{'running sum s':>13}"
         )
     for devices, params_count in rows:
         for drop_after, fraction in cases:
-            r = one_round(devices, params_count, drop_after, fraction)
-            if args.json:
-                print(json.dumps(r))
-                continue
-            drop = f"{r['dropped']} after {drop_after}" if r["dropped"] else "0"
-            print(
-                f"{devices:>7} {params_count:>8} {r['k']:>3} {r['t']:>3} {drop:>20} {r['exact']!s:>5} "
-                f"{r['client_cpu_s_mean']:>12.4f} {r['server_unmask_cpu_s']:>9.4f} "
-                f"{r['shamir_combine_cpu_s']:>9.4f} {100 * r['shamir_share_of_unmask']:>7.1f}% "
-                f"{r['running_sum_cpu_s']:>13.4f}"
-            )
-            stages = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in r["client_stage_cpu_s_mean"].items())
-            print(
-                f"{'':>7} client ms per device: {stages}; quantise {r['client_quantise_cpu_s_mean'] * 1e3:.1f}"
-            )
+            server: dict[str, float] = {}
+            for backend in backends:
+                r = one_round(devices, params_count, drop_after, fraction, backend)
+                server[backend] = r["server_unmask_cpu_s"]
+                if args.json:
+                    print(json.dumps(r))
+                    continue
+                drop = f"{r['dropped']} after {drop_after}" if r["dropped"] else "0"
+                per_combine = r["shamir_combine_cpu_s"] / max(1, r["shamir_combine_calls"])
+                print(
+                    f"{devices:>7} {params_count:>8} {r['k']:>3} {r['t']:>3} {drop:>20} {backend:>12} "
+                    f"{r['exact']!s:>5} {r['client_cpu_s_mean']:>12.4f} {r['server_unmask_cpu_s']:>9.4f} "
+                    f"{r['shamir_combine_cpu_s']:>9.4f} {100 * r['shamir_share_of_unmask']:>7.1f}% "
+                    f"{per_combine * 1e3:>8.3f} ms {r['running_sum_cpu_s']:>13.4f}"
+                )
+                stages = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in r["client_stage_cpu_s_mean"].items())
+                print(
+                    f"{'':>7} client ms per device: {stages}; "
+                    f"quantise {r['client_quantise_cpu_s_mean'] * 1e3:.1f}"
+                )
+            if len(server) == 2 and not args.json and server["prime"] > 0:
+                print(
+                    f"{'':>7} server unmask: pycryptodome {server['pycryptodome'] * 1e3:.1f} ms -> prime field "
+                    f"{server['prime'] * 1e3:.1f} ms ({server['pycryptodome'] / server['prime']:.1f}x)"
+                )
 
 
 if __name__ == "__main__":

@@ -1,15 +1,19 @@
 """Cryptographic primitives of SecAgg+ (Bonawitz et al., CCS 2017, section 3; Bell et al., CCS 2020).
 
-Everything comes from well-kept libraries: X25519, HKDF-SHA256, AES-GCM and
-AES-CTR from ``cryptography``; Shamir secret sharing from pycryptodome.
+X25519, HKDF-SHA256, AES-GCM and AES-CTR come from ``cryptography``. Shamir
+secret sharing is a small prime-field version over Python integers (DESIGN.md
+allows it once a benchmark shows the library's version dominates the round:
+pycryptodome's combine took 87-98% of the coordinator's unmask time, see
+BENCHMARKS.md), with its coefficients from ``secrets`` and property tests in
+tests/unit/test_shamir.py.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 
 import numpy as np
-from Crypto.Protocol.SecretSharing import Shamir
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -20,7 +24,11 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 KEY_BYTES = 32
 NONCE_BYTES = 12
 SECRET_BYTES = 32  # Shamir secrets: a self-mask seed or an X25519 private key
-SHARE_BYTES = 32
+# Shamir works in GF(p) for the smallest prime p above 2**256, so that every 32-byte secret is a field
+# element; tests/unit/test_shamir.py checks that p is prime and that no number between 2**256 and p is.
+_PRIME = 2**256 + 297
+SHARE_BYTES = (_PRIME.bit_length() + 7) // 8  # 33: a share is a field element, fixed-length big-endian
+_MAX_SHARES = 2**16 - 1  # share indices travel in 2 bytes (protocol.encode_share)
 _ZERO_CTR_NONCE = bytes(16)
 
 
@@ -111,37 +119,87 @@ def expand_mask(key: bytes, length: int) -> np.ndarray:
     return out.view(np.uint64)
 
 
+def _check_count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return value
+
+
 def shamir_split(secret: bytes, t: int, n: int) -> list[tuple[int, bytes]]:
     """Shamir shares (indices 1..n) of a 32-byte secret, any ``t`` of which rebuild it.
 
-    pycryptodome shares 16-byte blocks over GF(2**128): each half is shared
-    with the same indices and the two 16-byte shares of an index are
-    concatenated into one 32-byte share.
+    The secret, read as a big-endian integer, is the constant term of a
+    polynomial of degree at most t - 1 over GF(p), p = 2**256 + 297, whose other t - 1
+    coefficients are drawn uniformly with ``secrets.randbelow``; share i is the
+    polynomial at x = i, as a SHARE_BYTES big-endian integer. Any t - 1 shares
+    are uniformly distributed whatever the secret. A bad secret length, t
+    outside [1, n] or n above 65535 (indices travel in 2 bytes) is a ValueError.
     """
-    if len(secret) != SECRET_BYTES:
-        raise ValueError(f"a Shamir secret here is {SECRET_BYTES} bytes, got {len(secret)}")
+    if not isinstance(secret, bytes | bytearray) or len(secret) != SECRET_BYTES:
+        got = len(secret) if isinstance(secret, bytes | bytearray) else type(secret).__name__
+        raise ValueError(f"a Shamir secret here is {SECRET_BYTES} bytes, got {got}")
+    t, n = _check_count("t", t), _check_count("n", n)
     if not 1 <= t <= n:
         raise ValueError(f"need 1 <= t <= n, got t={t}, n={n}")
-    low = Shamir.split(t, n, secret[:16], ssss=False)
-    high = Shamir.split(t, n, secret[16:], ssss=False)
-    return [(i, a + b) for (i, a), (j, b) in zip(low, high, strict=True) if i == j]
+    if n > _MAX_SHARES:
+        raise ValueError(f"at most {_MAX_SHARES} shares, got n={n}")
+    # coefficients[0] is the secret; the highest degree comes last.
+    coefficients = [int.from_bytes(secret, "big")] + [secrets.randbelow(_PRIME) for _ in range(t - 1)]
+    shares = []
+    for x in range(1, n + 1):
+        y = 0
+        for c in reversed(coefficients):  # Horner
+            y = (y * x + c) % _PRIME
+        shares.append((x, y.to_bytes(SHARE_BYTES, "big")))
+    return shares
+
+
+def _lagrange_at_zero(points: list[tuple[int, int]]) -> int:
+    """The value at 0 of the polynomial of degree < len(points) through ``points`` (distinct x), in GF(p)."""
+    total = 0
+    for i, (xi, yi) in enumerate(points):
+        num, den = 1, 1
+        for j, (xj, _) in enumerate(points):
+            if j != i:
+                num *= xj  # (0 - xj) / (xi - xj) = xj / (xj - xi)
+                den *= xj - xi
+        total += yi * num * pow(den, -1, _PRIME)
+    return total % _PRIME
 
 
 def shamir_combine(shares: list[tuple[int, bytes]]) -> bytes:
-    """The 32-byte secret from shares produced by :func:`shamir_split`.
+    """The 32-byte secret from shares produced by :func:`shamir_split`, by Lagrange interpolation at 0.
 
     Shamir cannot tell a right answer from a wrong one: given fewer than the
     threshold t of shares it returns garbage without complaint, so callers
-    must count (the coordinator does, in ``unmask_total``). Pass exactly t
-    shares. Duplicate indices or malformed shares raise SecAggError.
+    must count (the coordinator does, in ``unmask_total``). Pass at least t
+    shares (exactly t is cheapest; more give the same secret), in any order.
+
+    Each share is an index in [1, 65535] and a big-endian field element below
+    p of at most SHARE_BYTES bytes (:func:`shamir_split` writes exactly
+    SHARE_BYTES; the protocol's messages check that length). Duplicate
+    indices, malformed shares, and a result that is not a 32-byte secret
+    (which only shares of different splits, or tampered ones, can give)
+    raise SecAggError.
     """
     if not shares:
         raise SecAggError("no shares to combine")
-    indices = [i for i, _ in shares]
-    if len(set(indices)) != len(indices):
+    points: list[tuple[int, int]] = []
+    for share in shares:
+        if not isinstance(share, tuple) or len(share) != 2:
+            raise SecAggError("a share is a pair (index, bytes)")
+        index, value = share
+        if isinstance(index, bool) or not isinstance(index, int) or not 1 <= index <= _MAX_SHARES:
+            raise SecAggError(f"a share index is an integer in [1, {_MAX_SHARES}], got {index!r}")
+        if not isinstance(value, bytes | bytearray) or not 1 <= len(value) <= SHARE_BYTES:
+            raise SecAggError(f"a share value is 1 to {SHARE_BYTES} bytes (share index {index})")
+        y = int.from_bytes(value, "big")
+        if y >= _PRIME:
+            raise SecAggError(f"share index {index}: the value is not below the field prime")
+        points.append((index, y))
+    if len({x for x, _ in points}) != len(points):
         raise SecAggError("duplicate share indices")
-    if any(len(s) != SHARE_BYTES or not 1 <= i < 2**16 for i, s in shares):
-        raise SecAggError(f"a share is an index in [1, 65535] and {SHARE_BYTES} bytes")
-    low = Shamir.combine([(i, s[:16]) for i, s in shares], ssss=False)
-    high = Shamir.combine([(i, s[16:]) for i, s in shares], ssss=False)
-    return low + high
+    secret = _lagrange_at_zero(points)
+    if secret >> (8 * SECRET_BYTES):
+        raise SecAggError(f"the shares do not rebuild a {SECRET_BYTES}-byte secret (not from one split?)")
+    return secret.to_bytes(SECRET_BYTES, "big")

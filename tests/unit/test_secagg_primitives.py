@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from shared.secagg.graph import neighbour_graph
 from shared.secagg.params import SecAggParams, derive_params, modulus_ok
 from shared.secagg.primitives import (
+    SHARE_BYTES,
     SecAggError,
     agree,
     decrypt,
@@ -134,14 +135,14 @@ def test_gcm_refuses_wrong_key_wrong_aad_and_every_flipped_bit() -> None:
             decrypt(key, bytes(bad), b"aad")
 
 
-# ---------------------------------------------------------------- Shamir
+# ---------------------------------------------------------------- Shamir (more in test_shamir.py)
 
 
 def test_shamir_any_t_of_n_rebuild_the_secret() -> None:
     secret = os.urandom(32)
     shares = shamir_split(secret, 3, 5)
     assert [i for i, _ in shares] == [1, 2, 3, 4, 5]
-    assert all(len(s) == 32 for _, s in shares)
+    assert all(len(s) == SHARE_BYTES for _, s in shares)
     for subset in itertools.combinations(shares, 3):
         assert shamir_combine(list(subset)) == secret
 
