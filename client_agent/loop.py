@@ -12,7 +12,8 @@ from importlib.metadata import PackageNotFoundError, version
 from client_agent.config import AgentHome, ResumeState
 from client_agent.identity import load_identity
 from client_agent.transport import CoordinatorError, SignedClient, TransientError
-from client_agent.worker import Worker
+from client_agent.worker import Declined, Worker
+from shared.secagg.primitives import SecAggError
 from shared.wire import CheckinRequest, CheckinResponse, Task
 
 log = logging.getLogger("aicfl.agent")
@@ -118,6 +119,16 @@ class Agent:
                 if not msg.accepted:
                     log.warning("declining round %s: %s", task.round_id, msg.reason)
                 self.client.post_json(path, msg.model_dump())
+            elif task.stage == "advertise_keys":
+                self.client.post_json(path, self.worker.advertise(task))
+            elif task.stage == "share_keys":
+                self.client.post_json(path, self.worker.share_keys(task))
+            elif task.stage == "masked_input":
+                self.client.request(
+                    "POST", path, self.worker.masked_input(task), content_type="application/octet-stream"
+                )
+            elif task.stage == "unmask":
+                self.client.post_json(path, self.worker.unmask(task))
             elif task.kind == "stats":
                 self.client.post_json(path, self.worker.statistics(task).model_dump())
             elif task.kind == "evaluate":
@@ -128,5 +139,9 @@ class Agent:
         except CoordinatorError as err:
             # Dropped, deadline passed, round over: nothing to retry for this stage.
             log.warning("round %s stage %s not accepted: %s", task.round_id, task.stage, err.detail)
+        except (Declined, SecAggError) as err:
+            # No secrets for this round (restarted), or a neighbour's message did not check out:
+            # this device sits the round out and is counted dropped.
+            log.warning("round %s stage %s: sitting the round out: %s", task.round_id, task.stage, err)
         self.state.stages_sent.append(task.stage)
         self.home.save_state(self.state)

@@ -7,6 +7,7 @@ global one, an evaluation round sends holdout metrics.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import os
@@ -19,6 +20,8 @@ import pandas as pd
 from client_agent.transport import SignedClient
 from shared import codec
 from shared.jobspec import JobSpec
+from shared.secagg.params import SecAggParams
+from shared.secagg.protocol import SecAggClient, weighted_input
 from shared.signing import SignatureError, load_public_key, verify_model
 from shared.tabular import DataSchemaError, Preprocessor, load_table, local_statistics, validate_table
 from shared.training import evaluate, train_local
@@ -58,6 +61,8 @@ class Worker:
         self.threads = threads
         self._table: tuple[float, pd.DataFrame] | None = None
         self._model: _Model | None = None
+        # SecAgg+ secrets live in memory only: a device that restarts mid-round counts as dropped.
+        self._secagg: dict[int, SecAggClient] = {}
 
     # -- data -------------------------------------------------------------
 
@@ -145,16 +150,69 @@ class Worker:
             metrics=self._holdout_metrics(spec, pre, model, holdout), examples=len(holdout)
         )
 
-    def train(self, task: Task) -> bytes:
-        """Train from the global model; return the encoded update.
+    # -- secure aggregation (SecAgg+) ----------------------------------------
 
-        The update is the example-weighted difference ``n * (local - global)``,
-        so the coordinator's aggregate is a plain sum (as under secure
-        aggregation, where only the sum is ever revealed) divided by the total
-        of the example counts.
-        """
+    def _secure_client(self, task: Task) -> SecAggClient:
+        client = self._secagg.get(task.round_id)
+        if client is None:
+            raise Declined(f"no secure-aggregation state for round {task.round_id} (restarted mid-round)")
+        return client
+
+    def advertise(self, task: Task) -> dict[str, str]:
+        """Stage 1: two fresh X25519 keys, signed with the identity key."""
+        info = task.secagg or {}
+        params = SecAggParams(**info["params"])
+        client = SecAggClient(self.device_id, base64.b64decode(info["context"]), params, self.client.key.sign)
+        self._secagg = {task.round_id: client}  # one round at a time; older secrets are dropped
+        return client.advertise()
+
+    def share_keys(self, task: Task) -> dict[str, Any]:
+        """Stage 2: Shamir shares of this device's secrets, encrypted to each neighbour."""
+        info = task.secagg or {}
+        identity = info.get("identity_keys", {})
+
+        def verify(device: str, message: bytes, signature: bytes) -> bool:
+            try:
+                load_public_key(identity[device]).verify(signature, message)
+            except Exception:  # noqa: BLE001 - unknown device, bad key or bad signature: refused
+                return False
+            return True
+
+        return {"ciphertexts": self._secure_client(task).share_keys(info.get("neighbours", {}), verify)}
+
+    def masked_input(self, task: Task) -> bytes:
+        """Stage 3: train, quantise, weight by the example count, mask."""
+        client = self._secure_client(task)
         spec, pre, model, train, holdout = self._prepared(task)
         metrics = self._holdout_metrics(spec, pre, model, holdout)
+        new, loss = self._train(spec, pre, model, train, task.seed)
+        delta = new - model.vector
+        n = min(len(train), client.params.weight_cap)
+        rng = np.random.Generator(np.random.PCG64(int.from_bytes(os.urandom(16), "little")))
+        masked = client.masked_input(
+            weighted_input(delta, n, client.params, rng), (task.secagg or {}).get("ciphertexts", {})
+        )
+        header = {
+            "kind": "masked_input",
+            "round_id": task.round_id,
+            "train_loss": loss,
+            "metrics": metrics,
+            "holdout_examples": int(len(holdout)),
+        }
+        return codec.encode(header, masked)
+
+    def unmask(self, task: Task) -> dict[str, Any]:
+        """Stage 4: shares of the survivors' self-mask seeds and of the dropped devices' mask keys."""
+        info = task.secagg or {}
+        client = self._secure_client(task)
+        me = {self.device_id}
+        shares = client.unmask(set(info.get("survivors", [])) - me, set(info.get("dropped", [])) - me)
+        self._secagg.pop(task.round_id, None)
+        return {"shares": shares}
+
+    def _train(
+        self, spec: JobSpec, pre: Preprocessor, model: _Model, train: pd.DataFrame, seed: int
+    ) -> tuple[np.ndarray, float]:
         net = build_model(model.header["arch"])
         load_flat_parameters(net, model.vector)
         x, y = pre.transform(train)
@@ -168,16 +226,29 @@ class Worker:
             batch_size=spec.training.batch_size,
             learning_rate=spec.training.learning_rate,
             optimizer=spec.training.optimizer,
-            seed=task.seed,
+            seed=seed,
             proximal_mu=mu,
             threads=min(self.threads, spec.training.threads),
         )
-        delta = (flatten_parameters(net) - model.vector) * np.float32(len(train))
+        return flatten_parameters(net), float(result["loss"])
+
+    def train(self, task: Task) -> bytes:
+        """Train from the global model; return the encoded update.
+
+        The update is the example-weighted difference ``n * (local - global)``,
+        so the coordinator's aggregate is a plain sum (as under secure
+        aggregation, where only the sum is ever revealed) divided by the total
+        of the example counts.
+        """
+        spec, pre, model, train, holdout = self._prepared(task)
+        metrics = self._holdout_metrics(spec, pre, model, holdout)
+        new, loss = self._train(spec, pre, model, train, task.seed)
+        delta = (new - model.vector) * np.float32(len(train))
         header = {
             "kind": "update",
             "round_id": task.round_id,
             "num_examples": int(len(train)),
-            "train_loss": float(result["loss"]),
+            "train_loss": loss,
             "metrics": metrics,
             "holdout_examples": int(len(holdout)),
         }

@@ -9,11 +9,12 @@ account for exactly the devices the database says have sent theirs.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from coordinator import registry
+from coordinator import registry, secure
 from coordinator.blobs import LocalBlobStore
 from coordinator.errors import Conflict, Forbidden, Invalid, NotFound
 from coordinator.evaluation import check_reference, metrics_on, read_table_bytes, weighted_mean
@@ -32,6 +33,7 @@ from coordinator.rounds import (
     ACTIVE,
     DECLINED,
     DROPPED,
+    EXCLUDED,
     STAGES,
     ParticipantView,
     RoundView,
@@ -42,6 +44,9 @@ from coordinator.rounds import (
 from coordinator.strategies import apply_strategy
 from shared import codec
 from shared.jobspec import JobSpec, validate_spec
+from shared.secagg.primitives import SecAggError
+from shared.secagg.protocol import finish as secagg_finish
+from shared.secagg.protocol import unmask_total
 from shared.tabular import DataSchemaError, Preprocessor, merge_statistics
 from shared.wire import (
     CheckinRequest,
@@ -87,8 +92,10 @@ class Federation:
         blobs: LocalBlobStore,
         signing_key: Ed25519PrivateKey,
         settings: EngineSettings | None = None,
+        clock: Callable[[], float] = time.time,
     ):
         self.factory = factory
+        self.clock = clock  # simulation mode advances a virtual clock past stage deadlines
         self.blobs = blobs
         self.key = signing_key
         self.settings = settings or EngineSettings()
@@ -175,7 +182,7 @@ class Federation:
     # -- device side ------------------------------------------------------
 
     def checkin(self, device_id: str, req: CheckinRequest) -> CheckinResponse:
-        now = time.time()
+        now = self.clock()
         with self.write() as s:
             device = s.get(Device, device_id)
             if device is None:  # pragma: no cover - authenticated before
@@ -196,14 +203,16 @@ class Federation:
             ).all()
             for p, r in rows:
                 if (
-                    stage_index(r.kind, p.stage_done) < stage_index(r.kind, r.stage)
+                    stage_index(r.kind, p.stage_done, r.secure) < stage_index(r.kind, r.stage, r.secure)
                     and now < r.stage_deadline
                 ):
-                    return CheckinResponse(retry_after=self.settings.active_retry, task=self._task(s, r))
+                    return CheckinResponse(
+                        retry_after=self.settings.active_retry, task=self._task(s, r, device_id)
+                    )
             retry = self.settings.active_retry if rows else self.settings.idle_retry
             return CheckinResponse(retry_after=retry)
 
-    def _task(self, s: Session, r: Round) -> Task:
+    def _task(self, s: Session, r: Round, device_id: str | None = None) -> Task:
         job = self._job(s, r.job_id)
         model = None
         if r.model_version_in is not None:
@@ -220,6 +229,9 @@ class Federation:
             spec=job.spec,
             model=model,
             preprocess=job.preprocess if r.kind != "stats" else None,
+            secagg=secure.SecureRound(s, r).task(s, device_id)
+            if r.secure and r.secagg and device_id
+            else None,
         )
 
     def model_blob_for_device(self, device_id: str, job_id: int, version: int) -> bytes:
@@ -258,14 +270,14 @@ class Federation:
             )
         if r.stage != stage:
             raise Conflict(f"round {round_id} is in stage {r.stage!r}, not {stage!r}")
-        if stage_index(r.kind, p.stage_done) >= stage_index(r.kind, stage):
+        if stage_index(r.kind, p.stage_done, r.secure) >= stage_index(r.kind, stage, r.secure):
             raise Conflict(f"device {device_id} already sent its {stage!r} message for round {round_id}")
         if now >= r.stage_deadline:
             raise Conflict(f"the deadline of stage {stage!r} in round {round_id} has passed")
         return r, p
 
     def handle_configure(self, device_id: str, round_id: int, msg: ConfigureMessage) -> None:
-        now = time.time()
+        now = self.clock()
         with self.write() as s:
             r, p = self._participation(s, device_id, round_id, "configure", now)
             if msg.accepted:
@@ -282,7 +294,7 @@ class Federation:
             self._drive(s, r, now)
 
     def handle_input_json(self, device_id: str, round_id: int, body: dict[str, Any]) -> None:
-        now = time.time()
+        now = self.clock()
         with self.write() as s:
             r, p = self._participation(s, device_id, round_id, "input", now)
             try:
@@ -305,7 +317,7 @@ class Federation:
 
     def handle_update(self, device_id: str, round_id: int, body: bytes) -> None:
         """A device's model update: checked, stored, added to the running sum."""
-        now = time.time()
+        now = self.clock()
         with self.read() as s:
             r, _ = self._participation(s, device_id, round_id, "input", now)
             if r.kind != "train":
@@ -319,7 +331,7 @@ class Federation:
         meta = _check_update_header(header, round_id)
         sha = self.blobs.put(body)
         with self.write() as s:
-            r, p = self._participation(s, device_id, round_id, "input", time.time())
+            r, p = self._participation(s, device_id, round_id, "input", self.clock())
             s.add(
                 RoundMessage(
                     round_id=round_id, device_id=device_id, stage="input", payload=meta, blob_sha256=sha
@@ -331,7 +343,133 @@ class Federation:
         with self.write() as s:
             r = s.scalar(self._lock(select(Round).where(Round.id == round_id)))
             if r is not None and r.status == "running":
-                self._drive(s, r, time.time())
+                self._drive(s, r, self.clock())
+
+    # -- secure rounds (SecAgg+) ---------------------------------------------
+
+    def _exclude(self, device_id: str, round_id: int, reason: str) -> None:
+        """Take a device out of a secure round for a message that cannot be used; the round goes on."""
+        with self.write() as s:
+            r = s.scalar(self._lock(select(Round).where(Round.id == round_id)))
+            p = s.scalar(
+                select(Participant).where(
+                    Participant.round_id == round_id, Participant.device_id == device_id
+                )
+            )
+            if r is None or p is None or p.status != ACTIVE or r.status != "running":
+                return
+            p.status = EXCLUDED
+            p.reason = reason[:2000]
+            s.add(
+                Event(
+                    actor="coordinator",
+                    action="participant.exclude",
+                    target=f"{r.job_id}/{r.number}/{device_id}",
+                    detail={"reason": reason[:500]},
+                )
+            )
+            log.warning("job %s round %s: excluded %s: %s", r.job_id, r.number, device_id, reason)
+            self._drive(s, r, self.clock())
+
+    def _secure_participation(self, device_id: str, round_id: int, stage: str) -> tuple[Round, Participant]:
+        """Like :meth:`_participation`, but a message for another stage excludes the device."""
+        with self.read() as s:
+            r = s.get(Round, round_id)
+            p = s.scalar(
+                select(Participant).where(
+                    Participant.round_id == round_id, Participant.device_id == device_id
+                )
+            )
+            if (
+                r is not None
+                and p is not None
+                and r.status == "running"
+                and p.status == ACTIVE
+                and r.secure
+                and r.stage != stage
+            ):
+                out_of_stage = f"sent a {stage!r} message while the round is in stage {r.stage!r}"
+            else:
+                out_of_stage = None
+        if out_of_stage:
+            self._exclude(device_id, round_id, out_of_stage)
+            raise Conflict(f"device {device_id} excluded from round {round_id}: {out_of_stage}")
+        with self.read() as s:
+            r, p = self._participation(s, device_id, round_id, stage, self.clock())
+            if not r.secure:
+                raise Invalid(f"round {round_id} does not use secure aggregation")
+            return r, p
+
+    def handle_secure_json(
+        self, device_id: str, round_id: int, stage: str, raw: bytes | dict[str, Any]
+    ) -> None:
+        """advertise_keys, share_keys or unmask: checked, stored, and the round driven on."""
+        if stage not in secure.JSON_STAGES:
+            raise NotFound(f"no stage {stage!r} takes a JSON message")
+        self._secure_participation(device_id, round_id, stage)
+        refused = None
+        body: Any = raw
+        if isinstance(raw, bytes | bytearray):
+            try:
+                body = json.loads(raw or b"{}")
+            except (ValueError, RecursionError):
+                body = None
+        if not isinstance(body, dict):
+            self._exclude(device_id, round_id, f"{stage} message refused: not a JSON object")
+            raise Invalid(f"{stage} message refused, device excluded from the round: not a JSON object")
+        with self.write() as s:
+            r, p = self._participation(s, device_id, round_id, stage, self.clock())
+            sr = secure.SecureRound(s, r)
+            try:
+                if stage == "advertise_keys":
+                    payload = sr.check_advertise(s, device_id, body)
+                elif stage == "share_keys":
+                    payload = sr.check_share_keys(device_id, body)
+                else:
+                    payload = sr.check_unmask(device_id, body)
+            except secure.Refused as err:
+                refused = str(err)
+            else:
+                s.add(RoundMessage(round_id=round_id, device_id=device_id, stage=stage, payload=payload))
+                p.stage_done = stage
+                self._drive(s, r, self.clock())
+        if refused is not None:
+            self._exclude(device_id, round_id, f"{stage} message refused: {refused}")
+            raise Invalid(f"{stage} message refused, device excluded from the round: {refused}")
+
+    def handle_masked_input(self, device_id: str, round_id: int, body: bytes) -> None:
+        """A masked vector: checked, stored (it reveals nothing alone) and added to the running sum."""
+        r, _ = self._secure_participation(device_id, round_id, "masked_input")
+        with self.read() as s:
+            numel = int(registry.get_version(s, r.job_id, r.model_version_in).num_parameters) + 1
+        try:
+            header, vec = codec.decode(body, expected_numel=numel, dtype="uint64")
+            if header.get("kind") != "masked_input":
+                raise Invalid("header kind must be 'masked_input'")
+            meta = _check_update_header({**header, "kind": "update", "num_examples": 1}, round_id)
+        except (codec.CodecError, Invalid, Conflict) as err:
+            detail = getattr(err, "detail", str(err))
+            self._exclude(device_id, round_id, f"masked input refused: {detail}")
+            raise Invalid(f"masked input refused, device excluded from the round: {detail}") from None
+        meta.pop("num_examples")
+        sha = self.blobs.put(body)
+        with self.write() as s:
+            r, p = self._participation(s, device_id, round_id, "masked_input", self.clock())
+            s.add(
+                RoundMessage(
+                    round_id=round_id,
+                    device_id=device_id,
+                    stage="masked_input",
+                    payload=meta,
+                    blob_sha256=sha,
+                )
+            )
+            p.stage_done = "masked_input"
+        self._accumulate(round_id, device_id, vec, 0)
+        with self.write() as s:
+            r = s.scalar(self._lock(select(Round).where(Round.id == round_id)))
+            if r is not None and r.status == "running":
+                self._drive(s, r, self.clock())
 
     def _accumulate(self, round_id: int, device_id: str, vec: np.ndarray, n: int) -> None:
         with self._acc_lock:
@@ -340,8 +478,8 @@ class Federation:
             t0 = time.thread_time()
             acc = self._acc.get(round_id)
             if acc is None:
-                acc = self._acc[round_id] = _Accumulator(total=np.zeros(vec.size, dtype=np.float32))
-            if device_id in acc.contributors or acc.total.size != vec.size:
+                acc = self._acc[round_id] = _Accumulator(total=np.zeros(vec.size, dtype=vec.dtype))
+            if device_id in acc.contributors or acc.total.size != vec.size or acc.total.dtype != vec.dtype:
                 return
             acc.total += vec  # updates arrive weighted by their example counts
             acc.examples += n
@@ -361,7 +499,7 @@ class Federation:
                 log.exception("tick of job %s failed", job_id)
 
     def _tick_job(self, job_id: int) -> None:
-        now = time.time()
+        now = self.clock()
         with self.write() as s:
             q = select(Job).where(Job.id == job_id)
             job = s.scalar(q if self._sqlite else q.with_for_update(skip_locked=True))
@@ -381,6 +519,7 @@ class Federation:
             deadline=r.stage_deadline,
             minimum=r.minimum,
             participants=tuple(ParticipantView(p.device_id, p.status, p.stage_done) for p in parts),
+            secure=r.secure,
         )
         d = decide(view, now)
         if d.action == "wait":
@@ -393,13 +532,21 @@ class Federation:
             self._abandon(s, r, d.reason or "abandoned")
         elif d.action == "advance":
             job = self._job(s, r.job_id)
+            if r.secure and r.stage == "configure":
+                accepted = sorted(p.device_id for p in parts if p.status == ACTIVE)
+                spec = JobSpec.model_validate(job.spec)
+                try:
+                    r.secagg = secure.setup(accepted, spec.secagg, job.id, r.number)
+                except ValueError as err:
+                    self._abandon(s, r, f"secure aggregation cannot run with {len(accepted)} devices: {err}")
+                    return
             r.stage = d.next_stage or r.stage
             r.stage_deadline = now + JobSpec.model_validate(job.spec).cohort.stage_timeout
         else:
             job = self._job(s, r.job_id)
             try:
                 self._finish(s, job, r, [p for p in parts if p.status == ACTIVE])
-            except (Invalid, DataSchemaError, ValueError) as err:
+            except (Invalid, DataSchemaError, ValueError, SecAggError) as err:
                 self._abandon(s, r, f"aggregation failed: {err}")
                 if r.kind == "stats":
                     job.status = "failed"
@@ -513,6 +660,9 @@ class Federation:
             job_id=job.id,
             number=job.next_round,
             kind=kind,
+            # SecAgg+ parameters and the neighbour graph are fixed once configure says who takes part.
+            secure=kind == "train" and spec.secure,
+            secagg=None,
             stage=STAGES[kind][0],
             stage_deadline=now + spec.cohort.stage_timeout,
             minimum=spec.cohort.minimum,
@@ -538,6 +688,8 @@ class Federation:
         senders = [p.device_id for p in active if p.device_id in msgs]
         if r.kind == "stats":
             self._finish_stats(s, job, spec, [msgs[d].payload["statistics"] for d in senders])
+        elif r.kind == "train" and r.secure:
+            self._finish_train(s, job, spec, r, [], secure.SecureRound(s, r))
         elif r.kind == "train":
             self._finish_train(s, job, spec, r, [msgs[d] for d in senders])
         else:
@@ -588,35 +740,61 @@ class Federation:
             round_number=None,
             provenance={"source": "initialised", "seed": spec.seed, "statistics_rows": merged.get("rows")},
         )
-        self._latest[job.id] = (row.sha256, {"arch": arch, "preprocess": job.preprocess, "version": 0}, vector)
+        self._latest[job.id] = (
+            row.sha256,
+            {"arch": arch, "preprocess": job.preprocess, "version": 0},
+            vector,
+        )
         job.current_version = 0
 
-    def _finish_train(self, s: Session, job: Job, spec: JobSpec, r: Round, msgs: list[RoundMessage]) -> None:
+    def _finish_train(
+        self,
+        s: Session,
+        job: Job,
+        spec: JobSpec,
+        r: Round,
+        msgs: list[RoundMessage],
+        sr: secure.SecureRound | None = None,
+    ) -> None:
         t0 = time.perf_counter()
         current_row = registry.get_version(s, job.id, r.model_version_in)
         header, current = self._vector(job.id, current_row)
+        if sr is not None:
+            msgs = [sr.messages["masked_input"][d] for d in sorted(sr.sent("masked_input"))]
         ids = {m.device_id for m in msgs}
         with self._acc_lock:
             acc = self._acc.pop(r.id, None)
         incremental = 0.0
+        dtype, numel = (np.uint64, current.size + 1) if sr is not None else (np.float32, current.size)
         if acc is not None and acc.contributors == ids:
             total, examples, incremental = acc.total, acc.examples, acc.seconds
         else:
-            # Another replica took some updates, or we restarted: sum from the store.
-            total = np.zeros(current.size, dtype=np.float32)
+            # Another replica took some vectors, or we restarted: sum from the store.
+            total = np.zeros(numel, dtype=dtype)
             examples = 0
             for m in msgs:
-                _, vec = codec.decode(self.blobs.get(m.blob_sha256 or ""), expected_numel=current.size)
-                total += vec
-                examples += int(m.payload["num_examples"])
-        mean = current + total / np.float32(examples)
+                _, vec = codec.decode(
+                    self.blobs.get(m.blob_sha256 or ""), expected_numel=numel, dtype=np.dtype(dtype).name
+                )
+                total += vec  # uint64 wraps modulo 2**64, as the masks expect
+                examples += int(m.payload.get("num_examples", 0))
+        if sr is not None:
+            t_unmask = time.perf_counter()
+            unmasked = unmask_total(total, **sr.reconstruction_inputs())
+            mean_delta, examples = secagg_finish(unmasked, sr.params)
+            unmask_seconds: float | None = time.perf_counter() - t_unmask
+            mean: np.ndarray = current + mean_delta
+        else:
+            unmask_seconds = None
+            mean = current + total / np.float32(examples)
         state = self.blobs.get(job.strategy_state_sha256) if job.strategy_state_sha256 else None
         new, new_state = apply_strategy(
             spec.strategy, current, mean, examples, job.rounds_completed + 1, state
         )
         version = registry.get_version(s, job.id).version + 1
+        # Under secure aggregation a device's example count stays inside the masked sum.
         train_loss = weighted_mean(
-            [(int(m.payload["num_examples"]), {"loss": m.payload["train_loss"]}) for m in msgs]
+            [(int(m.payload.get("num_examples", 1)), {"loss": m.payload["train_loss"]}) for m in msgs]
         )
         row = registry.register_version(
             s,
@@ -651,8 +829,15 @@ class Federation:
         metrics: dict[str, Any] = {
             "train_loss": train_loss.get("loss"),
             "examples": examples,
-            "aggregation": {"accumulate_cpu_seconds": incremental, "finalize_seconds": finalize, "from_store": acc is None or incremental == 0.0},
+            "aggregation": {
+                "accumulate_cpu_seconds": incremental,
+                "finalize_seconds": finalize,
+                "from_store": acc is None or incremental == 0.0,
+            },
+            "secure": sr is not None,
         }
+        if unmask_seconds is not None:
+            metrics["unmask_seconds"] = unmask_seconds
         central = self._central(job, spec, header["arch"], new)
         if central:
             metrics["central"] = central

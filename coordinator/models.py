@@ -116,6 +116,9 @@ class Round(Base):
     minimum: Mapped[int] = mapped_column(Integer)
     aggregation_seconds: Mapped[float | None] = mapped_column(Float, default=None)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Secure aggregation: the round's parameters (k, t, quantisation), graph seed and context.
+    secure: Mapped[bool] = mapped_column(Boolean, default=False)
+    secagg: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     __table_args__ = (
         UniqueConstraint("job_id", "number", name="uq_round_job_number"),
         Index("ix_rounds_status", "status"),

@@ -125,6 +125,8 @@ def job_warnings(spec: dict[str, Any]) -> list[str]:
     cohort = spec.get("cohort", {})
     if cohort.get("minimum", 2) < 2:
         warnings.append("cohort.minimum < 2: a round may aggregate a single device's update")
+    if spec.get("secure") is False:
+        warnings.append("secure = false: the coordinator sees every device's update (for experiments only)")
     return warnings
 
 

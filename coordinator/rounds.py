@@ -20,6 +20,14 @@ STAGES: dict[str, tuple[str, ...]] = {
     "train": ("configure", "input"),
     "evaluate": ("configure", "input"),
 }
+# A training round under SecAgg+ (Bell et al., CCS 2020): its unmask stage needs,
+# for each device, t answers among its neighbours rather than a minimum of devices.
+SECURE_STAGES: tuple[str, ...] = ("configure", "advertise_keys", "share_keys", "masked_input", "unmask")
+
+
+def stages_of(kind: str, secure: bool = False) -> tuple[str, ...]:
+    return SECURE_STAGES if secure and kind == "train" else STAGES[kind]
+
 
 ACTIVE = "active"
 DROPPED = "dropped"
@@ -27,15 +35,15 @@ DECLINED = "declined"
 EXCLUDED = "excluded"
 
 
-def stage_index(kind: str, stage: str | None) -> int:
+def stage_index(kind: str, stage: str | None, secure: bool = False) -> int:
     """Position of a stage in its protocol; -1 for none yet."""
     if stage is None:
         return -1
-    return STAGES[kind].index(stage)
+    return stages_of(kind, secure).index(stage)
 
 
-def next_stage(kind: str, stage: str) -> str | None:
-    stages = STAGES[kind]
+def next_stage(kind: str, stage: str, secure: bool = False) -> str | None:
+    stages = stages_of(kind, secure)
     i = stages.index(stage)
     return stages[i + 1] if i + 1 < len(stages) else None
 
@@ -54,6 +62,7 @@ class RoundView:
     deadline: float
     minimum: int
     participants: tuple[ParticipantView, ...]
+    secure: bool = False
 
 
 @dataclass(frozen=True)
@@ -74,9 +83,16 @@ class Decision:
 def decide(view: RoundView, now: float) -> Decision:
     """The transition a round takes at time ``now``."""
     active = [p for p in view.participants if p.status == ACTIVE]
-    here = stage_index(view.kind, view.stage)
-    done = [p for p in active if stage_index(view.kind, p.stage_done) >= here]
-    late = tuple(sorted(p.device_id for p in active if stage_index(view.kind, p.stage_done) < here))
+    here = stage_index(view.kind, view.stage, view.secure)
+    done = [p for p in active if stage_index(view.kind, p.stage_done, view.secure) >= here]
+    late = tuple(
+        sorted(p.device_id for p in active if stage_index(view.kind, p.stage_done, view.secure) < here)
+    )
+
+    if view.secure and view.stage == "unmask":
+        # Every masked input is already in the sum: a device that does not answer here
+        # is not dropped; whether enough shares arrived is for the unmasking to decide.
+        return Decision("wait") if late and now < view.deadline else Decision("finish")
 
     if len(active) < view.minimum:
         return Decision(
@@ -95,7 +111,7 @@ def decide(view: RoundView, now: float) -> Decision:
                 f"before its deadline; the minimum is {view.minimum}"
             ),
         )
-    following = next_stage(view.kind, view.stage)
+    following = next_stage(view.kind, view.stage, view.secure)
     if following is None:
         return Decision("finish", drop=late)
     return Decision("advance", next_stage=following, drop=late)

@@ -18,6 +18,8 @@ MAGIC = b"AICF\x01"
 _LEN = struct.Struct("<I")
 MAX_HEADER_BYTES = 1 << 20
 DTYPE = np.dtype("<f4")
+# float32 for models and plaintext updates; uint64 for masked vectors (arithmetic modulo 2**64).
+DTYPES: dict[str, np.dtype[Any]] = {"float32": DTYPE, "uint64": np.dtype("<u8")}
 ALIGN = 64
 
 
@@ -27,11 +29,12 @@ class CodecError(ValueError):
 
 def encode(header: dict[str, Any], vector: np.ndarray) -> bytes:
     """Serialise a header and a 1-D float32 vector."""
-    vec = np.ascontiguousarray(vector, dtype=DTYPE)
+    name = "uint64" if np.asarray(vector).dtype == np.uint64 else "float32"
+    vec = np.ascontiguousarray(vector, dtype=DTYPES[name])
     if vec.ndim != 1:
         raise CodecError(f"expected a 1-D vector, got shape {vec.shape}")
     head = dict(header)
-    head["dtype"] = "float32"
+    head["dtype"] = name
     head["numel"] = int(vec.size)
     raw = json.dumps(head, sort_keys=True, separators=(",", ":")).encode()
     # Pad the header with spaces (valid JSON whitespace) so the payload starts on a
@@ -64,6 +67,7 @@ def decode(
     *,
     expected_numel: int | None = None,
     check_finite: bool = True,
+    dtype: str = "float32",
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Parse a message; the vector is a read-only view onto ``data``.
 
@@ -71,17 +75,18 @@ def decode(
     not match the header, an unexpected size, or non-finite values.
     """
     header, offset = decode_header(data)
-    if header.get("dtype") != "float32":
-        raise CodecError(f"unsupported dtype {header.get('dtype')!r}; expected 'float32'")
+    if header.get("dtype") != dtype:
+        raise CodecError(f"unsupported dtype {header.get('dtype')!r}; expected {dtype!r}")
+    kind = DTYPES[dtype]
     numel = header.get("numel")
     if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
         raise CodecError("header 'numel' must be a non-negative integer")
     payload = len(data) - offset
-    if payload != numel * DTYPE.itemsize:
-        raise CodecError(f"payload is {payload} bytes; header says {numel} float32 values")
+    if payload != numel * kind.itemsize:
+        raise CodecError(f"payload is {payload} bytes; header says {numel} {dtype} values")
     if expected_numel is not None and numel != expected_numel:
         raise CodecError(f"expected {expected_numel} values, got {numel}")
-    vec = np.frombuffer(data, dtype=DTYPE, count=numel, offset=offset)
-    if check_finite and numel and not np.isfinite(vec).all():
+    vec = np.frombuffer(data, dtype=kind, count=numel, offset=offset)
+    if check_finite and kind.kind == "f" and numel and not np.isfinite(vec).all():
         raise CodecError("vector contains NaN or infinite values")
     return header, vec

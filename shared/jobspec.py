@@ -153,6 +153,22 @@ class StrategySpec(_Strict):
     tau: float = Field(default=1e-3, gt=0, description="fedadam/fedyogi: adaptivity")
 
 
+class SecAggSpec(_Strict):
+    """Secure aggregation (SecAgg+): how many neighbours, what threshold, how updates are quantised.
+
+    Without ``k`` and ``t``, both are derived from the cohort size and the
+    tolerated dropout and corruption fractions (``shared/secagg/params.py``).
+    """
+
+    dropout: float = Field(default=0.2, ge=0, lt=1, description="share of a round's devices that may drop out")
+    corruption: float = Field(default=0.1, ge=0, lt=0.5, description="share of devices that may collude with the coordinator")
+    k: int | None = Field(default=None, ge=1, description="neighbours per device; default: derived from the cohort size")
+    t: int | None = Field(default=None, ge=1, description="shares needed to reconstruct a secret; default: derived")
+    clip: float = Field(default=0.5, gt=0, description="update values are clipped to [-clip, clip] before quantising")
+    bits: int = Field(default=16, ge=2, le=24, description="quantisation bits per value")
+    weight_cap: int = Field(default=2**20, ge=1, description="the largest example count one device may weigh in with")
+
+
 class EvaluationSpec(_Strict):
     """Evaluation each round: central on reference data, federated on holdouts."""
 
@@ -172,6 +188,10 @@ class JobSpec(_Strict):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     strategy: StrategySpec = Field(default_factory=StrategySpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    secure: bool = Field(
+        default=True, description="secure aggregation in every round; false is for experiments only (warned)"
+    )
+    secagg: SecAggSpec = Field(default_factory=SecAggSpec)
 
 
 def _format_errors(err: ValidationError) -> list[str]:
@@ -227,12 +247,13 @@ _SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("[training]", TrainingSpec),
     ("[strategy]", StrategySpec),
     ("[evaluation]", EvaluationSpec),
+    ("[secagg]", SecAggSpec),
 ]
 
 
 def _type_text(annotation: Any) -> str:
     text = str(annotation).replace("typing.", "")
-    for cls in (DataSchema, ModelSpec, CohortSpec, TrainingSpec, StrategySpec, EvaluationSpec, Feature):
+    for cls in (DataSchema, ModelSpec, CohortSpec, TrainingSpec, StrategySpec, EvaluationSpec, SecAggSpec, Feature):
         text = text.replace(f"{cls.__module__}.{cls.__name__}", cls.__name__)
     return text.replace("<class '", "").replace("'>", "")
 

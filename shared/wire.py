@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 RoundKind = Literal["stats", "train", "evaluate"]
-Stage = Literal["configure", "input"]
+Stage = Literal["configure", "input", "advertise_keys", "share_keys", "masked_input", "unmask"]
 AGENT_API = "v1"
 
 
@@ -48,6 +48,9 @@ class Task(_Msg):
     spec: dict[str, Any]
     model: ModelRef | None = None
     preprocess: dict[str, Any] | None = None
+    secagg: dict[str, Any] | None = Field(
+        default=None, description="secure rounds: parameters, context and what this stage needs (keys, shares, sets)"
+    )
 
 
 class CheckinRequest(_Msg):

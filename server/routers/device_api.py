@@ -98,3 +98,17 @@ async def round_input(
             raise Invalid("body must be a JSON object")
         await run_in_threadpool(fed.handle_input_json, device_id, round_id, payload)
     return Accepted()
+
+
+@router.post("/device/rounds/{round_id}/{stage}", response_model=Accepted)
+async def secure_stage(
+    round_id: int, stage: str, request: Request, who: tuple[str, bytes] = Depends(device_request)
+) -> Accepted:
+    """A secure-aggregation stage: advertise_keys, share_keys, unmask (JSON) or masked_input (binary)."""
+    device_id, body = who
+    fed = federation(request)
+    if stage == "masked_input":
+        await run_in_threadpool(fed.handle_masked_input, device_id, round_id, body)
+    else:
+        await run_in_threadpool(fed.handle_secure_json, device_id, round_id, stage, body)
+    return Accepted()

@@ -216,9 +216,11 @@ def small_spec(
     stage_timeout: float = 20,
     selection_timeout: float = 1.0,
     name: str = "it",
+    secure: bool = True,
 ) -> dict[str, Any]:
     return {
         "name": name,
+        "secure": secure,
         "rounds": rounds,
         "seed": 1,
         "data": schema,

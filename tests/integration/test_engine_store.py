@@ -66,6 +66,7 @@ def spec(
             "selection_timeout": 0.01,
         },
         "strategy": {"name": strategy},
+        "secure": False,  # these tests check the plaintext sum; SecAgg+ rounds have their own
     }
 
 

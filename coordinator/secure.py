@@ -1,0 +1,198 @@
+"""The coordinator's side of SecAgg+ rounds: setup, what each device is told, what it may send, the unmasking.
+
+Bell et al., "Secure Single-Server Aggregation with (Poly)Logarithmic
+Overhead", CCS 2020, over Bonawitz et al., CCS 2017. The coordinator routes
+encrypted shares it cannot read, adds masked vectors as they arrive, and in
+the last stage rebuilds only the secrets needed to remove the masks: the
+self-mask seeds of devices whose input is in the sum, the mask keys of devices
+that dropped after sharing. It never sees one device's update.
+
+Sets, as in the papers: U1 advertised keys, U2 shared keys, U3 sent a masked
+input (its vector is in the sum), U4 answered the unmask stage.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from dataclasses import asdict
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from coordinator.models import Device, Participant, Round, RoundMessage
+from shared.jobspec import SecAggSpec
+from shared.secagg.graph import neighbour_graph
+from shared.secagg.params import SecAggParams, derive_params
+from shared.secagg.primitives import SecAggError
+from shared.secagg.protocol import check_distinct_keys, decode_share, verify_advertisement
+from shared.signing import SignatureError, b64d, load_public_key
+
+SECURE_STAGES = ("configure", "advertise_keys", "share_keys", "masked_input", "unmask")
+JSON_STAGES = ("advertise_keys", "share_keys", "unmask")
+MAX_CIPHERTEXT_B64 = 1024
+
+
+class Refused(Exception):
+    """A device's secure-aggregation message that cannot be used: the device is excluded."""
+
+
+def setup(cohort: list[str], spec: SecAggSpec, job_id: int, number: int) -> dict[str, Any]:
+    """Parameters, graph seed and context of a new secure round (raises ValueError if infeasible)."""
+    params = derive_params(
+        len(cohort),
+        dropout=spec.dropout,
+        corruption=spec.corruption,
+        k=spec.k,
+        t=spec.t,
+        clip=spec.clip,
+        bits=spec.bits,
+        weight_cap=spec.weight_cap,
+    )
+    seed = secrets.token_bytes(32)
+    context = f"aicfl/v1/job/{job_id}/round/{number}/{seed.hex()[:16]}".encode()
+    return {
+        "params": asdict(params),
+        "seed": base64.b64encode(seed).decode(),
+        "context": base64.b64encode(context).decode(),
+        "cohort": sorted(cohort),
+    }
+
+
+class SecureRound:
+    """A view of one secure round's state, rebuilt from its rows."""
+
+    def __init__(self, s: Session, r: Round):
+        self.r = r
+        info = r.secagg or {}
+        self.params = SecAggParams(**info["params"])
+        self.context = base64.b64decode(info["context"])
+        self.cohort: list[str] = info["cohort"]
+        self.graph = neighbour_graph(self.cohort, self.params.k, base64.b64decode(info["seed"]))
+        self.messages: dict[str, dict[str, RoundMessage]] = {}
+        for m in s.scalars(select(RoundMessage).where(RoundMessage.round_id == r.id)):
+            self.messages.setdefault(m.stage, {})[m.device_id] = m
+
+    def sent(self, stage: str) -> set[str]:
+        return set(self.messages.get(stage, {}))
+
+    def payload(self, stage: str, device: str) -> dict[str, Any]:
+        return self.messages[stage][device].payload
+
+    def task(self, s: Session, device: str) -> dict[str, Any]:
+        """What ``device`` needs for the round's current stage."""
+        out: dict[str, Any] = {"params": asdict(self.params), "context": self.r.secagg["context"]}  # type: ignore[index]
+        stage = self.r.stage
+        mine = self.graph.get(device, [])
+        if stage == "share_keys":
+            advertised = self.sent("advertise_keys")
+            peers = [v for v in mine if v in advertised]
+            out["neighbours"] = {v: self.payload("advertise_keys", v) for v in peers}
+            keys = dict(s.execute(select(Device.id, Device.public_key).where(Device.id.in_(peers))).all())
+            out["identity_keys"] = keys
+        elif stage == "masked_input":
+            out["ciphertexts"] = {
+                v: self.payload("share_keys", v)["ciphertexts"][device]
+                for v in mine
+                if v in self.sent("share_keys") and device in self.payload("share_keys", v)["ciphertexts"]
+            }
+        elif stage == "unmask":
+            u2, u3 = self.sent("share_keys"), self.sent("masked_input")
+            out["survivors"] = sorted(v for v in mine if v in u3)
+            out["dropped"] = sorted(v for v in mine if v in u2 and v not in u3)
+        return out
+
+    # -- checks of incoming messages (a failure excludes the sender) ----------
+
+    def check_advertise(self, s: Session, device: str, body: dict[str, Any]) -> dict[str, Any]:
+        identity = s.get(Device, device)
+
+        def verify(who: str, message: bytes, signature: bytes) -> bool:
+            if who != device or identity is None:
+                return False
+            try:
+                load_public_key(identity.public_key).verify(signature, message)
+            except (SignatureError, ValueError, Exception):  # noqa: BLE001 - InvalidSignature and friends
+                return False
+            return True
+
+        try:
+            keys = verify_advertisement(self.context, device, body, verify)
+            others = {
+                d: (b64d(p.payload["c_pk"]), b64d(p.payload["s_pk"]))
+                for d, p in self.messages.get("advertise_keys", {}).items()
+            }
+            check_distinct_keys({**others, device: keys})
+        except (SecAggError, SignatureError) as err:
+            raise Refused(str(err)) from None
+        return {"c_pk": body["c_pk"], "s_pk": body["s_pk"], "signature": body["signature"]}
+
+    def check_share_keys(self, device: str, body: dict[str, Any]) -> dict[str, Any]:
+        cts = body.get("ciphertexts")
+        if not isinstance(cts, dict):
+            raise Refused("share_keys message needs a 'ciphertexts' table")
+        expected = {v for v in self.graph.get(device, []) if v in self.sent("advertise_keys")}
+        if set(cts) != expected:
+            raise Refused(
+                f"share_keys message must address exactly its {len(expected)} advertised neighbours; "
+                f"got {len(cts)} recipients"
+            )
+        for v, ct in cts.items():
+            if not isinstance(ct, str) or len(ct) > MAX_CIPHERTEXT_B64:
+                raise Refused(
+                    f"ciphertext for {v!r} is not a base64 string of at most {MAX_CIPHERTEXT_B64} characters"
+                )
+            try:
+                base64.b64decode(ct.encode(), validate=True)
+            except ValueError:
+                raise Refused(f"ciphertext for {v!r} is not valid base64") from None
+        return {"ciphertexts": cts}
+
+    def check_unmask(self, device: str, body: dict[str, Any]) -> dict[str, Any]:
+        shares = body.get("shares")
+        if not isinstance(shares, dict):
+            raise Refused("unmask message needs a 'shares' table")
+        asked = self.task_sets(device)
+        extra = sorted(set(shares) - asked)
+        if extra:
+            raise Refused(f"unmask message holds a share for {extra[0]!r}, which was not asked for")
+        for v, text in shares.items():
+            try:
+                decode_share(text)
+            except SecAggError as err:
+                raise Refused(f"share for {v!r}: {err}") from None
+        return {"shares": shares}
+
+    def task_sets(self, device: str) -> set[str]:
+        u2 = self.sent("share_keys")
+        return {v for v in self.graph.get(device, []) if v in u2}
+
+    # -- the last stage ------------------------------------------------------
+
+    def reconstruction_inputs(self) -> dict[str, Any]:
+        """The arguments of ``unmask_total`` other than the masked sum."""
+        u2, u3 = self.sent("share_keys"), self.sent("masked_input")
+        b_shares: dict[str, list[tuple[int, bytes]]] = {}
+        sk_shares: dict[str, list[tuple[int, bytes]]] = {}
+        for _responder, msg in sorted(self.messages.get("unmask", {}).items()):
+            for v, text in msg.payload["shares"].items():
+                share = decode_share(text)
+                if v in u3:
+                    b_shares.setdefault(v, []).append(share)
+                elif v in u2:
+                    sk_shares.setdefault(v, []).append(share)
+        return {
+            "context": self.context,
+            "params": self.params,
+            "graph": self.graph,
+            "shared": u2,
+            "survivors": u3,
+            "advertised": {d: m.payload for d, m in self.messages.get("advertise_keys", {}).items()},
+            "b_shares": b_shares,
+            "sk_shares": sk_shares,
+        }
+
+
+def survivors_in_order(parts: list[Participant], sr: SecureRound) -> list[str]:
+    return sorted(p.device_id for p in parts if p.device_id in sr.sent("masked_input"))

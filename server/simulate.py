@@ -1,0 +1,326 @@
+"""``aicfl simulate``: one secure round of the real coordinator and device code, in one process, no HTTP.
+
+The federation engine (``coordinator.engine.Federation``, SQLite in a
+temporary folder) and the devices' SecAgg+ side (``shared.secagg``, as the
+agent runs it) exchange the same messages they exchange over HTTP; a virtual
+clock stands in for waiting out a stage deadline. Updates are synthetic
+vectors of ``--params`` values, so the figures are those of the protocol, not
+of local training. For research and for ``bench/secagg.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from coordinator import auth, registry
+from coordinator.blobs import LocalBlobStore
+from coordinator.engine import EngineSettings, Federation
+from coordinator.models import Round
+from coordinator.store import make_engine, migrate, session_factory
+from shared import codec
+from shared.jobspec import DataSchema, ModelSpec
+from shared.secagg.params import SecAggParams
+from shared.secagg.protocol import SecAggClient, weighted_input
+from shared.secagg.quantize import quantisation_bound
+from shared.signing import b64e, load_public_key, public_key_bytes
+from shared.tabular import local_statistics
+from shared.wire import CheckinRequest, ConfigureMessage, Task
+from shared.zoo import architecture, parameter_count
+
+SCHEMA = {
+    "features": [{"name": "a", "type": "numeric"}, {"name": "b", "type": "numeric"}],
+    "target": "y",
+    "task": "binary",
+    "positive": "1",
+}
+DROP_POINTS = ("configure", "advertise_keys", "share_keys", "masked_input")
+STAGE_TIMEOUT = 600.0
+
+
+class SimulationError(Exception):
+    """The simulation could not run as asked."""
+
+
+def hidden_for(params: int) -> list[int]:
+    """An MLP on 2 inputs with about ``params`` parameters: one hidden layer for small sizes, two above."""
+    if params < 5_000:
+        return [max(1, (params - 2) // 4)]
+    width = int(math.sqrt(params))
+    return [width, width]
+
+
+class VirtualClock:
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+@dataclass
+class SimDevice:
+    key: Ed25519PrivateKey
+    id: str = ""
+    client: SecAggClient | None = None
+    cpu: float = 0.0
+    update: np.ndarray | None = None
+    examples: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _timed(dev: SimDevice, fn: Any, *args: Any) -> Any:
+    t0 = time.thread_time()
+    try:
+        return fn(*args)
+    finally:
+        dev.cpu += time.thread_time() - t0
+
+
+def simulate(
+    *,
+    devices: int,
+    params: int,
+    dropout: float = 0.0,
+    drop_after: str = "masked_input",
+    seed: int = 0,
+    clip: float = 0.5,
+    bits: int = 16,
+    k: int | None = None,
+    t: int | None = None,
+) -> dict[str, Any]:
+    """One statistics round and one SecAgg+ training round; returns the figures of the training round."""
+    if devices < 2:
+        raise SimulationError("--devices must be at least 2")
+    if not 0 <= dropout < 1:
+        raise SimulationError("--dropout must be in [0, 1)")
+    if drop_after not in DROP_POINTS:
+        raise SimulationError(f"--drop-after must be one of {', '.join(DROP_POINTS)}")
+    n_drop = int(round(devices * dropout))
+    rng = np.random.default_rng(seed)
+    with tempfile.TemporaryDirectory(prefix="aicfl-sim-") as tmp:
+        engine = make_engine(f"sqlite:///{Path(tmp) / 'sim.db'}")
+        migrate(engine)
+        clock = VirtualClock()
+        fed = Federation(
+            session_factory(engine),
+            LocalBlobStore(Path(tmp) / "blobs"),
+            Ed25519PrivateKey.generate(),
+            EngineSettings(eligibility_window=3600),
+            clock=clock,
+        )
+        try:
+            return _run(fed, clock, devices, params, n_drop, drop_after, rng, clip, bits, k, t)
+        finally:
+            engine.dispose()
+
+
+def _run(
+    fed: Federation,
+    clock: VirtualClock,
+    n: int,
+    params: int,
+    n_drop: int,
+    drop_after: str,
+    rng: np.random.Generator,
+    clip: float,
+    bits: int,
+    k: int | None,
+    t: int | None,
+) -> dict[str, Any]:
+    with fed.write() as s:
+        tokens = auth.create_enrollment_tokens(s, n, 3600, "simulate")
+    devs = [SimDevice(Ed25519PrivateKey.generate()) for _ in range(n)]
+    for d, tok in zip(devs, tokens, strict=True):
+        with fed.write() as s:
+            d.id = auth.enroll_device(s, tok, b64e(public_key_bytes(d.key)), "sim", "simulate").id
+    hidden = hidden_for(params)
+    spec = {
+        "name": "simulate",
+        "rounds": 1,
+        "seed": 1,
+        "data": SCHEMA,
+        "model": {"zoo": "mlp", "hidden": hidden},
+        "cohort": {
+            "target": n,
+            "minimum": max(1, n - n_drop),
+            "stage_timeout": STAGE_TIMEOUT,
+            "selection_timeout": 1,
+        },
+        "evaluation": {"federated": False},
+        "secure": True,
+        "secagg": {
+            "dropout": max(0.2, n_drop / n + 0.05) if n_drop else 0.2,
+            "clip": clip,
+            "bits": bits,
+            "k": k,
+            "t": t,
+        },
+    }
+    job = fed.submit_job(spec, "simulate")
+    coord_cpu = [0.0]
+
+    def coord(fn: Any, *args: Any) -> Any:
+        t0 = time.thread_time()
+        try:
+            return fn(*args)
+        finally:
+            coord_cpu[0] += time.thread_time() - t0
+
+    def task(d: SimDevice) -> Task | None:
+        return coord(fed.checkin, d.id, CheckinRequest()).task
+
+    # Statistics round (plain sums of a few synthetic rows), which makes version 0.
+    frame = pd.DataFrame(
+        {"a": rng.normal(size=32), "b": rng.normal(size=32), "y": rng.integers(0, 2, 32).astype(str)}
+    )
+    stats = {"statistics": local_statistics(frame, DataSchema.model_validate(SCHEMA))}
+    for d in devs:
+        task(d)
+    fed.tick()
+    for d in devs:
+        tk = task(d)
+        assert tk is not None
+        fed.handle_configure(d.id, tk.round_id, ConfigureMessage(accepted=True, rows=32))
+    for d in devs:
+        tk = task(d)
+        assert tk is not None
+        fed.handle_input_json(d.id, tk.round_id, stats)
+
+    # The secure training round.
+    n_params = parameter_count(architecture(ModelSpec(hidden=hidden), 2, 1))
+    fed.tick()
+    dropped = {d.id for d in devs[:n_drop]} if n_drop else set()
+    t_round = time.perf_counter()
+    coord_cpu[0] = 0.0
+
+    def stage(name: str, act: Any) -> None:
+        for d in devs:
+            if d.id in dropped and DROP_POINTS.index(drop_after) < (DROP_POINTS + ("unmask",)).index(name):
+                continue
+            tk = task(d)
+            if tk is None or tk.stage != name:
+                continue
+            act(d, tk)
+        _expire_if_waiting(fed, clock, job.id, name, coord)
+
+    def configure(d: SimDevice, tk: Task) -> None:
+        coord(fed.handle_configure, d.id, tk.round_id, ConfigureMessage(accepted=True, rows=64))
+
+    def advertise(d: SimDevice, tk: Task) -> None:
+        info = tk.secagg or {}
+        d.client = SecAggClient(
+            d.id, base64.b64decode(info["context"]), SecAggParams(**info["params"]), d.key.sign
+        )
+        msg = _timed(d, d.client.advertise)
+        coord(fed.handle_secure_json, d.id, tk.round_id, "advertise_keys", msg)
+
+    def share(d: SimDevice, tk: Task) -> None:
+        info = tk.secagg or {}
+        ids = info.get("identity_keys", {})
+
+        def verify(who: str, message: bytes, signature: bytes) -> bool:
+            try:
+                load_public_key(ids[who]).verify(signature, message)
+            except Exception:  # noqa: BLE001
+                return False
+            return True
+
+        assert d.client is not None
+        cts = _timed(d, d.client.share_keys, info.get("neighbours", {}), verify)
+        coord(fed.handle_secure_json, d.id, tk.round_id, "share_keys", {"ciphertexts": cts})
+
+    def masked(d: SimDevice, tk: Task) -> None:
+        assert d.client is not None
+        d.update = rng.normal(0, clip / 4, n_params).astype(np.float32)
+        d.examples = int(rng.integers(16, 256))
+        qrng = np.random.Generator(np.random.PCG64(int.from_bytes(os.urandom(16), "little")))
+        x = _timed(d, weighted_input, d.update, d.examples, d.client.params, qrng)
+        y = _timed(d, d.client.masked_input, x, (tk.secagg or {}).get("ciphertexts", {}))
+        body = _timed(
+            d,
+            codec.encode,
+            {
+                "kind": "masked_input",
+                "round_id": tk.round_id,
+                "train_loss": 0.0,
+                "metrics": {},
+                "holdout_examples": 0,
+            },
+            y,
+        )
+        coord(fed.handle_masked_input, d.id, tk.round_id, body)
+
+    def unmask(d: SimDevice, tk: Task) -> None:
+        assert d.client is not None
+        info = tk.secagg or {}
+        me = {d.id}
+        shares = _timed(
+            d, d.client.unmask, set(info.get("survivors", [])) - me, set(info.get("dropped", [])) - me
+        )
+        coord(fed.handle_secure_json, d.id, tk.round_id, "unmask", {"shares": shares})
+
+    stage("configure", configure)
+    stage("advertise_keys", advertise)
+    stage("share_keys", share)
+    stage("masked_input", masked)
+    stage("unmask", unmask)
+    round_seconds = time.perf_counter() - t_round
+
+    with fed.read() as s:
+        r = s.query(Round).filter(Round.job_id == job.id, Round.kind == "train").one()
+        status, reason, metrics = r.status, r.reason, dict(r.metrics or {})
+        versions = registry.list_versions(s, job.id)
+        v0 = registry.load_vector(fed.blobs, versions[0])[1]
+        v1 = registry.load_vector(fed.blobs, versions[1])[1] if len(versions) > 1 else None
+        agg_seconds = r.aggregation_seconds
+    survivors = [d for d in devs if d.update is not None]
+    out: dict[str, Any] = {
+        "devices": n,
+        "params": n_params,
+        "dropped": len(dropped),
+        "drop_after": drop_after if dropped else None,
+        "status": status,
+        "round_seconds": round_seconds,
+        "coordinator_cpu_seconds": coord_cpu[0],
+        "client_cpu_seconds": float(np.mean([d.cpu for d in devs if d.id not in dropped])) if devs else 0.0,
+        "aggregation_seconds": agg_seconds,
+        "unmask_seconds": metrics.get("unmask_seconds"),
+    }
+    if status != "completed" or v1 is None:
+        out.update(max_abs_error=None, exact=False, reason=reason)
+        return out
+    weights = np.array([d.examples for d in survivors], dtype=np.float64)
+    updates = np.stack(
+        [np.clip(d.update, -clip, clip).astype(np.float64) for d in survivors if d.update is not None]
+    )
+    plain = (weights[:, None] * updates).sum(axis=0) / weights.sum()
+    err = float(np.max(np.abs((v1.astype(np.float64) - v0.astype(np.float64)) - plain)))
+    bound = quantisation_bound(clip, bits) + 1e-6  # plus float32 rounding of the stored model
+    out.update(
+        max_abs_error=err, exact=bool(err <= bound), quantisation_bound=bound, participants=len(survivors)
+    )
+    return out
+
+
+def _expire_if_waiting(fed: Federation, clock: VirtualClock, job_id: int, stage: str, coord: Any) -> None:
+    """If the round still waits in ``stage`` (someone dropped), let its deadline pass and drive it on."""
+    with fed.read() as s:
+        r = s.query(Round).filter(Round.job_id == job_id, Round.kind == "train").one()
+        waiting = r.status == "running" and r.stage == stage
+    if waiting:
+        clock.advance(STAGE_TIMEOUT + 1)
+        coord(fed.tick)
