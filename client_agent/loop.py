@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import resource
 import signal
@@ -111,6 +112,10 @@ class Agent:
         if task.stage in self.state.stages_sent:
             self.stop.wait(0.5)
             return
+        crash_at = os.environ.get("AICFL_AGENT_CRASH_AT")  # fault injection for tests: "ROUND:STAGE"
+        if crash_at and crash_at == f"{task.round}:{task.stage}":
+            log.error("AICFL_AGENT_CRASH_AT=%s: exiting abruptly", crash_at)
+            os._exit(17)
         path = f"/v1/device/rounds/{task.round_id}/{task.stage}"
         log.info("job %s round %s (%s): stage %s", task.job_id, task.round, task.kind, task.stage)
         try:

@@ -155,10 +155,13 @@ class Coordinator:
         assert out.returncode == 0, out.stderr
         return home
 
-    def run_agent(self, home: Path) -> subprocess.Popen[bytes]:
+    def run_agent(self, home: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         with open(home.parent / f"{home.name}.log", "ab") as fh:
             proc = subprocess.Popen(
-                py("client_agent", "run", "--home", str(home)), stdout=fh, stderr=subprocess.STDOUT, env=ENV
+                py("client_agent", "run", "--home", str(home)),
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env={**ENV, **(env or {})},
             )
         self.agents.append(proc)
         return proc
