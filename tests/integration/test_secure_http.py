@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import sqlite3
@@ -162,7 +163,7 @@ def test_coordinator_never_holds_a_plaintext_update(coord: Coordinator) -> None:
             elif t["stage"] == "share_keys":
                 ids = info["identity_keys"]
 
-                def verify(who: str, msg: bytes, sig: bytes) -> bool:
+                def verify(who: str, msg: bytes, sig: bytes, ids: dict = ids) -> bool:
                     try:
                         load_public_key(ids[who]).verify(sig, msg)
                         return True
@@ -236,8 +237,6 @@ def _decoded_b64(raw: bytes) -> bytes:
 
     out = []
     for m in re.finditer(rb"[A-Za-z0-9+/]{88,}={0,2}", raw):
-        try:
+        with contextlib.suppress(ValueError):
             out.append(base64.b64decode(m.group(0) + b"=" * (-len(m.group(0)) % 4)))
-        except ValueError:
-            pass
     return b"".join(out)
