@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator import registry, secure
@@ -109,6 +109,7 @@ class Federation:
         self._reference: dict[str, Any] = {}
         # The newest version of each job, as registered here: the next round starts from it.
         self._latest: dict[int, tuple[str, dict[str, Any], np.ndarray]] = {}
+        self._model_refs: dict[tuple[int, int], ModelRef] = {}
 
     # -- plumbing ---------------------------------------------------------
 
@@ -187,10 +188,13 @@ class Federation:
             device = s.get(Device, device_id)
             if device is None:  # pragma: no cover - authenticated before
                 raise NotFound("unknown device")
-            device.last_seen = now
-            if req.agent_version:
+            # Write the device row only when something changed or a second has passed:
+            # check-ins are the coordinator's most frequent request.
+            if device.last_seen is None or now - device.last_seen >= 1.0:
+                device.last_seen = now
+            if req.agent_version and req.agent_version != device.agent_version:
                 device.agent_version = req.agent_version
-            if req.peak_rss_mb is not None:
+            if req.peak_rss_mb is not None and req.peak_rss_mb != device.peak_rss_mb:
                 device.peak_rss_mb = req.peak_rss_mb
             rows = s.execute(
                 select(Participant, Round)
@@ -216,8 +220,12 @@ class Federation:
         job = self._job(s, r.job_id)
         model = None
         if r.model_version_in is not None:
-            mv = registry.get_version(s, job.id, r.model_version_in)
-            model = ModelRef(version=mv.version, sha256=mv.sha256, signature=mv.signature, size=mv.size)
+            key = (job.id, r.model_version_in)
+            model = self._model_refs.get(key)
+            if model is None:  # versions never change once written
+                mv = registry.get_version(s, job.id, r.model_version_in)
+                model = ModelRef(version=mv.version, sha256=mv.sha256, signature=mv.signature, size=mv.size)
+                self._model_refs[key] = model
         return Task(
             round_id=r.id,
             job_id=job.id,
@@ -291,7 +299,7 @@ class Federation:
                     round_id=round_id, device_id=device_id, stage="configure", payload=msg.model_dump()
                 )
             )
-            self._drive(s, r, now)
+            self._maybe_drive(s, r, now)
 
     def handle_input_json(self, device_id: str, round_id: int, body: dict[str, Any]) -> None:
         now = self.clock()
@@ -313,7 +321,7 @@ class Federation:
                 raise Invalid(f"{r.kind} message: {err}") from None
             s.add(RoundMessage(round_id=round_id, device_id=device_id, stage="input", payload=payload))
             p.stage_done = "input"
-            self._drive(s, r, now)
+            self._maybe_drive(s, r, now)
 
     def handle_update(self, device_id: str, round_id: int, body: bytes) -> None:
         """A device's model update: checked, stored, added to the running sum."""
@@ -343,12 +351,26 @@ class Federation:
         with self.write() as s:
             r = s.scalar(self._lock(select(Round).where(Round.id == round_id)))
             if r is not None and r.status == "running":
-                self._drive(s, r, self.clock())
+                self._maybe_drive(s, r, self.clock())
 
     # -- secure rounds (SecAgg+) ---------------------------------------------
 
-    def _exclude(self, device_id: str, round_id: int, reason: str) -> None:
+    def _exclude_in(self, s: Session, r: Round, p: Participant, reason: str) -> None:
         """Take a device out of a secure round for a message that cannot be used; the round goes on."""
+        p.status = EXCLUDED
+        p.reason = reason[:2000]
+        s.add(
+            Event(
+                actor="coordinator",
+                action="participant.exclude",
+                target=f"{r.job_id}/{r.number}/{p.device_id}",
+                detail={"reason": reason[:500]},
+            )
+        )
+        log.warning("job %s round %s: excluded %s: %s", r.job_id, r.number, p.device_id, reason)
+        self._drive(s, r, self.clock())
+
+    def _exclude(self, device_id: str, round_id: int, reason: str) -> None:
         with self.write() as s:
             r = s.scalar(self._lock(select(Round).where(Round.id == round_id)))
             p = s.scalar(
@@ -356,101 +378,89 @@ class Federation:
                     Participant.round_id == round_id, Participant.device_id == device_id
                 )
             )
-            if r is None or p is None or p.status != ACTIVE or r.status != "running":
-                return
-            p.status = EXCLUDED
-            p.reason = reason[:2000]
-            s.add(
-                Event(
-                    actor="coordinator",
-                    action="participant.exclude",
-                    target=f"{r.job_id}/{r.number}/{device_id}",
-                    detail={"reason": reason[:500]},
-                )
-            )
-            log.warning("job %s round %s: excluded %s: %s", r.job_id, r.number, device_id, reason)
-            self._drive(s, r, self.clock())
+            if r is not None and p is not None and p.status == ACTIVE and r.status == "running":
+                self._exclude_in(s, r, p, reason)
 
-    def _secure_participation(self, device_id: str, round_id: int, stage: str) -> tuple[Round, Participant]:
-        """Like :meth:`_participation`, but a message for another stage excludes the device."""
-        with self.read() as s:
-            r = s.get(Round, round_id)
-            p = s.scalar(
-                select(Participant).where(
-                    Participant.round_id == round_id, Participant.device_id == device_id
-                )
-            )
-            if (
-                r is not None
-                and p is not None
-                and r.status == "running"
-                and p.status == ACTIVE
-                and r.secure
-                and r.stage != stage
-            ):
-                out_of_stage = f"sent a {stage!r} message while the round is in stage {r.stage!r}"
-            else:
-                out_of_stage = None
-        if out_of_stage:
-            self._exclude(device_id, round_id, out_of_stage)
-            raise Conflict(f"device {device_id} excluded from round {round_id}: {out_of_stage}")
-        with self.read() as s:
-            r, p = self._participation(s, device_id, round_id, stage, self.clock())
-            if not r.secure:
-                raise Invalid(f"round {round_id} does not use secure aggregation")
-            return r, p
+    def _secure_message(
+        self, s: Session, device_id: str, round_id: int, stage: str
+    ) -> tuple[Round, Participant, str | None]:
+        """The round and participant for a secure-stage message, or the reason to exclude its sender."""
+        r = s.scalar(self._lock(select(Round).where(Round.id == round_id)))
+        if r is not None and not r.secure:
+            raise Invalid(f"round {round_id} does not use secure aggregation")
+        p = s.scalar(
+            select(Participant).where(Participant.round_id == round_id, Participant.device_id == device_id)
+        )
+        if (
+            r is not None
+            and p is not None
+            and r.status == "running"
+            and p.status == ACTIVE
+            and r.stage != stage
+        ):
+            return r, p, f"sent a {stage!r} message while the round is in stage {r.stage!r}"
+        r, p = self._participation(s, device_id, round_id, stage, self.clock())
+        return r, p, None
 
     def handle_secure_json(
         self, device_id: str, round_id: int, stage: str, raw: bytes | dict[str, Any]
     ) -> None:
-        """advertise_keys, share_keys or unmask: checked, stored, and the round driven on."""
+        """advertise_keys, share_keys or unmask: checked, stored, and the round driven on.
+
+        A message that is malformed, wrongly signed, addressed wrongly or sent
+        in another stage excludes its sender from the round (reason recorded);
+        it never reaches the arithmetic.
+        """
         if stage not in secure.JSON_STAGES:
             raise NotFound(f"no stage {stage!r} takes a JSON message")
-        self._secure_participation(device_id, round_id, stage)
-        refused = None
         body: Any = raw
         if isinstance(raw, bytes | bytearray):
             try:
                 body = json.loads(raw or b"{}")
             except (ValueError, RecursionError):
                 body = None
-        if not isinstance(body, dict):
-            self._exclude(device_id, round_id, f"{stage} message refused: not a JSON object")
-            raise Invalid(f"{stage} message refused, device excluded from the round: not a JSON object")
+        problem: str | None = None
         with self.write() as s:
-            r, p = self._participation(s, device_id, round_id, stage, self.clock())
-            sr = secure.SecureRound(s, r)
-            try:
-                if stage == "advertise_keys":
-                    payload = sr.check_advertise(s, device_id, body)
-                elif stage == "share_keys":
-                    payload = sr.check_share_keys(device_id, body)
+            r, p, problem = self._secure_message(s, device_id, round_id, stage)
+            if problem is None and not isinstance(body, dict):
+                problem = f"{stage} message refused: not a JSON object"
+            if problem is None:
+                sr = secure.SecureRound(s, r)
+                try:
+                    if stage == "advertise_keys":
+                        payload = sr.check_advertise(s, device_id, body)
+                    elif stage == "share_keys":
+                        payload = sr.check_share_keys(device_id, body)
+                    else:
+                        payload = sr.check_unmask(device_id, body)
+                except secure.Refused as err:
+                    problem = f"{stage} message refused: {err}"
                 else:
-                    payload = sr.check_unmask(device_id, body)
-            except secure.Refused as err:
-                refused = str(err)
-            else:
-                s.add(RoundMessage(round_id=round_id, device_id=device_id, stage=stage, payload=payload))
-                p.stage_done = stage
-                self._drive(s, r, self.clock())
-        if refused is not None:
-            self._exclude(device_id, round_id, f"{stage} message refused: {refused}")
-            raise Invalid(f"{stage} message refused, device excluded from the round: {refused}")
+                    s.add(RoundMessage(round_id=round_id, device_id=device_id, stage=stage, payload=payload))
+                    p.stage_done = stage
+                    self._maybe_drive(s, r, self.clock())
+            if problem is not None:
+                self._exclude_in(s, r, p, problem)
+        if problem is not None:
+            raise Invalid(f"device excluded from round {round_id}: {problem}")
 
     def handle_masked_input(self, device_id: str, round_id: int, body: bytes) -> None:
         """A masked vector: checked, stored (it reveals nothing alone) and added to the running sum."""
-        r, _ = self._secure_participation(device_id, round_id, "masked_input")
+        problem: str | None = None
         with self.read() as s:
+            r, _, problem = self._secure_message(s, device_id, round_id, "masked_input")
             numel = int(registry.get_version(s, r.job_id, r.model_version_in).num_parameters) + 1
-        try:
-            header, vec = codec.decode(body, expected_numel=numel, dtype="uint64")
-            if header.get("kind") != "masked_input":
-                raise Invalid("header kind must be 'masked_input'")
-            meta = _check_update_header({**header, "kind": "update", "num_examples": 1}, round_id)
-        except (codec.CodecError, Invalid, Conflict) as err:
-            detail = getattr(err, "detail", str(err))
-            self._exclude(device_id, round_id, f"masked input refused: {detail}")
-            raise Invalid(f"masked input refused, device excluded from the round: {detail}") from None
+        if problem is None:
+            try:
+                header, vec = codec.decode(body, expected_numel=numel, dtype="uint64")
+                if header.get("kind") != "masked_input":
+                    raise Invalid("header kind must be 'masked_input'")
+                meta = _check_update_header({**header, "kind": "update", "num_examples": 1}, round_id)
+            except (codec.CodecError, Invalid, Conflict) as err:
+                problem = f"masked input refused: {getattr(err, 'detail', str(err))}"
+        if problem is not None:
+            self._exclude(device_id, round_id, problem)
+            raise Invalid(f"device excluded from round {round_id}: {problem}")
         meta.pop("num_examples")
         sha = self.blobs.put(body)
         with self.write() as s:
@@ -469,7 +479,7 @@ class Federation:
         with self.write() as s:
             r = s.scalar(self._lock(select(Round).where(Round.id == round_id)))
             if r is not None and r.status == "running":
-                self._drive(s, r, self.clock())
+                self._maybe_drive(s, r, self.clock())
 
     def _accumulate(self, round_id: int, device_id: str, vec: np.ndarray, n: int) -> None:
         with self._acc_lock:
@@ -510,6 +520,20 @@ class Federation:
                 self._drive(s, current, now)
                 return
             self._open_round(s, job, now)
+
+    def _maybe_drive(self, s: Session, r: Round, now: float) -> None:
+        """Drive the round only if this message may have completed its stage (the ticker handles deadlines)."""
+        waiting = s.scalar(
+            select(func.count())
+            .select_from(Participant)
+            .where(
+                Participant.round_id == r.id,
+                Participant.status == ACTIVE,
+                (Participant.stage_done.is_(None)) | (Participant.stage_done != r.stage),
+            )
+        )
+        if not waiting or now >= r.stage_deadline:
+            self._drive(s, r, now)
 
     def _drive(self, s: Session, r: Round, now: float) -> None:
         parts = list(s.scalars(select(Participant).where(Participant.round_id == r.id)))

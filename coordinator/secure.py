@@ -60,25 +60,63 @@ def setup(cohort: list[str], spec: SecAggSpec, job_id: int, number: int) -> dict
     }
 
 
+_GRAPHS: dict[tuple[int, str], dict[str, list[str]]] = {}
+
+
+def _graph(round_id: int, info: dict[str, Any], k: int) -> dict[str, list[str]]:
+    """The round's neighbour graph, computed once per process (it depends only on the round's rows)."""
+    key = (round_id, info["seed"])
+    graph = _GRAPHS.get(key)
+    if graph is None:
+        if len(_GRAPHS) > 256:
+            _GRAPHS.clear()
+        graph = _GRAPHS[key] = neighbour_graph(info["cohort"], k, base64.b64decode(info["seed"]))
+    return graph
+
+
 class SecureRound:
-    """A view of one secure round's state, rebuilt from its rows."""
+    """A view of one secure round's state; it reads only the rows each question needs."""
 
     def __init__(self, s: Session, r: Round):
+        self.s = s
         self.r = r
         info = r.secagg or {}
         self.params = SecAggParams(**info["params"])
         self.context = base64.b64decode(info["context"])
         self.cohort: list[str] = info["cohort"]
-        self.graph = neighbour_graph(self.cohort, self.params.k, base64.b64decode(info["seed"]))
-        self.messages: dict[str, dict[str, RoundMessage]] = {}
-        for m in s.scalars(select(RoundMessage).where(RoundMessage.round_id == r.id)):
-            self.messages.setdefault(m.stage, {})[m.device_id] = m
+        self.graph = _graph(r.id, info, self.params.k)
+        self._sent: dict[str, set[str]] = {}
+        self._all: dict[str, dict[str, RoundMessage]] = {}
 
     def sent(self, stage: str) -> set[str]:
-        return set(self.messages.get(stage, {}))
+        """Devices whose message for ``stage`` was accepted."""
+        if stage not in self._sent:
+            self._sent[stage] = set(
+                self.s.scalars(
+                    select(RoundMessage.device_id).where(
+                        RoundMessage.round_id == self.r.id, RoundMessage.stage == stage
+                    )
+                )
+            )
+        return self._sent[stage]
 
-    def payload(self, stage: str, device: str) -> dict[str, Any]:
-        return self.messages[stage][device].payload
+    def payloads(self, stage: str, devices: Any = None) -> dict[str, dict[str, Any]]:
+        """The messages of ``stage``, of ``devices`` only when given."""
+        q = select(RoundMessage.device_id, RoundMessage.payload).where(
+            RoundMessage.round_id == self.r.id, RoundMessage.stage == stage
+        )
+        if devices is not None:
+            q = q.where(RoundMessage.device_id.in_(list(devices)))
+        rows: list[Any] = list(self.s.execute(q).all())
+        return {str(d): dict(p) for d, p in rows}
+
+    @property
+    def messages(self) -> dict[str, dict[str, RoundMessage]]:
+        """Every message of the round, by stage (for the final unmasking)."""
+        if not self._all:
+            for m in self.s.scalars(select(RoundMessage).where(RoundMessage.round_id == self.r.id)):
+                self._all.setdefault(m.stage, {})[m.device_id] = m
+        return self._all
 
     def task(self, s: Session, device: str) -> dict[str, Any]:
         """What ``device`` needs for the round's current stage."""
@@ -86,16 +124,16 @@ class SecureRound:
         stage = self.r.stage
         mine = self.graph.get(device, [])
         if stage == "share_keys":
-            advertised = self.sent("advertise_keys")
-            peers = [v for v in mine if v in advertised]
-            out["neighbours"] = {v: self.payload("advertise_keys", v) for v in peers}
-            keys = dict(s.execute(select(Device.id, Device.public_key).where(Device.id.in_(peers))).all())
-            out["identity_keys"] = keys
+            out["neighbours"] = self.payloads("advertise_keys", mine)
+            peers = list(out["neighbours"])
+            out["identity_keys"] = dict(
+                s.execute(select(Device.id, Device.public_key).where(Device.id.in_(peers))).all()
+            )
         elif stage == "masked_input":
             out["ciphertexts"] = {
-                v: self.payload("share_keys", v)["ciphertexts"][device]
-                for v in mine
-                if v in self.sent("share_keys") and device in self.payload("share_keys", v)["ciphertexts"]
+                v: p["ciphertexts"][device]
+                for v, p in self.payloads("share_keys", mine).items()
+                if device in p["ciphertexts"]
             }
         elif stage == "unmask":
             u2, u3 = self.sent("share_keys"), self.sent("masked_input")
@@ -120,8 +158,7 @@ class SecureRound:
         try:
             keys = verify_advertisement(self.context, device, body, verify)
             others = {
-                d: (b64d(p.payload["c_pk"]), b64d(p.payload["s_pk"]))
-                for d, p in self.messages.get("advertise_keys", {}).items()
+                d: (b64d(p["c_pk"]), b64d(p["s_pk"])) for d, p in self.payloads("advertise_keys").items()
             }
             check_distinct_keys({**others, device: keys})
         except (SecAggError, SignatureError) as err:
