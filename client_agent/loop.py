@@ -129,9 +129,8 @@ class Agent:
             elif task.stage == "share_keys":
                 self.client.post_json(path, self.worker.share_keys(task))
             elif task.stage == "masked_input":
-                self.client.request(
-                    "POST", path, self.worker.masked_input(task), content_type="application/octet-stream"
-                )
+                work = self.worker.masked_statistics if task.kind == "stats" else self.worker.masked_input
+                self.client.request("POST", path, work(task), content_type="application/octet-stream")
             elif task.stage == "unmask":
                 self.client.post_json(path, self.worker.unmask(task))
             elif task.kind == "stats":

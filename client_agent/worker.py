@@ -20,6 +20,7 @@ import pandas as pd
 from client_agent.transport import SignedClient
 from shared import codec
 from shared.jobspec import JobSpec
+from shared.secagg import statistics as secagg_statistics
 from shared.secagg.params import SecAggParams
 from shared.secagg.protocol import SecAggClient, weighted_input
 from shared.signing import SignatureError, load_public_key, verify_model
@@ -116,7 +117,11 @@ class Worker:
             return ConfigureMessage(accepted=False, reason=f"data does not match the job's schema: {err}")
         except Declined as err:
             return ConfigureMessage(accepted=False, reason=str(err))
-        return ConfigureMessage(accepted=True, rows=len(train))
+        vocab = None
+        if task.kind == "stats" and spec.secure:
+            # The value sets (not their counts) fix the layout of the secure statistics vector.
+            vocab = secagg_statistics.vocabulary(local_statistics(train, spec.data), spec.data)
+        return ConfigureMessage(accepted=True, rows=len(train), vocabulary=vocab)
 
     def statistics(self, task: Task) -> StatsMessage:
         spec = JobSpec.model_validate(task.spec)
@@ -198,6 +203,25 @@ class Worker:
             "train_loss": loss,
             "metrics": metrics,
             "holdout_examples": int(len(holdout)),
+        }
+        return codec.encode(header, masked)
+
+    def masked_statistics(self, task: Task) -> bytes:
+        """Stage 3 of a secure statistics round: the local statistics as a masked integer vector."""
+        client = self._secure_client(task)
+        spec = JobSpec.model_validate(task.spec)
+        train, _ = self._split(spec)
+        info = task.secagg or {}
+        x = secagg_statistics.encode(
+            local_statistics(train, spec.data), spec.data, info.get("vocabulary", {})
+        )
+        masked = client.masked_input(x, info.get("ciphertexts", {}))
+        header = {
+            "kind": "masked_input",
+            "round_id": task.round_id,
+            "train_loss": 0.0,
+            "metrics": {},
+            "holdout_examples": 0,
         }
         return codec.encode(header, masked)
 

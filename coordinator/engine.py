@@ -44,6 +44,7 @@ from coordinator.rounds import (
 from coordinator.strategies import apply_strategy
 from shared import codec
 from shared.jobspec import JobSpec, validate_spec
+from shared.secagg import statistics as secagg_statistics
 from shared.secagg.primitives import SecAggError
 from shared.secagg.protocol import finish as secagg_finish
 from shared.secagg.protocol import unmask_total
@@ -449,7 +450,10 @@ class Federation:
         problem: str | None = None
         with self.read() as s:
             r, _, problem = self._secure_message(s, device_id, round_id, "masked_input")
-            numel = int(registry.get_version(s, r.job_id, r.model_version_in).num_parameters) + 1
+            if r.kind == "stats":
+                numel = len(secure.SecureRound(s, r).layout())
+            else:
+                numel = int(registry.get_version(s, r.job_id, r.model_version_in).num_parameters) + 1
         if problem is None:
             try:
                 header, vec = codec.decode(body, expected_numel=numel, dtype="uint64")
@@ -561,6 +565,8 @@ class Federation:
                 spec = JobSpec.model_validate(job.spec)
                 try:
                     r.secagg = secure.setup(accepted, spec.secagg, job.id, r.number)
+                    if r.kind == "stats":
+                        r.secagg = {**r.secagg, "vocabulary": secure.merged_vocabulary(s, r, accepted)}
                 except ValueError as err:
                     self._abandon(s, r, f"secure aggregation cannot run with {len(accepted)} devices: {err}")
                     return
@@ -685,7 +691,7 @@ class Federation:
             number=job.next_round,
             kind=kind,
             # SecAgg+ parameters and the neighbour graph are fixed once configure says who takes part.
-            secure=kind == "train" and spec.secure,
+            secure=kind in ("train", "stats") and spec.secure,
             secagg=None,
             stage=STAGES[kind][0],
             stage_deadline=now + spec.cohort.stage_timeout,
@@ -710,7 +716,14 @@ class Federation:
             )
         }
         senders = [p.device_id for p in active if p.device_id in msgs]
-        if r.kind == "stats":
+        if r.kind == "stats" and r.secure:
+            sr = secure.SecureRound(s, r)
+            total, _ = self._masked_sum(r, sr, len(sr.layout()))
+            merged = secagg_statistics.decode(
+                unmask_total(total, **sr.reconstruction_inputs()), spec.data, sr.vocabulary
+            )
+            self._finish_stats(s, job, spec, [merged])
+        elif r.kind == "stats":
             self._finish_stats(s, job, spec, [msgs[d].payload["statistics"] for d in senders])
         elif r.kind == "train" and r.secure:
             self._finish_train(s, job, spec, r, [], secure.SecureRound(s, r))
@@ -790,7 +803,10 @@ class Federation:
             acc = self._acc.pop(r.id, None)
         incremental = 0.0
         dtype, numel = (np.uint64, current.size + 1) if sr is not None else (np.float32, current.size)
-        if acc is not None and acc.contributors == ids:
+        if sr is not None:
+            total, incremental = self._masked_sum(r, sr, numel, acc)
+            examples = 0
+        elif acc is not None and acc.contributors == ids:
             total, examples, incremental = acc.total, acc.examples, acc.seconds
         else:
             # Another replica took some vectors, or we restarted: sum from the store.
@@ -870,6 +886,22 @@ class Federation:
         if fed:
             self._record_federated(s, job, current_row.version, fed)
         self._discard_round_data(s, r)
+
+    def _masked_sum(
+        self, r: Round, sr: secure.SecureRound, numel: int, acc: _Accumulator | None = None
+    ) -> tuple[np.ndarray, float]:
+        """The sum modulo 2**64 of the round's masked vectors: the running sum, or from the store."""
+        if acc is None:
+            with self._acc_lock:
+                acc = self._acc.pop(r.id, None)
+        senders = sr.sent("masked_input")
+        if acc is not None and acc.contributors == senders and acc.total.size == numel:
+            return acc.total, acc.seconds
+        total = np.zeros(numel, dtype=np.uint64)
+        for d in sorted(senders):
+            sha = sr.messages["masked_input"][d].blob_sha256 or ""
+            total += codec.decode(self.blobs.get(sha), expected_numel=numel, dtype="uint64")[1]
+        return total, 0.0
 
     def _vector(self, job_id: int, row: ModelVersion) -> tuple[dict[str, Any], np.ndarray]:
         """A version's header and parameters, from memory when this process made it."""

@@ -26,7 +26,7 @@ SECURE_STAGES: tuple[str, ...] = ("configure", "advertise_keys", "share_keys", "
 
 
 def stages_of(kind: str, secure: bool = False) -> tuple[str, ...]:
-    return SECURE_STAGES if secure and kind == "train" else STAGES[kind]
+    return SECURE_STAGES if secure and kind in ("train", "stats") else STAGES[kind]
 
 
 ACTIVE = "active"

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from coordinator.models import Device, Participant, Round, RoundMessage
 from shared.jobspec import SecAggSpec
+from shared.secagg import statistics as secagg_statistics
 from shared.secagg.graph import neighbour_graph
 from shared.secagg.params import SecAggParams, derive_params
 from shared.secagg.primitives import SecAggError
@@ -60,6 +61,22 @@ def setup(cohort: list[str], spec: SecAggSpec, job_id: int, number: int) -> dict
     }
 
 
+def merged_vocabulary(s: Session, r: Round, accepted: list[str]) -> dict[str, list[str]]:
+    """A statistics round's vocabulary: the union of the value sets the accepting devices named."""
+    rows = s.execute(
+        select(RoundMessage.payload).where(
+            RoundMessage.round_id == r.id,
+            RoundMessage.stage == "configure",
+            RoundMessage.device_id.in_(accepted),
+        )
+    ).all()
+    try:
+        payloads: list[Any] = [p for (p,) in rows]
+        return secagg_statistics.merge_vocabularies([p.get("vocabulary") or {} for p in payloads])
+    except secagg_statistics.StatisticsEncodingError as err:
+        raise ValueError(str(err)) from None
+
+
 _GRAPHS: dict[tuple[int, str], dict[str, list[str]]] = {}
 
 
@@ -87,6 +104,16 @@ class SecureRound:
         self.graph = _graph(r.id, info, self.params.k)
         self._sent: dict[str, set[str]] = {}
         self._all: dict[str, dict[str, RoundMessage]] = {}
+        self.vocabulary: dict[str, list[str]] = info.get("vocabulary") or {}
+
+    def layout(self) -> list[tuple[str, str, str]]:
+        """A statistics round's vector layout (from the job's schema and the merged vocabulary)."""
+        from coordinator.models import Job
+        from shared.jobspec import JobSpec
+
+        job = self.s.get(Job, self.r.job_id)
+        assert job is not None
+        return secagg_statistics.layout(JobSpec.model_validate(job.spec).data, self.vocabulary)
 
     def sent(self, stage: str) -> set[str]:
         """Devices whose message for ``stage`` was accepted."""
@@ -121,6 +148,8 @@ class SecureRound:
     def task(self, s: Session, device: str) -> dict[str, Any]:
         """What ``device`` needs for the round's current stage."""
         out: dict[str, Any] = {"params": asdict(self.params), "context": self.r.secagg["context"]}  # type: ignore[index]
+        if self.r.kind == "stats":
+            out["vocabulary"] = self.vocabulary
         stage = self.r.stage
         mine = self.graph.get(device, [])
         if stage == "share_keys":

@@ -30,6 +30,7 @@ from coordinator.models import Round
 from coordinator.store import make_engine, migrate, session_factory
 from shared import codec
 from shared.jobspec import DataSchema, ModelSpec
+from shared.secagg import statistics as secagg_statistics
 from shared.secagg.params import SecAggParams
 from shared.secagg.protocol import SecAggClient, weighted_input
 from shared.secagg.quantize import quantisation_bound
@@ -183,29 +184,18 @@ def _run(
     def task(d: SimDevice) -> Task | None:
         return coord(fed.checkin, d.id, CheckinRequest()).task
 
-    # Statistics round (plain sums of a few synthetic rows), which makes version 0.
+    # The statistics round (secure too), over a few synthetic rows per device; it makes version 0.
+    schema = DataSchema.model_validate(SCHEMA)
     frame = pd.DataFrame(
         {"a": rng.normal(size=32), "b": rng.normal(size=32), "y": rng.integers(0, 2, 32).astype(str)}
     )
-    stats = {"statistics": local_statistics(frame, DataSchema.model_validate(SCHEMA))}
+    local = local_statistics(frame, schema)
+    n_params = parameter_count(architecture(ModelSpec(hidden=hidden), 2, 1))
+    dropped: set[str] = set()
+    kind = ["stats"]
     for d in devs:
         task(d)
     fed.tick()
-    for d in devs:
-        tk = task(d)
-        assert tk is not None
-        fed.handle_configure(d.id, tk.round_id, ConfigureMessage(accepted=True, rows=32))
-    for d in devs:
-        tk = task(d)
-        assert tk is not None
-        fed.handle_input_json(d.id, tk.round_id, stats)
-
-    # The secure training round.
-    n_params = parameter_count(architecture(ModelSpec(hidden=hidden), 2, 1))
-    fed.tick()
-    dropped = {d.id for d in devs[:n_drop]} if n_drop else set()
-    t_round = time.perf_counter()
-    coord_cpu[0] = 0.0
 
     def stage(name: str, act: Any) -> None:
         for d in devs:
@@ -215,10 +205,16 @@ def _run(
             if tk is None or tk.stage != name:
                 continue
             act(d, tk)
-        _expire_if_waiting(fed, clock, job.id, name, coord)
+        _expire_if_waiting(fed, clock, job.id, kind[0], name, coord)
 
     def configure(d: SimDevice, tk: Task) -> None:
-        coord(fed.handle_configure, d.id, tk.round_id, ConfigureMessage(accepted=True, rows=64))
+        vocab = secagg_statistics.vocabulary(local, schema) if tk.kind == "stats" else None
+        coord(
+            fed.handle_configure,
+            d.id,
+            tk.round_id,
+            ConfigureMessage(accepted=True, rows=64, vocabulary=vocab),
+        )
 
     def advertise(d: SimDevice, tk: Task) -> None:
         info = tk.secagg or {}
@@ -245,6 +241,18 @@ def _run(
 
     def masked(d: SimDevice, tk: Task) -> None:
         assert d.client is not None
+        if tk.kind == "stats":
+            x = secagg_statistics.encode(local, schema, (tk.secagg or {})["vocabulary"])
+            y = d.client.masked_input(x, (tk.secagg or {}).get("ciphertexts", {}))
+            header = {
+                "kind": "masked_input",
+                "round_id": tk.round_id,
+                "train_loss": 0.0,
+                "metrics": {},
+                "holdout_examples": 0,
+            }
+            coord(fed.handle_masked_input, d.id, tk.round_id, codec.encode(header, y))
+            return
         d.update = rng.normal(0, clip / 4, n_params).astype(np.float32)
         d.examples = int(rng.integers(16, 256))
         qrng = np.random.Generator(np.random.PCG64(int.from_bytes(os.urandom(16), "little")))
@@ -273,11 +281,25 @@ def _run(
         )
         coord(fed.handle_secure_json, d.id, tk.round_id, "unmask", {"shares": shares})
 
-    stage("configure", configure)
-    stage("advertise_keys", advertise)
-    stage("share_keys", share)
-    stage("masked_input", masked)
-    stage("unmask", unmask)
+    def run_round() -> None:
+        for name, act in (
+            ("configure", configure),
+            ("advertise_keys", advertise),
+            ("share_keys", share),
+            ("masked_input", masked),
+            ("unmask", unmask),
+        ):
+            stage(name, act)
+
+    run_round()  # statistics
+    for d in devs:
+        d.cpu, d.client = 0.0, None
+    fed.tick()
+    dropped = {d.id for d in devs[:n_drop]} if n_drop else set()
+    kind[0] = "train"
+    t_round = time.perf_counter()
+    coord_cpu[0] = 0.0
+    run_round()  # the measured training round
     round_seconds = time.perf_counter() - t_round
 
     with fed.read() as s:
@@ -316,10 +338,12 @@ def _run(
     return out
 
 
-def _expire_if_waiting(fed: Federation, clock: VirtualClock, job_id: int, stage: str, coord: Any) -> None:
+def _expire_if_waiting(
+    fed: Federation, clock: VirtualClock, job_id: int, kind: str, stage: str, coord: Any
+) -> None:
     """If the round still waits in ``stage`` (someone dropped), let its deadline pass and drive it on."""
     with fed.read() as s:
-        r = s.query(Round).filter(Round.job_id == job_id, Round.kind == "train").one()
+        r = s.query(Round).filter(Round.job_id == job_id, Round.kind == kind).one()
         waiting = r.status == "running" and r.stage == stage
     if waiting:
         clock.advance(STAGE_TIMEOUT + 1)

@@ -70,6 +70,10 @@ class ConfigureMessage(_Msg):
     accepted: bool
     reason: str | None = Field(default=None, max_length=2000)
     rows: int = Field(default=0, ge=0)
+    vocabulary: dict[str, list[str]] | None = Field(
+        default=None,
+        description="secure statistics rounds: the category values and labels the device holds (no counts)",
+    )
 
 
 class StatsMessage(_Msg):
