@@ -32,6 +32,7 @@ from shared import codec
 from shared.jobspec import DataSchema, ModelSpec
 from shared.secagg import statistics as secagg_statistics
 from shared.secagg.params import SecAggParams
+from shared.secagg.primitives import SecAggError
 from shared.secagg.protocol import SecAggClient, weighted_input
 from shared.secagg.quantize import quantisation_bound
 from shared.signing import b64e, load_public_key, public_key_bytes
@@ -204,7 +205,10 @@ def _run(
             tk = task(d)
             if tk is None or tk.stage != name:
                 continue
-            act(d, tk)
+            try:
+                act(d, tk)
+            except SecAggError:
+                pass  # the device's own checks refused (too few neighbours): it sits out, as the agent does
         _expire_if_waiting(fed, clock, job.id, kind[0], name, coord)
 
     def configure(d: SimDevice, tk: Task) -> None:
