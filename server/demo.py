@@ -317,6 +317,7 @@ def _summary(
         "devices": devices,
         "dataset": dataset,
         "job_id": job_id,
+        "secure": spec.secure,
         "rounds": [
             {
                 "round": r["number"],
@@ -324,6 +325,7 @@ def _summary(
                 "participants": r["participants"],
                 "dropped": r["dropped"],
                 "aggregation_seconds": r["aggregation_seconds"],
+                "secure": bool((r["metrics"] or {}).get("secure")),
                 "central": (r["metrics"] or {}).get("central", {}),
                 "federated": (r["metrics"] or {}).get("federated", {}),
             }

@@ -24,6 +24,7 @@ def test_demo_writes_a_complete_summary(tmp_path: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
 
     assert summary["devices"] == 3 and summary["dataset"] == "mlc_churn"
+    assert summary["secure"] is True and all(r["secure"] for r in summary["rounds"])
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     for r in summary["rounds"]:
         assert r["participants"] == 3 and r["dropped"] == 0
