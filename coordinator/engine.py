@@ -111,6 +111,7 @@ class Federation:
         # The newest version of each job, as registered here: the next round starts from it.
         self._latest: dict[int, tuple[str, dict[str, Any], np.ndarray]] = {}
         self._model_refs: dict[tuple[int, int], ModelRef] = {}
+        self._job_info: dict[int, tuple[dict[str, Any], dict[str, Any] | None]] = {}
 
     # -- plumbing ---------------------------------------------------------
 
@@ -217,27 +218,37 @@ class Federation:
             retry = self.settings.active_retry if rows else self.settings.idle_retry
             return CheckinResponse(retry_after=retry)
 
+    def _job_spec(
+        self, s: Session, job_id: int, need_preprocess: bool
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """A job's spec and preprocessing, cached: both are written once and never change."""
+        cached = self._job_info.get(job_id)
+        if cached is None or (need_preprocess and cached[1] is None):
+            job = self._job(s, job_id)
+            cached = self._job_info[job_id] = (job.spec, job.preprocess)
+        return cached
+
     def _task(self, s: Session, r: Round, device_id: str | None = None) -> Task:
-        job = self._job(s, r.job_id)
+        spec, preprocess = self._job_spec(s, r.job_id, r.kind != "stats")
         model = None
         if r.model_version_in is not None:
-            key = (job.id, r.model_version_in)
+            key = (r.job_id, r.model_version_in)
             model = self._model_refs.get(key)
             if model is None:  # versions never change once written
-                mv = registry.get_version(s, job.id, r.model_version_in)
+                mv = registry.get_version(s, r.job_id, r.model_version_in)
                 model = ModelRef(version=mv.version, sha256=mv.sha256, signature=mv.signature, size=mv.size)
                 self._model_refs[key] = model
         return Task(
             round_id=r.id,
-            job_id=job.id,
+            job_id=r.job_id,
             round=r.number,
             kind=r.kind,  # type: ignore[arg-type]
             stage=r.stage,  # type: ignore[arg-type]
             deadline=r.stage_deadline,
-            seed=(job.spec.get("seed", 0) * 1_000_003 + r.number) % (2**31),
-            spec=job.spec,
+            seed=(spec.get("seed", 0) * 1_000_003 + r.number) % (2**31),
+            spec=spec,
             model=model,
-            preprocess=job.preprocess if r.kind != "stats" else None,
+            preprocess=preprocess if r.kind != "stats" else None,
             secagg=secure.SecureRound(s, r).task(s, device_id)
             if r.secure and r.secagg and device_id
             else None,
