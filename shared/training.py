@@ -153,16 +153,35 @@ def predict(
     raise ValueError(f"unknown task {task!r}; expected binary, multiclass or regression")
 
 
-def _macro_ovr_auc(y: np.ndarray, probs: np.ndarray) -> float | None:
-    from sklearn.metrics import roc_auc_score
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve: the Mann–Whitney U statistic over average ranks (ties count half).
 
+    Written with numpy rather than taken from scikit-learn so that the edge
+    agent does not load scikit-learn and SciPy (about 70 MB of memory) for one
+    metric; tests check it against ``sklearn.metrics.roc_auc_score``.
+    """
+    labels = np.asarray(labels, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    n_pos = int(labels.sum())
+    n_neg = labels.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("ROC AUC needs both classes")
+    order = np.argsort(scores, kind="mergesort")
+    _, inverse, counts = np.unique(scores[order], return_inverse=True, return_counts=True)
+    average_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based, shared by ties
+    ranks = np.empty(scores.size)
+    ranks[order] = average_rank[inverse]
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def _macro_ovr_auc(y: np.ndarray, probs: np.ndarray) -> float | None:
     # A class absent from y has no defined one-vs-rest AUC; average over the
     # classes that have one rather than failing on a small holdout.
     scores = []
     for c in range(probs.shape[1]):
         positives = y == c
         if positives.any() and not positives.all():
-            scores.append(roc_auc_score(positives, probs[:, c]))
+            scores.append(roc_auc(positives, probs[:, c]))
     return float(np.mean(scores)) if scores else None
 
 
@@ -185,9 +204,6 @@ def evaluate(
     mean squared error in standardised units as ``loss``. ``"auc"`` is left
     out when ``y`` holds a single class (or the outputs are not finite).
     """
-    # sklearn belongs to the agent and server extras, not to shared's core dependencies.
-    from sklearn.metrics import roc_auc_score
-
     inputs = _inputs(X)
     n = inputs.shape[0]
     if n == 0:
@@ -202,7 +218,7 @@ def evaluate(
         metrics["accuracy"] = float(np.mean((probs >= 0.5) == (y_np >= 0.5)))
         labels = y_np >= 0.5
         if finite and labels.any() and not labels.all():
-            metrics["auc"] = float(roc_auc_score(labels, probs))
+            metrics["auc"] = roc_auc(labels, probs)
     elif task == "multiclass":
         probs = torch.softmax(out, dim=1).numpy()
         metrics["accuracy"] = float(np.mean(probs.argmax(axis=1) == y_np))

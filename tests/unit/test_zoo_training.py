@@ -254,3 +254,19 @@ def test_regression_rmse_is_in_original_units() -> None:
     np.testing.assert_allclose(
         predict(model, X, "regression", target_mean=100.0, target_std=20.0), [100.0, 120.0, 80.0]
     )
+
+
+def test_roc_auc_matches_scikit_learn_with_ties() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from shared.training import roc_auc
+
+    rng = np.random.default_rng(11)
+    for _ in range(20):
+        n = int(rng.integers(2, 200))
+        labels = rng.integers(0, 2, n).astype(bool)
+        labels[0], labels[-1] = True, False
+        scores = np.round(rng.random(n), int(rng.integers(1, 4)))  # rounding makes ties
+        assert roc_auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    with pytest.raises(ValueError, match="both classes"):
+        roc_auc(np.ones(3, dtype=bool), np.arange(3.0))
