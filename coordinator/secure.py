@@ -236,6 +236,19 @@ class SecureRound:
 
     # -- the last stage ------------------------------------------------------
 
+    def can_unmask(self) -> bool:
+        """Whether every secret the unmasking needs already has t shares (no need to wait for the rest)."""
+        u2, u3 = self.sent("share_keys"), self.sent("masked_input")
+        counts: dict[str, int] = {}
+        for payload in self.payloads("unmask").values():
+            for v in payload.get("shares", {}):
+                counts[v] = counts.get(v, 0) + 1
+        t = self.params.t
+        if any(counts.get(u, 0) < t for u in u3):
+            return False
+        dropped = (v for v in u2 - u3 if any(n in u3 for n in self.graph.get(v, [])))
+        return all(counts.get(v, 0) >= t for v in dropped)
+
     def reconstruction_inputs(self) -> dict[str, Any]:
         """The arguments of ``unmask_total`` other than the masked sum."""
         u2, u3 = self.sent("share_keys"), self.sent("masked_input")
