@@ -811,36 +811,16 @@ class Federation:
         t0 = time.perf_counter()
         current_row = registry.get_version(s, job.id, r.model_version_in)
         header, current = self._vector(job.id, current_row)
+        unmask_seconds: float | None = None
         if sr is not None:
             msgs = [sr.messages["masked_input"][d] for d in sorted(sr.sent("masked_input"))]
-        ids = {m.device_id for m in msgs}
-        with self._acc_lock:
-            acc = self._acc.pop(r.id, None)
-        incremental = 0.0
-        dtype, numel = (np.uint64, current.size + 1) if sr is not None else (np.float32, current.size)
-        if sr is not None:
-            total, incremental = self._masked_sum(r, sr, numel, acc)
-            examples = 0
-        elif acc is not None and acc.contributors == ids:
-            total, examples, incremental = acc.total, acc.examples, acc.seconds
-        else:
-            # Another replica took some vectors, or we restarted: sum from the store.
-            total = np.zeros(numel, dtype=dtype)
-            examples = 0
-            for m in msgs:
-                _, vec = codec.decode(
-                    self.blobs.get(m.blob_sha256 or ""), expected_numel=numel, dtype=np.dtype(dtype).name
-                )
-                total += vec  # uint64 wraps modulo 2**64, as the masks expect
-                examples += int(m.payload.get("num_examples", 0))
-        if sr is not None:
+            total, incremental = self._masked_sum(r, sr, current.size + 1)
             t_unmask = time.perf_counter()
-            unmasked = unmask_total(total, **sr.reconstruction_inputs())
-            mean_delta, examples = secagg_finish(unmasked, sr.params)
-            unmask_seconds: float | None = time.perf_counter() - t_unmask
+            mean_delta, examples = secagg_finish(unmask_total(total, **sr.reconstruction_inputs()), sr.params)
+            unmask_seconds = time.perf_counter() - t_unmask
             mean: np.ndarray = current + mean_delta
         else:
-            unmask_seconds = None
+            total, examples, incremental = self._plain_sum(r, msgs, current.size)
             mean = current + total / np.float32(examples)
         state = self.blobs.get(job.strategy_state_sha256) if job.strategy_state_sha256 else None
         new, new_state = apply_strategy(
@@ -887,7 +867,7 @@ class Federation:
             "aggregation": {
                 "accumulate_cpu_seconds": incremental,
                 "finalize_seconds": finalize,
-                "from_store": acc is None or incremental == 0.0,
+                "from_store": incremental == 0.0,
             },
             "secure": sr is not None,
         }
@@ -902,20 +882,36 @@ class Federation:
             self._record_federated(s, job, current_row.version, fed)
         self._discard_round_data(s, r)
 
-    def _masked_sum(
-        self, r: Round, sr: secure.SecureRound, numel: int, acc: _Accumulator | None = None
-    ) -> tuple[np.ndarray, float]:
-        """The sum modulo 2**64 of the round's masked vectors: the running sum, or from the store."""
-        if acc is None:
-            with self._acc_lock:
-                acc = self._acc.pop(r.id, None)
-        senders = sr.sent("masked_input")
+    def _running_sum(self, r: Round, senders: set[str], numel: int) -> _Accumulator | None:
+        """The sum kept in memory as the vectors arrived, if it holds exactly the senders' vectors."""
+        with self._acc_lock:
+            acc = self._acc.pop(r.id, None)
         if acc is not None and acc.contributors == senders and acc.total.size == numel:
+            return acc
+        return None  # another replica took some vectors, or this process restarted: sum from the store
+
+    def _plain_sum(self, r: Round, msgs: list[RoundMessage], numel: int) -> tuple[np.ndarray, int, float]:
+        """The sum of a plain round's example-weighted updates, their example count, and the adding's CPU time."""
+        acc = self._running_sum(r, {m.device_id for m in msgs}, numel)
+        if acc is not None:
+            return acc.total, acc.examples, acc.seconds
+        total = np.zeros(numel, dtype=np.float32)
+        for m in msgs:
+            total += codec.decode(self.blobs.get(m.blob_sha256 or ""), expected_numel=numel)[1]
+        return total, sum(int(m.payload["num_examples"]) for m in msgs), 0.0
+
+    def _masked_sum(self, r: Round, sr: secure.SecureRound, numel: int) -> tuple[np.ndarray, float]:
+        """The sum modulo 2**64 of a secure round's masked vectors, and the adding's CPU time."""
+        senders = sr.sent("masked_input")
+        acc = self._running_sum(r, senders, numel)
+        if acc is not None:
             return acc.total, acc.seconds
         total = np.zeros(numel, dtype=np.uint64)
         for d in sorted(senders):
             sha = sr.messages["masked_input"][d].blob_sha256 or ""
-            total += codec.decode(self.blobs.get(sha), expected_numel=numel, dtype="uint64")[1]
+            total += codec.decode(self.blobs.get(sha), expected_numel=numel, dtype="uint64")[
+                1
+            ]  # wraps mod 2**64
         return total, 0.0
 
     def _vector(self, job_id: int, row: ModelVersion) -> tuple[dict[str, Any], np.ndarray]:
