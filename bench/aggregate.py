@@ -57,7 +57,9 @@ class Device:
     def __init__(self, url: str, token: str):
         self.key = Ed25519PrivateKey.generate()
         self.http = httpx.Client(base_url=url, timeout=300)
-        resp = self.http.post("/v1/enroll", json={"token": token, "public_key": b64e(public_key_bytes(self.key))})
+        resp = self.http.post(
+            "/v1/enroll", json={"token": token, "public_key": b64e(public_key_bytes(self.key))}
+        )
         resp.raise_for_status()
         self.id = resp.json()["device_id"]
 
@@ -116,13 +118,18 @@ def one_round(url: str, admin: str, devices: list[Device], params: int, upload_t
     job = op.post("/v1/jobs", json=spec).json()
     pool = ThreadPoolExecutor(max_workers=upload_threads)
     rng = np.random.default_rng(0)
-    frame = pd.DataFrame({"a": rng.normal(size=64), "b": rng.normal(size=64), "y": rng.integers(0, 2, 64).astype(str)})
+    frame = pd.DataFrame(
+        {"a": rng.normal(size=64), "b": rng.normal(size=64), "y": rng.integers(0, 2, 64).astype(str)}
+    )
     stats = {"statistics": local_statistics(frame, DataSchema.model_validate(SCHEMA))}
 
     def step(d: Device, kind: str, payload: dict | None = None) -> dict:
         t = wait_until(d.task, 300, f"a {kind} task", interval=0.3)
         if t["stage"] == "configure":
-            d.call(f"/v1/device/rounds/{t['round_id']}/configure", json.dumps({"accepted": True, "rows": 64}).encode())
+            d.call(
+                f"/v1/device/rounds/{t['round_id']}/configure",
+                json.dumps({"accepted": True, "rows": 64}).encode(),
+            )
             t = wait_until(d.task, 300, f"the {kind} input stage", interval=0.3)
         if payload is not None:
             d.call(f"/v1/device/rounds/{t['round_id']}/input", json.dumps(payload).encode())
@@ -136,13 +143,27 @@ def one_round(url: str, admin: str, devices: list[Device], params: int, upload_t
     vectors = [rng.normal(0, 0.01, n_params).astype(np.float32) * np.float32(64) for _ in devices]
     bodies = [
         codec.encode(
-            {"kind": "update", "round_id": t["round_id"], "num_examples": 64, "train_loss": 0.1, "metrics": {}, "holdout_examples": 0},
+            {
+                "kind": "update",
+                "round_id": t["round_id"],
+                "num_examples": 64,
+                "train_loss": 0.1,
+                "metrics": {},
+                "holdout_examples": 0,
+            },
             v,
         )
         for t, v in zip(tasks, vectors, strict=True)
     ]
     t0 = time.perf_counter()
-    list(pool.map(lambda i: devices[i].call(f"/v1/device/rounds/{tasks[i]['round_id']}/input", bodies[i], "application/octet-stream"), range(n_devices)))
+    list(
+        pool.map(
+            lambda i: devices[i].call(
+                f"/v1/device/rounds/{tasks[i]['round_id']}/input", bodies[i], "application/octet-stream"
+            ),
+            range(n_devices),
+        )
+    )
 
     def done() -> dict | None:
         rounds = op.get(f"/v1/jobs/{job['id']}/rounds").json()
@@ -173,14 +194,33 @@ def main() -> None:
         env = {**os.environ, "AICFL_TICK_INTERVAL": "0.05", "AICFL_ACTIVE_RETRY": "0.1"}
         admin = subprocess.run(
             [sys.executable, "-m", "server", "admin", "bootstrap", "--data-dir", str(data)],
-            capture_output=True, text=True, check=True, env=env, cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+            cwd=ROOT,
         ).stdout.strip()
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         with open(Path(tempfile.gettempdir()) / "aicfl-bench-server.log", "wb") as log:
             server = subprocess.Popen(
-                [sys.executable, "-m", "server", "server", "start", "--port", str(port), "--data-dir", str(data), "--log-level", "info"],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                [
+                    sys.executable,
+                    "-m",
+                    "server",
+                    "server",
+                    "start",
+                    "--port",
+                    str(port),
+                    "--data-dir",
+                    str(data),
+                    "--log-level",
+                    "info",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=ROOT,
             )
         try:
             wait_until(lambda: _healthy(url), 60, "the coordinator")
@@ -196,20 +236,48 @@ def main() -> None:
     agg = sorted(r["aggregation_seconds"] for r in results)[len(results) // 2]
     floor = sorted(r["floor_seconds"] for r in results)[len(results) // 2]
     wall = sorted(r["upload_to_version_seconds"] for r in results)[len(results) // 2]
-    print(f"machine: {platform.node()} ({os.cpu_count()} cpus), python {platform.python_version()}, numpy {np.__version__}")
-    print(f"{args.devices} devices x {results[0]['params']:,} parameters (float32), median of {args.repeat} rounds")
-    print(f"  coordinator aggregation  {agg * 1000:8.1f} ms   (adding updates as they arrive + new signed version)")
-    parts = {k: sorted(r["parts"][k] for r in results)[len(results) // 2] for k in ("accumulate_cpu_seconds", "finalize_seconds")}
+    print(
+        f"machine: {platform.node()} ({os.cpu_count()} cpus), python {platform.python_version()}, numpy {np.__version__}"
+    )
+    print(
+        f"{args.devices} devices x {results[0]['params']:,} parameters (float32), median of {args.repeat} rounds"
+    )
+    print(
+        f"  coordinator aggregation  {agg * 1000:8.1f} ms   (adding updates as they arrive + new signed version)"
+    )
+    parts = {
+        k: sorted(r["parts"][k] for r in results)[len(results) // 2]
+        for k in ("accumulate_cpu_seconds", "finalize_seconds")
+    }
     for i, r in enumerate(results, 1):
-        print(f"  round {i}: aggregation {r['aggregation_seconds'] * 1000:6.1f} ms = adding {r['parts']['accumulate_cpu_seconds'] * 1000:5.1f}"
-              f" + new version {r['parts']['finalize_seconds'] * 1000:5.1f}; floor {r['floor_seconds'] * 1000:5.1f} ms")
-    print(f"    of which adding        {parts['accumulate_cpu_seconds'] * 1000:8.1f} ms   (CPU time of the additions as updates arrive)")
-    print(f"    of which new version   {parts['finalize_seconds'] * 1000:8.1f} ms   (mean, Flower strategy, encode, hash, sign, store)")
+        print(
+            f"  round {i}: aggregation {r['aggregation_seconds'] * 1000:6.1f} ms = adding {r['parts']['accumulate_cpu_seconds'] * 1000:5.1f}"
+            f" + new version {r['parts']['finalize_seconds'] * 1000:5.1f}; floor {r['floor_seconds'] * 1000:5.1f} ms"
+        )
+    print(
+        f"    of which adding        {parts['accumulate_cpu_seconds'] * 1000:8.1f} ms   (CPU time of the additions as updates arrive)"
+    )
+    print(
+        f"    of which new version   {parts['finalize_seconds'] * 1000:8.1f} ms   (mean, Flower strategy, encode, hash, sign, store)"
+    )
     print(f"  numpy sum floor          {floor * 1000:8.1f} ms   (same vectors, in memory, this process)")
     print(f"  ratio                    {agg / floor:8.2f} x   (target <= 3x)")
-    print(f"  uploads -> new version   {wall:8.2f} s    (all {args.devices} uploads over loopback HTTP, {args.upload_threads} at a time)")
-    print(json.dumps({"devices": args.devices, "params": results[0]["params"], "aggregation_seconds": agg, "floor_seconds": floor,
-                      "ratio": agg / floor, "upload_to_version_seconds": wall, "rounds": results}))
+    print(
+        f"  uploads -> new version   {wall:8.2f} s    (all {args.devices} uploads over loopback HTTP, {args.upload_threads} at a time)"
+    )
+    print(
+        json.dumps(
+            {
+                "devices": args.devices,
+                "params": results[0]["params"],
+                "aggregation_seconds": agg,
+                "floor_seconds": floor,
+                "ratio": agg / floor,
+                "upload_to_version_seconds": wall,
+                "rounds": results,
+            }
+        )
+    )
 
 
 def _healthy(url: str) -> bool:

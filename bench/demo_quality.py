@@ -33,9 +33,23 @@ def main() -> None:
         out = Path(tmp) / "demo"
         t0 = time.time()
         proc = subprocess.run(
-            [sys.executable, "-m", "server", "demo", "--devices", str(args.devices), "--rounds", str(args.rounds),
-             "--dataset", args.dataset, "--out", str(out)],
-            cwd=ROOT, capture_output=True, text=True,
+            [
+                sys.executable,
+                "-m",
+                "server",
+                "demo",
+                "--devices",
+                str(args.devices),
+                "--rounds",
+                str(args.rounds),
+                "--dataset",
+                args.dataset,
+                "--out",
+                str(out),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
         )
         if proc.returncode != 0:
             raise SystemExit(f"demo failed: {proc.stderr.strip()}")
@@ -51,8 +65,17 @@ def main() -> None:
     print(f"  aggregation per round: median {sorted(agg)[len(agg) // 2] * 1000:.1f} ms")
     rss = summary["agent_peak_rss_mb"]
     print(f"  agent peak RSS: max {rss['max']:.0f} MB, mean {rss['mean']:.0f} MB")
-    print(json.dumps({"final": final, "ceiling": ceiling, "agent_peak_rss_mb": rss, "wall_seconds": wall,
-                      "rounds": [{k: r[k] for k in ("round", "central", "federated")} for r in summary["rounds"]]}))
+    print(
+        json.dumps(
+            {
+                "final": final,
+                "ceiling": ceiling,
+                "agent_peak_rss_mb": rss,
+                "wall_seconds": wall,
+                "rounds": [{k: r[k] for k in ("round", "central", "federated")} for r in summary["rounds"]],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -135,8 +135,15 @@ def _cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def _build_apps(devices: int, params: int, dropout: float, seed: int, num_shares: int | float,
-                threshold: int | float, out: dict[str, Any]):  # type: ignore[no-untyped-def]
+def _build_apps(
+    devices: int,
+    params: int,
+    dropout: float,
+    seed: int,
+    num_shares: int | float,
+    threshold: int | float,
+    out: dict[str, Any],
+):  # type: ignore[no-untyped-def]
     """The ServerApp and ClientApp of one configuration; results go into ``out``."""
     from flwr.app import ConfigRecord, Context, Message
     from flwr.app.message_type import MessageType
@@ -234,8 +241,12 @@ def _build_apps(devices: int, params: int, dropout: float, seed: int, num_shares
             time.sleep(0.05)
         content = compat.getparametersins_to_recorddict(GetParametersIns({}))
         msgs = [
-            Message(content=content, dst_node_id=nid, message_type=MessageTypeLegacy.GET_PARAMETERS,
-                    group_id="warmup")
+            Message(
+                content=content,
+                dst_node_id=nid,
+                message_type=MessageTypeLegacy.GET_PARAMETERS,
+                group_id="warmup",
+            )
             for nid in grid.get_node_ids()
         ]
         replies = list(grid.send_and_receive(msgs))
@@ -275,9 +286,17 @@ def _ray_cleanup() -> None:
         pass
 
 
-def run_flower(devices: int, params: int, dropout: float, *, seed: int = 0,
-               num_shares: int | float | None = None, threshold: int | float | None = None,
-               num_cpus: int = 2, verbose: bool = False) -> dict:
+def run_flower(
+    devices: int,
+    params: int,
+    dropout: float,
+    *,
+    seed: int = 0,
+    num_shares: int | float | None = None,
+    threshold: int | float | None = None,
+    num_cpus: int = 2,
+    verbose: bool = False,
+) -> dict:
     """One round of Flower's SecAgg+ in its simulation engine; returns the figures as a dict."""
     from flwr.simulation import run_simulation
 
@@ -295,15 +314,24 @@ def run_flower(devices: int, params: int, dropout: float, *, seed: int = 0,
     out: dict[str, Any] = {}
     server_app, client_app = _build_apps(devices, params, dropout, seed, num_shares, threshold, out)
     backend_config: Any = {
-        "init_args": {"num_cpus": num_cpus, "num_gpus": 0, "include_dashboard": False,
-                      "logging_level": logging.ERROR if not verbose else logging.INFO},
+        "init_args": {
+            "num_cpus": num_cpus,
+            "num_gpus": 0,
+            "include_dashboard": False,
+            "logging_level": logging.ERROR if not verbose else logging.INFO,
+        },
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
     }
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     try:
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=devices,
-                       backend_config=backend_config, verbose_logging=verbose)
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=devices,
+            backend_config=backend_config,
+            verbose_logging=verbose,
+        )
     finally:
         _ray_cleanup()
         flwr_logger.setLevel(old_level)
@@ -356,11 +384,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--devices", type=int)
     ap.add_argument("--params", type=float, help="parameters per update (1e5 is accepted)")
-    ap.add_argument("--dropout", type=float, action="append",
-                    help="fraction dropping after the masked input (repeatable; default 0 and 0.1)")
+    ap.add_argument(
+        "--dropout",
+        type=float,
+        action="append",
+        help="fraction dropping after the masked input (repeatable; default 0 and 0.1)",
+    )
     ap.add_argument("--quick", action="store_true", help="only 10 devices x 1e5 parameters")
-    ap.add_argument("--num-shares", help="Flower's num_shares: an int, or a float for a fraction of the cohort "
-                    "(default: matched to aicfl's k, see default_shares)")
+    ap.add_argument(
+        "--num-shares",
+        help="Flower's num_shares: an int, or a float for a fraction of the cohort "
+        "(default: matched to aicfl's k, see default_shares)",
+    )
     ap.add_argument("--threshold", help="Flower's reconstruction_threshold: an int, or a float fraction")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cpus", type=int, default=2, help="CPUs given to Ray (one per client actor)")
@@ -384,11 +419,24 @@ def main(argv: list[str] | None = None) -> int:
     for devices, params in configs:
         for dropout in dropouts:
             try:
-                row = run_flower(devices, params, dropout, seed=args.seed, num_shares=as_num(args.num_shares),
-                                 threshold=as_num(args.threshold), num_cpus=args.cpus, verbose=args.verbose)
+                row = run_flower(
+                    devices,
+                    params,
+                    dropout,
+                    seed=args.seed,
+                    num_shares=as_num(args.num_shares),
+                    threshold=as_num(args.threshold),
+                    num_cpus=args.cpus,
+                    verbose=args.verbose,
+                )
             except Exception as exc:  # report and go on with the next configuration
-                row = {"engine": ENGINE, "devices": devices, "params": params, "dropout": dropout,
-                       "error": f"{type(exc).__name__}: {exc}"}
+                row = {
+                    "engine": ENGINE,
+                    "devices": devices,
+                    "params": params,
+                    "dropout": dropout,
+                    "error": f"{type(exc).__name__}: {exc}",
+                }
                 rc = 1
             print(json.dumps(row), flush=True)
     return rc

@@ -228,6 +228,7 @@ def agent_memory(n_params: int, cohort: int) -> dict[str, Any]:
     from shared import codec
     from shared.secagg.params import derive_params
     from shared.secagg.protocol import SecAggClient, weighted_input
+    from shared.wire import masked_input_header
 
     def status_mb(key: str) -> float:
         return (_proc_status_kb(os.getpid(), key) or 0) / 1024
@@ -265,9 +266,7 @@ def agent_memory(n_params: int, cohort: int) -> dict[str, Any]:
     t0 = time.process_time()
     x = weighted_input(update, EXAMPLES, params, rng)
     y = clients[me].masked_input(x, {v: cts[v][me] for v in others})
-    body = codec.encode(
-        {"kind": "masked_input", "round_id": 1, "train_loss": 0.0, "metrics": {}, "holdout_examples": 0}, y
-    )
+    body = codec.encode(masked_input_header(1), y)
     cpu["masked_input"] = time.process_time() - t0
     size = len(body)
     del update, x, y, body
@@ -338,7 +337,8 @@ def _device_loop(d: _HttpDevice, stop: Any, shared: dict[str, Any]) -> None:
     from shared.secagg import statistics as secagg_statistics
     from shared.secagg.params import SecAggParams
     from shared.secagg.protocol import SecAggClient, weighted_input
-    from shared.signing import load_public_key, verify_model
+    from shared.signing import identity_verifier, verify_model
+    from shared.wire import masked_input_header
 
     def mark_train_start() -> None:
         with shared["lock"]:
@@ -387,27 +387,12 @@ def _device_loop(d: _HttpDevice, stop: Any, shared: dict[str, Any]) -> None:
                 )
                 d.call("POST", path, json.dumps(d.client.advertise()).encode())
             elif stage == "share_keys":
-                ids = info["identity_keys"]
-
-                def verify(who: str, msg: bytes, sig: bytes, ids: dict = ids) -> bool:
-                    try:
-                        load_public_key(ids[who]).verify(sig, msg)
-                        return True
-                    except Exception:  # noqa: BLE001
-                        return False
-
-                cts = d.client.share_keys(info["neighbours"], verify)
+                cts = d.client.share_keys(info["neighbours"], identity_verifier(info["identity_keys"]))
                 d.call("POST", path, json.dumps({"ciphertexts": cts}).encode())
             elif stage == "masked_input" and kind == "stats":
                 x = secagg_statistics.encode(shared["stats"], shared["schema"], info["vocabulary"])
                 y = d.client.masked_input(x, info["ciphertexts"])
-                header = {
-                    "kind": "masked_input",
-                    "round_id": t["round_id"],
-                    "train_loss": 0.0,
-                    "metrics": {},
-                    "holdout_examples": 0,
-                }
+                header = masked_input_header(t["round_id"])
                 d.call("POST", path, codec.encode(header, y), "application/octet-stream")
             elif stage == "masked_input":
                 g0 = time.thread_time()
@@ -420,13 +405,7 @@ def _device_loop(d: _HttpDevice, stop: Any, shared: dict[str, Any]) -> None:
                     np.random.default_rng(int.from_bytes(os.urandom(8), "little")),
                 )
                 y = d.client.masked_input(x, info["ciphertexts"])
-                header = {
-                    "kind": "masked_input",
-                    "round_id": t["round_id"],
-                    "train_loss": 0.0,
-                    "metrics": {},
-                    "holdout_examples": 0,
-                }
+                header = masked_input_header(t["round_id"])
                 body = codec.encode(header, y)
                 del x, y
                 d.call("POST", path, body, "application/octet-stream")

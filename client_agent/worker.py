@@ -23,10 +23,10 @@ from shared.jobspec import JobSpec
 from shared.secagg import statistics as secagg_statistics
 from shared.secagg.params import SecAggParams
 from shared.secagg.protocol import SecAggClient, weighted_input
-from shared.signing import SignatureError, load_public_key, verify_model
+from shared.signing import SignatureError, identity_verifier, load_public_key, verify_model
 from shared.tabular import DataSchemaError, Preprocessor, load_table, local_statistics, validate_table
 from shared.training import evaluate, train_local
-from shared.wire import ConfigureMessage, EvaluateMessage, StatsMessage, Task
+from shared.wire import ConfigureMessage, EvaluateMessage, StatsMessage, Task, masked_input_header
 from shared.zoo import build_model, flatten_parameters, load_flat_parameters
 
 log = logging.getLogger("aicfl.agent")
@@ -174,15 +174,7 @@ class Worker:
     def share_keys(self, task: Task) -> dict[str, Any]:
         """Stage 2: Shamir shares of this device's secrets, encrypted to each neighbour."""
         info = task.secagg or {}
-        identity = info.get("identity_keys", {})
-
-        def verify(device: str, message: bytes, signature: bytes) -> bool:
-            try:
-                load_public_key(identity[device]).verify(signature, message)
-            except Exception:  # noqa: BLE001 - unknown device, bad key or bad signature: refused
-                return False
-            return True
-
+        verify = identity_verifier(info.get("identity_keys", {}))
         return {"ciphertexts": self._secure_client(task).share_keys(info.get("neighbours", {}), verify)}
 
     def masked_input(self, task: Task) -> bytes:
@@ -197,13 +189,9 @@ class Worker:
         masked = client.masked_input(
             weighted_input(delta, n, client.params, rng), (task.secagg or {}).get("ciphertexts", {})
         )
-        header = {
-            "kind": "masked_input",
-            "round_id": task.round_id,
-            "train_loss": loss,
-            "metrics": metrics,
-            "holdout_examples": int(len(holdout)),
-        }
+        header = masked_input_header(
+            task.round_id, train_loss=loss, metrics=metrics, holdout_examples=int(len(holdout))
+        )
         return codec.encode(header, masked)
 
     def masked_statistics(self, task: Task) -> bytes:
@@ -216,14 +204,7 @@ class Worker:
             local_statistics(train, spec.data), spec.data, info.get("vocabulary", {})
         )
         masked = client.masked_input(x, info.get("ciphertexts", {}))
-        header = {
-            "kind": "masked_input",
-            "round_id": task.round_id,
-            "train_loss": 0.0,
-            "metrics": {},
-            "holdout_examples": 0,
-        }
-        return codec.encode(header, masked)
+        return codec.encode(masked_input_header(task.round_id), masked)
 
     def unmask(self, task: Task) -> dict[str, Any]:
         """Stage 4: shares of the survivors' self-mask seeds and of the dropped devices' mask keys."""

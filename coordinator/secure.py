@@ -28,7 +28,7 @@ from shared.secagg.graph import neighbour_graph
 from shared.secagg.params import SecAggParams, derive_params
 from shared.secagg.primitives import SecAggError
 from shared.secagg.protocol import check_distinct_keys, decode_share, verify_advertisement
-from shared.signing import SignatureError, b64d, load_public_key
+from shared.signing import SignatureError, b64d, identity_verifier
 
 SECURE_STAGES = ("configure", "advertise_keys", "share_keys", "masked_input", "unmask")
 JSON_STAGES = ("advertise_keys", "share_keys", "unmask")
@@ -174,16 +174,7 @@ class SecureRound:
 
     def check_advertise(self, s: Session, device: str, body: dict[str, Any]) -> dict[str, Any]:
         identity = s.get(Device, device)
-
-        def verify(who: str, message: bytes, signature: bytes) -> bool:
-            if who != device or identity is None:
-                return False
-            try:
-                load_public_key(identity.public_key).verify(signature, message)
-            except (SignatureError, ValueError, Exception):  # noqa: BLE001 - InvalidSignature and friends
-                return False
-            return True
-
+        verify = identity_verifier({device: identity.public_key} if identity is not None else {})
         try:
             keys = verify_advertisement(self.context, device, body, verify)
             others = {

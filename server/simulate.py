@@ -36,9 +36,9 @@ from shared.secagg.params import SecAggParams
 from shared.secagg.primitives import SecAggError
 from shared.secagg.protocol import SecAggClient, weighted_input
 from shared.secagg.quantize import quantisation_bound
-from shared.signing import b64e, load_public_key, public_key_bytes
+from shared.signing import b64e, identity_verifier, public_key_bytes
 from shared.tabular import local_statistics
-from shared.wire import CheckinRequest, ConfigureMessage, Task
+from shared.wire import CheckinRequest, ConfigureMessage, Task, masked_input_header
 from shared.zoo import architecture, parameter_count
 
 SCHEMA = {
@@ -230,16 +230,8 @@ def _run(
 
     def share(d: SimDevice, tk: Task) -> None:
         info = tk.secagg or {}
-        ids = info.get("identity_keys", {})
-
-        def verify(who: str, message: bytes, signature: bytes) -> bool:
-            try:
-                load_public_key(ids[who]).verify(signature, message)
-            except Exception:  # noqa: BLE001
-                return False
-            return True
-
         assert d.client is not None
+        verify = identity_verifier(info.get("identity_keys", {}))
         cts = _timed(d, d.client.share_keys, info.get("neighbours", {}), verify)
         coord(fed.handle_secure_json, d.id, tk.round_id, "share_keys", {"ciphertexts": cts})
 
@@ -248,13 +240,7 @@ def _run(
         if tk.kind == "stats":
             x = secagg_statistics.encode(local, schema, (tk.secagg or {})["vocabulary"])
             y = d.client.masked_input(x, (tk.secagg or {}).get("ciphertexts", {}))
-            header = {
-                "kind": "masked_input",
-                "round_id": tk.round_id,
-                "train_loss": 0.0,
-                "metrics": {},
-                "holdout_examples": 0,
-            }
+            header = masked_input_header(tk.round_id)
             coord(fed.handle_masked_input, d.id, tk.round_id, codec.encode(header, y))
             return
         d.update = rng.normal(0, clip / 4, n_params).astype(np.float32)
@@ -265,13 +251,7 @@ def _run(
         body = _timed(
             d,
             codec.encode,
-            {
-                "kind": "masked_input",
-                "round_id": tk.round_id,
-                "train_loss": 0.0,
-                "metrics": {},
-                "holdout_examples": 0,
-            },
+            masked_input_header(tk.round_id),
             y,
         )
         coord(fed.handle_masked_input, d.id, tk.round_id, body)

@@ -160,13 +160,25 @@ class SecAggSpec(_Strict):
     tolerated dropout and corruption fractions (``shared/secagg/params.py``).
     """
 
-    dropout: float = Field(default=0.2, ge=0, lt=1, description="share of a round's devices that may drop out")
-    corruption: float = Field(default=0.1, ge=0, lt=0.5, description="share of devices that may collude with the coordinator")
-    k: int | None = Field(default=None, ge=1, description="neighbours per device; default: derived from the cohort size")
-    t: int | None = Field(default=None, ge=1, description="shares needed to reconstruct a secret; default: derived")
-    clip: float = Field(default=0.5, gt=0, description="update values are clipped to [-clip, clip] before quantising")
+    dropout: float = Field(
+        default=0.2, ge=0, lt=1, description="share of a round's devices that may drop out"
+    )
+    corruption: float = Field(
+        default=0.1, ge=0, lt=0.5, description="share of devices that may collude with the coordinator"
+    )
+    k: int | None = Field(
+        default=None, ge=1, description="neighbours per device; default: derived from the cohort size"
+    )
+    t: int | None = Field(
+        default=None, ge=1, description="shares needed to reconstruct a secret; default: derived"
+    )
+    clip: float = Field(
+        default=0.5, gt=0, description="update values are clipped to [-clip, clip] before quantising"
+    )
     bits: int = Field(default=16, ge=2, le=24, description="quantisation bits per value")
-    weight_cap: int = Field(default=2**20, ge=1, description="the largest example count one device may weigh in with")
+    weight_cap: int = Field(
+        default=2**20, ge=1, description="the largest example count one device may weigh in with"
+    )
 
 
 class EvaluationSpec(_Strict):
@@ -253,7 +265,16 @@ _SECTIONS: list[tuple[str, type[BaseModel]]] = [
 
 def _type_text(annotation: Any) -> str:
     text = str(annotation).replace("typing.", "")
-    for cls in (DataSchema, ModelSpec, CohortSpec, TrainingSpec, StrategySpec, EvaluationSpec, SecAggSpec, Feature):
+    for cls in (
+        DataSchema,
+        ModelSpec,
+        CohortSpec,
+        TrainingSpec,
+        StrategySpec,
+        EvaluationSpec,
+        SecAggSpec,
+        Feature,
+    ):
         text = text.replace(f"{cls.__module__}.{cls.__name__}", cls.__name__)
     return text.replace("<class '", "").replace("'>", "")
 

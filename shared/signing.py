@@ -13,6 +13,7 @@ import base64
 import hashlib
 import secrets
 import time
+from collections.abc import Callable, Mapping
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -103,6 +104,23 @@ def verify_request(
         )
     except InvalidSignature:
         raise SignatureError("signature does not match the request") from None
+
+
+def identity_verifier(keys: Mapping[str, str]) -> Callable[[str, bytes, bytes], bool]:
+    """``verify(device, message, signature)`` against the devices' enrolled keys (base64).
+
+    False for an unknown device, a malformed key or a bad signature: the form
+    the SecAgg+ code takes to check advertised keys.
+    """
+
+    def verify(device: str, message: bytes, signature: bytes) -> bool:
+        try:
+            load_public_key(keys[device]).verify(signature, message)
+        except (KeyError, SignatureError, InvalidSignature, ValueError):
+            return False
+        return True
+
+    return verify
 
 
 def model_message(job_id: int, version: int, sha256: str) -> bytes:

@@ -49,7 +49,8 @@ class Task(_Msg):
     model: ModelRef | None = None
     preprocess: dict[str, Any] | None = None
     secagg: dict[str, Any] | None = Field(
-        default=None, description="secure rounds: parameters, context and what this stage needs (keys, shares, sets)"
+        default=None,
+        description="secure rounds: parameters, context and what this stage needs (keys, shares, sets)",
     )
 
 
@@ -92,3 +93,20 @@ class EvaluateMessage(_Msg):
 class Accepted(_Msg):
     ok: bool = True
     detail: str = ""
+
+
+def masked_input_header(
+    round_id: int,
+    *,
+    train_loss: float = 0.0,
+    metrics: dict[str, float] | None = None,
+    holdout_examples: int = 0,
+) -> dict[str, Any]:
+    """The codec header of a masked-input message (the vector itself is uint64, masked)."""
+    return {
+        "kind": "masked_input",
+        "round_id": round_id,
+        "train_loss": train_loss,
+        "metrics": metrics or {},
+        "holdout_examples": holdout_examples,
+    }

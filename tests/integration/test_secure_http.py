@@ -21,7 +21,8 @@ from shared.jobspec import DataSchema
 from shared.secagg import statistics as secagg_statistics
 from shared.secagg.params import SecAggParams
 from shared.secagg.protocol import SecAggClient, weighted_input
-from shared.signing import b64e, load_public_key, public_key_bytes, sign_request
+from shared.signing import b64e, identity_verifier, public_key_bytes, sign_request
+from shared.wire import masked_input_header
 
 from .harness import Coordinator, churn_slices, small_spec
 
@@ -169,30 +170,21 @@ def test_coordinator_never_holds_a_plaintext_update(coord: Coordinator) -> None:
                 )
                 d.post(path, json.dumps(d.client.advertise()).encode())
             elif t["stage"] == "share_keys":
-                ids = info["identity_keys"]
-
-                def verify(who: str, msg: bytes, sig: bytes, ids: dict = ids) -> bool:
-                    try:
-                        load_public_key(ids[who]).verify(sig, msg)
-                        return True
-                    except Exception:  # noqa: BLE001
-                        return False
-
                 assert d.client is not None
                 d.post(
                     path,
-                    json.dumps({"ciphertexts": d.client.share_keys(info["neighbours"], verify)}).encode(),
+                    json.dumps(
+                        {
+                            "ciphertexts": d.client.share_keys(
+                                info["neighbours"], identity_verifier(info["identity_keys"])
+                            )
+                        }
+                    ).encode(),
                 )
             elif t["stage"] == "masked_input" and t["kind"] == "stats":
                 assert d.client is not None
                 x = secagg_statistics.encode(stats, schema_model, info["vocabulary"])
-                header = {
-                    "kind": "masked_input",
-                    "round_id": t["round_id"],
-                    "train_loss": 0.0,
-                    "metrics": {},
-                    "holdout_examples": 0,
-                }
+                header = masked_input_header(t["round_id"])
                 d.post(
                     path,
                     codec.encode(header, d.client.masked_input(x, info["ciphertexts"])),
@@ -210,13 +202,7 @@ def test_coordinator_never_holds_a_plaintext_update(coord: Coordinator) -> None:
                 )
                 secrets_seen.extend(_windows(update) + _windows(x[:-1]))
                 y = d.client.masked_input(x, info["ciphertexts"])
-                header = {
-                    "kind": "masked_input",
-                    "round_id": t["round_id"],
-                    "train_loss": 0.1,
-                    "metrics": {},
-                    "holdout_examples": 0,
-                }
+                header = masked_input_header(t["round_id"], train_loss=0.1)
                 d.post(path, codec.encode(header, y), "application/octet-stream")
             elif t["stage"] == "unmask":
                 assert d.client is not None

@@ -8,7 +8,18 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVER_ONLY = {"fastapi", "uvicorn", "sqlalchemy", "alembic", "psycopg", "h2o", "shap", "horovod", "flwr", "locust"}
+SERVER_ONLY = {
+    "fastapi",
+    "uvicorn",
+    "sqlalchemy",
+    "alembic",
+    "psycopg",
+    "h2o",
+    "shap",
+    "horovod",
+    "flwr",
+    "locust",
+}
 
 
 def _names(requirements: list[str]) -> set[str]:
