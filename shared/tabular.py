@@ -15,6 +15,7 @@ must never be missing.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -78,16 +79,7 @@ def load_table(path: str | Path, schema: DataSchema | None = None) -> pd.DataFra
     try:
         if p.stat().st_size == 0:
             raise DataSchemaError(None, f"data file '{p}' is empty")
-        if suffix in _CSV_SUFFIXES:
-            dtype: dict[str, Any] | None = None
-            if schema is not None:
-                text_columns = [f.name for f in schema.features if f.type == "categorical"]
-                if schema.task != "regression":
-                    text_columns.append(schema.target)
-                dtype = dict.fromkeys(text_columns, str)
-            df = pd.read_csv(p, dtype=dtype)
-        else:
-            df = pd.read_parquet(p)
+        df = pd.read_csv(p, dtype=_text_dtypes(schema)) if suffix in _CSV_SUFFIXES else pd.read_parquet(p)
     except DataSchemaError:
         raise
     except pd.errors.EmptyDataError:
@@ -99,6 +91,42 @@ def load_table(path: str | Path, schema: DataSchema | None = None) -> pd.DataFra
         raise DataSchemaError(None, f"data file '{p}' is not a readable {kind} file: {err}") from None
     if len(df.columns) == 0:
         raise DataSchemaError(None, f"data file '{p}' has no columns")
+    return df
+
+
+def _text_dtypes(schema: DataSchema | None) -> dict[str, Any] | None:
+    # Categorical columns (and a classification target) read as text keep codes such as "007".
+    if schema is None:
+        return None
+    text_columns = [f.name for f in schema.features if f.type == "categorical"]
+    if schema.task != "regression":
+        text_columns.append(schema.target)
+    return dict.fromkeys(text_columns, str)
+
+
+def read_table_bytes(data: bytes, schema: DataSchema | None = None) -> pd.DataFrame:
+    """A CSV or Parquet table from bytes (Parquet recognised by its ``PAR1`` magic).
+
+    The in-memory counterpart of :func:`load_table`, for tables that arrive
+    over the API (a job's reference data). With ``schema``, a CSV's categorical
+    columns and a classification target are read as text. Raises
+    :class:`DataSchemaError` (``column=None``) when the bytes are empty or
+    neither format.
+    """
+    if not data:
+        raise DataSchemaError(None, "the table is empty")
+    kind = "Parquet" if data[:4] == b"PAR1" else "CSV"
+    try:
+        if kind == "Parquet":
+            df = pd.read_parquet(io.BytesIO(data))
+        else:
+            df = pd.read_csv(io.BytesIO(data), dtype=_text_dtypes(schema))
+    except pd.errors.EmptyDataError:
+        raise DataSchemaError(None, "the table is empty") from None
+    except Exception as err:  # pandas/pyarrow raise many parser error types
+        raise DataSchemaError(None, f"not a readable {kind} table: {err}") from None
+    if len(df.columns) == 0:
+        raise DataSchemaError(None, "the table has no columns")
     return df
 
 
@@ -438,6 +466,22 @@ class Preprocessor:
     def input_dim(self) -> int:
         """Width of the feature matrix (numeric columns plus one-hot columns)."""
         return len(self.feature_names)
+
+    @property
+    def column_features(self) -> list[str]:
+        """For each input column (as in :attr:`feature_names`), the schema feature it encodes.
+
+        A numeric feature owns one column; a categorical one owns its one-hot
+        columns (none when its vocabulary is empty). Attributions on the
+        columns add up to attributions on the original features through it.
+        """
+        owners: list[str] = []
+        for feature in self.schema.features:
+            if feature.type == "numeric":
+                owners.append(feature.name)
+            else:
+                owners.extend([feature.name] * len(self.vocabularies[feature.name]))
+        return owners
 
     @property
     def output_dim(self) -> int:
