@@ -24,11 +24,22 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from coordinator import registry, secure
+from coordinator import audits, registry, secure
 from coordinator.blobs import LocalBlobStore
 from coordinator.errors import Conflict, Forbidden, Invalid, NotFound
 from coordinator.evaluation import check_reference, metrics_on, read_table_bytes, weighted_mean
-from coordinator.models import Device, Event, Job, ModelVersion, Participant, Round, RoundMessage, utcnow
+from coordinator.models import (
+    Audit,
+    Baseline,
+    Device,
+    Event,
+    Job,
+    ModelVersion,
+    Participant,
+    Round,
+    RoundMessage,
+    utcnow,
+)
 from coordinator.rounds import (
     ACTIVE,
     DECLINED,
@@ -59,7 +70,7 @@ from shared.wire import (
     StatsMessage,
     Task,
 )
-from shared.zoo import architecture, build_model, flatten_parameters
+from shared.zoo import architecture, build_model, flatten_parameters, parameter_count
 
 log = logging.getLogger("aicfl.coordinator")
 
@@ -176,6 +187,190 @@ class Federation:
             job.reason = f"cancelled by {actor}"
             s.add(Event(actor=actor, action="job.cancel", target=str(job_id)))
             return job
+
+    # -- the training cluster (through the API) ----------------------------
+
+    def reference_bytes(self, job_id: int) -> bytes:
+        """The job's reference data as uploaded: the rows central evaluation and baselines use."""
+        with self.read() as s:
+            sha = self._job(s, job_id).reference_sha256
+        if not sha:
+            raise NotFound(
+                f"job {job_id} has no reference data (upload it with the job or PUT .../reference)"
+            )
+        return self.blobs.get(sha)
+
+    def upload_version0(self, job_id: int, body: bytes, actor: str) -> ModelVersion:
+        """Register centrally pre-trained weights as a ``pretrained`` job's version 0.
+
+        The weights must be exactly the network the federation will train: the
+        job's zoo model over the preprocessing its statistics round fixed.
+        """
+        try:
+            header, vec = codec.decode(body)
+        except codec.CodecError as err:
+            raise Invalid(f"version 0: {err}") from None
+        provenance = header.get("provenance")
+        if not isinstance(provenance, dict):
+            raise Invalid(
+                "version 0: the header needs a 'provenance' object (data hash, world size, epochs...)"
+            )
+        missing = [k for k in ("data_sha256", "world_size", "epochs", "metrics") if k not in provenance]
+        if missing:
+            raise Invalid(f"version 0: provenance lacks {', '.join(missing)}")
+        if vec.dtype != np.float32:
+            raise Invalid(f"version 0: parameters must be float32, got {vec.dtype}")
+        if not np.isfinite(vec).all():
+            raise Invalid("version 0: parameters must be finite (found NaN or infinity)")
+        with self.write() as s:
+            job = s.scalar(self._lock(select(Job).where(Job.id == job_id)))
+            if job is None:
+                raise NotFound(f"no job {job_id}")
+            spec = JobSpec.model_validate(job.spec)
+            if spec.model.initial != "pretrained":
+                raise Conflict(
+                    f'job {job_id} starts from random weights (model.initial = "random");'
+                    ' submit it with model.initial = "pretrained" to pre-train its version 0'
+                )
+            if job.status not in ("running", "pending"):
+                raise Conflict(f"job {job_id} is {job.status}")
+            if job.preprocess is None:
+                raise Conflict(
+                    f"job {job_id}'s statistics round has not finished: its preprocessing,"
+                    " and so the network's input size, is not known yet"
+                )
+            if s.scalar(select(ModelVersion.id).where(ModelVersion.job_id == job_id)) is not None:
+                raise Conflict(f"job {job_id} already has a version 0")
+            pre = Preprocessor.from_dict(job.preprocess)
+            arch = architecture(spec.model, pre.input_dim, pre.output_dim)
+            if header.get("arch") != arch:
+                raise Invalid(f"version 0 was built for {header.get('arch')}, but job {job_id} trains {arch}")
+            if vec.size != parameter_count(arch):
+                raise Invalid(f"version 0 has {vec.size} parameters; {arch} has {parameter_count(arch)}")
+            vector = np.array(vec, dtype=np.float32)
+            row = registry.register_version(
+                s,
+                self.blobs,
+                self.key,
+                job_id=job_id,
+                version=0,
+                vector=vector,
+                arch=arch,
+                preprocess=job.preprocess,
+                parent=None,
+                round_number=None,
+                metrics=provenance.get("metrics") if isinstance(provenance.get("metrics"), dict) else {},
+                provenance={**provenance, "source": "pretrain", "uploaded_by": actor},
+            )
+            central = self._central(job, spec, arch, vector)
+            if central:
+                row.metrics = {**row.metrics, "central": central}
+            job.current_version = 0
+            audits.enqueue(s, job, 0, self.clock())
+            s.add(
+                Event(
+                    actor=actor,
+                    action="job.pretrained",
+                    target=str(job_id),
+                    detail={k: provenance.get(k) for k in ("data_sha256", "world_size", "epochs")},
+                )
+            )
+            self._latest[job_id] = (
+                row.sha256,
+                {"arch": arch, "preprocess": job.preprocess, "version": 0},
+                vector,
+            )
+            return row
+
+    def put_baseline(self, job_id: int, data: dict[str, Any], actor: str) -> Baseline:
+        """Store (or replace) the job's AutoML baseline."""
+        leader = data.get("leader")
+        if not isinstance(leader, str) or not leader.strip() or len(leader) > 300:
+            raise Invalid("baseline: 'leader' must be the leader's model id (a non-empty string)")
+        fields: dict[str, Any] = {}
+        for name, kind in (
+            ("metrics", dict),
+            ("leaderboard", list),
+            ("contributions", dict),
+            ("provenance", dict),
+        ):
+            value = data.get(name, kind())
+            if not isinstance(value, kind):
+                raise Invalid(f"baseline: '{name}' must be a JSON {'object' if kind is dict else 'array'}")
+            fields[name] = value
+        if not all(isinstance(v, int | float) and _finite(v) for v in fields["metrics"].values()):
+            raise Invalid("baseline: every metric must be a finite number")
+        features = fields["contributions"].get("features", {})
+        if not isinstance(features, dict) or not all(
+            isinstance(v, int | float) and _finite(v) for v in features.values()
+        ):
+            raise Invalid("baseline: contributions.features must map feature names to finite numbers")
+        unknown_extra = set(data) - {
+            "leader",
+            "algorithm",
+            "metrics",
+            "leaderboard",
+            "contributions",
+            "provenance",
+        }
+        if unknown_extra:
+            raise Invalid(f"baseline: unknown field(s) {', '.join(sorted(unknown_extra))}")
+        algorithm = str(data.get("algorithm", ""))[:64]
+        with self.write() as s:
+            job = self._job(s, job_id)
+            spec = JobSpec.model_validate(job.spec)
+            names = {f.name for f in spec.data.features}
+            strangers = sorted(set(features) - names)
+            if strangers:
+                raise Invalid(
+                    f"baseline: contributions name features the job does not have: {', '.join(strangers)}"
+                )
+            row = s.scalar(select(Baseline).where(Baseline.job_id == job_id))
+            if row is None:
+                row = Baseline(job_id=job_id)
+                s.add(row)
+            row.leader = leader
+            row.algorithm = algorithm
+            row.created_by = actor
+            row.created_at = utcnow()
+            for name, value in fields.items():
+                setattr(row, name, value)
+            s.add(
+                Event(
+                    actor=actor,
+                    action="job.baseline",
+                    target=str(job_id),
+                    detail={"leader": leader, "metrics": fields["metrics"]},
+                )
+            )
+            s.flush()
+            return row
+
+    def claim_audit(self, worker: str, lease_seconds: float) -> dict[str, Any] | None:
+        with self.write() as s:
+            row = audits.claim(s, worker, lease_seconds, self.clock(), skip_locked=not self._sqlite)
+            return None if row is None else audits.claim_dict(s, row)
+
+    def complete_audit(self, audit_id: int, body: dict[str, Any]) -> Audit:
+        plots = audits.decode_plots(body.get("plots", {}))
+        with self.write() as s:
+            return audits.complete(
+                s,
+                self.blobs,
+                audit_id,
+                str(body.get("worker", "")),
+                verdict=body.get("verdict"),  # type: ignore[arg-type]
+                report=body.get("report"),
+                seconds=body.get("seconds", 0.0),
+                plots=plots,
+                skip_locked=not self._sqlite,
+            )
+
+    def fail_audit(self, audit_id: int, body: dict[str, Any]) -> Audit:
+        with self.write() as s:
+            return audits.fail(
+                s, audit_id, str(body.get("worker", "")), body.get("error"), skip_locked=not self._sqlite
+            )
 
     def _job(self, s: Session, job_id: int) -> Job:
         job = s.get(Job, job_id)
@@ -684,6 +879,10 @@ class Federation:
             job.status = "completed"
             s.add(Event(actor="coordinator", action="job.complete", target=str(job.id)))
             return
+        if kind == "train" and job.current_version is None:
+            return  # a pretrained job waits for `aicfl cluster pretrain` to upload version 0
+        if kind == "train" and audits.gate_holds(s, job, spec, now):
+            return  # the audit gate: the next round starts from a version whose audit is in
         eligible = self._eligible(s, job, now)
         waited = None if job.waiting_since is None else now - job.waiting_since
         cohort = select_cohort(
@@ -777,6 +976,18 @@ class Federation:
                 )
             job.current_version = 0
             return
+        if spec.model.initial == "pretrained":
+            # `aicfl cluster pretrain` reads this preprocessing, trains exactly this network
+            # centrally and uploads it as version 0; training rounds wait for it.
+            s.add(
+                Event(
+                    actor="coordinator",
+                    action="job.awaiting_pretrain",
+                    target=str(job.id),
+                    detail={"arch": arch},
+                )
+            )
+            return
         model = build_model(arch, seed=spec.seed)
         vector = flatten_parameters(model)
         row = registry.register_version(
@@ -792,6 +1003,7 @@ class Federation:
             round_number=None,
             provenance={"source": "initialised", "seed": spec.seed, "statistics_rows": merged.get("rows")},
         )
+        audits.enqueue(s, job, 0, self.clock())
         self._latest[job.id] = (
             row.sha256,
             {"arch": arch, "preprocess": job.preprocess, "version": 0},
@@ -856,7 +1068,11 @@ class Federation:
         finalize = time.perf_counter() - t0
         r.aggregation_seconds = incremental + finalize
         r.model_version_out = row.version
-        job.current_version = row.version
+        audit = audits.enqueue(s, job, row.version, self.clock())
+        if audit is not None and spec.audit.gate:
+            row.released = False  # released when its audit's verdict is ok
+        else:
+            job.current_version = row.version
         job.rounds_completed += 1
         fed = weighted_mean(
             [(int(m.payload.get("holdout_examples", 0)), m.payload.get("metrics", {})) for m in msgs]

@@ -29,7 +29,7 @@ def utcnow() -> datetime:
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: DateTime(timezone=True)}
 
 
 class OperatorToken(Base):
@@ -171,6 +171,54 @@ class ModelVersion(Base):
     released: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     __table_args__ = (UniqueConstraint("job_id", "version", name="uq_model_version"),)
+
+
+class Baseline(Base):
+    """A job's AutoML baseline (``aicfl cluster automl``): its leaderboard, the leader's metrics on the
+    reference rows and a summary of its TreeSHAP contributions. One per job; a new run replaces it."""
+
+    __tablename__ = "baselines"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), unique=True)
+    leader: Mapped[str] = mapped_column(String(300))
+    algorithm: Mapped[str] = mapped_column(String(64), default="")
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    leaderboard: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    contributions: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    provenance: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(200), default="")
+
+
+class Audit(Base):
+    """The SHAP audit of one model version, and its place in the audit queue.
+
+    ``queued`` → ``running`` (claimed by a worker under a lease) → ``done`` or
+    back to ``queued`` on a failed attempt or an expired lease, until
+    ``max_attempts`` makes it ``failed``. Workers take rows with ``FOR UPDATE
+    SKIP LOCKED`` on PostgreSQL, so several can share the queue.
+    """
+
+    __tablename__ = "audits"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(200), default=None)
+    queued_at: Mapped[float | None] = mapped_column(Float, default=None)  # the engine's clock
+    lease_until: Mapped[float | None] = mapped_column(Float, default=None)
+    verdict: Mapped[str | None] = mapped_column(String(16), default=None)
+    report: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    plots: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # name -> blob SHA-256
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    seconds: Mapped[float | None] = mapped_column(Float, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    __table_args__ = (
+        UniqueConstraint("job_id", "version", name="uq_audit_version"),
+        Index("ix_audits_status", "status", "id"),
+    )
 
 
 class Event(Base):

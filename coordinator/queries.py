@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from coordinator.errors import NotFound
-from coordinator.models import Device, Job, Participant, Round
+from coordinator.models import Audit, Baseline, Device, Job, ModelVersion, Participant, Round
 from coordinator.rounds import ACTIVE, DECLINED, DROPPED
 
 
@@ -116,6 +116,55 @@ def job_dict(s: Session, job: Job, with_latest: bool = True) -> dict[str, Any]:
         )
         if done is not None:
             out["latest_metrics"] = done.metrics
+        out.update(cluster_dict(s, job))
+    return out
+
+
+def baseline_dict(b: Baseline) -> dict[str, Any]:
+    return {
+        "job_id": b.job_id,
+        "leader": b.leader,
+        "algorithm": b.algorithm,
+        "metrics": b.metrics,
+        "leaderboard": b.leaderboard,
+        "contributions": b.contributions,
+        "provenance": b.provenance,
+        "created_at": b.created_at,
+        "created_by": b.created_by,
+    }
+
+
+def cluster_dict(s: Session, job: Job) -> dict[str, Any]:
+    """What the training cluster added to a job: pre-training, the AutoML baseline, the latest audit."""
+    out: dict[str, Any] = {"preprocess": job.preprocess, "waiting_for": None}
+    v0 = s.scalar(select(ModelVersion).where(ModelVersion.job_id == job.id, ModelVersion.version == 0))
+    if v0 is not None and v0.provenance.get("source") == "pretrain":
+        p = v0.provenance
+        out["pretrain"] = {
+            "world_size": p.get("world_size"),
+            "epochs": p.get("epochs"),
+            "metrics": {
+                **p.get("metrics", {}),
+                **({"central": v0.metrics["central"]} if "central" in v0.metrics else {}),
+            },
+            "data_sha256": p.get("data_sha256"),
+        }
+    elif v0 is None and job.preprocess is not None and job.status == "running":
+        out["waiting_for"] = "version 0 from `aicfl cluster pretrain`"
+    b = s.scalar(select(Baseline).where(Baseline.job_id == job.id))
+    if b is not None:
+        out["baseline"] = {"leader": b.leader, "algorithm": b.algorithm, "metrics": b.metrics}
+    a = s.scalar(select(Audit).where(Audit.job_id == job.id).order_by(Audit.version.desc()).limit(1))
+    if a is not None:
+        out["audit"] = {"version": a.version, "status": a.status, "verdict": a.verdict}
+        done = s.scalar(
+            select(Audit)
+            .where(Audit.job_id == job.id, Audit.status == "done")
+            .order_by(Audit.version.desc())
+            .limit(1)
+        )
+        if done is not None:
+            out["audit"]["latest_verdict"] = {"version": done.version, "verdict": done.verdict}
     return out
 
 

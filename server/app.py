@@ -24,7 +24,7 @@ from coordinator.errors import CoordinatorError
 from coordinator.keys import load_or_create_signing_key
 from coordinator.models import Device, Job, Round
 from coordinator.store import make_engine, migrate, session_factory
-from server.routers import device_api, jobs, operators
+from server.routers import audits, device_api, jobs, operators
 from server.settings import ServerSettings
 from shared.jobspec import JobSpecError
 from shared.signing import b64e, public_key_bytes
@@ -192,5 +192,6 @@ def create_app(settings: ServerSettings | None = None, *, run_ticker: bool = Tru
 
     app.include_router(operators.router)
     app.include_router(jobs.router)
+    app.include_router(audits.router)
     app.include_router(device_api.router)
     return app

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from server.client import ApiClient, CliError
+from shared.api_client import ApiClient, CliError
 from shared.jobspec import JobSpecError, load_spec, parse_duration
 
 app = typer.Typer(help="Operate an aicfl federation.", no_args_is_help=True, pretty_exceptions_enable=False)

@@ -20,8 +20,8 @@ from typing import Any
 
 from rich.console import Console
 
-from server.client import ApiClient, CliError
 from shared import codec
+from shared.api_client import ApiClient, CliError
 from shared.datasets import load_dataset, natural_split, test_split
 from shared.jobspec import JobSpec, validate_spec
 from shared.tabular import Preprocessor, local_statistics

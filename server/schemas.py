@@ -99,3 +99,37 @@ class JobOut(_Out):
     warnings: list[str] = []
     latest_round: RoundOut | None = None
     latest_metrics: dict[str, Any] = {}
+    preprocess: dict[str, Any] | None = None
+    waiting_for: str | None = None
+    pretrain: dict[str, Any] | None = None
+    baseline: dict[str, Any] | None = None
+    audit: dict[str, Any] | None = None
+
+
+class BaselineOut(_Out):
+    job_id: int
+    leader: str
+    algorithm: str
+    metrics: dict[str, Any]
+    leaderboard: list[Any]
+    contributions: dict[str, Any]
+    provenance: dict[str, Any]
+    created_at: datetime
+    created_by: str
+
+
+class AuditOut(_Out):
+    job_id: int
+    version: int
+    status: str
+    attempts: int
+    worker: str | None
+    verdict: str | None
+    error: str | None
+    seconds: float | None
+    plots: list[str]
+    top_features: list[str] | None = None
+    rank_correlation_to_previous: float | None = None
+    created_at: datetime
+    updated_at: datetime
+    report: dict[str, Any] | None = None

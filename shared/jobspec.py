@@ -95,6 +95,13 @@ class ModelSpec(_Strict):
         default_factory=lambda: [64, 32], description="hidden layer widths (mlp)"
     )
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="dropout after each hidden layer")
+    initial: Literal["random", "pretrained"] = Field(
+        default="random",
+        description=(
+            "where version 0 comes from: random (seeded) weights, or `aicfl cluster pretrain`"
+            " (the first training round waits for it)"
+        ),
+    )
 
 
 class CohortSpec(_Strict):
@@ -188,6 +195,50 @@ class EvaluationSpec(_Strict):
     federated: bool = Field(default=True, description="devices evaluate each model on their holdout rows")
 
 
+class AuditSpec(_Strict):
+    """The SHAP audit of every model version (``aicfl audit worker``)."""
+
+    enabled: bool = Field(default=True, description="audit every new model version")
+    rows: int = Field(default=1000, ge=10, le=100_000, description="reference rows explained per version")
+    background: int = Field(
+        default=100,
+        ge=10,
+        le=10_000,
+        description="background rows drawn reproducibly from the reference data",
+    )
+    validate_rows: int = Field(
+        default=20, ge=0, le=1000, description="rows checked against an exact explainer (0: skip the check)"
+    )
+    top: int = Field(default=5, ge=1, le=100, description="features listed as the top ones")
+    min_rank_correlation: float = Field(
+        default=0.7,
+        ge=-1,
+        le=1,
+        description="drift when the Spearman correlation of importances with the previous version is lower",
+    )
+    max_share_shift: float = Field(
+        default=0.15,
+        gt=0,
+        le=1,
+        description="drift when a feature's share of total importance moves more than this",
+    )
+    gate: bool = Field(
+        default=False,
+        description="a version whose verdict is drift is not released; devices keep the last released one",
+    )
+    gate_timeout: Duration = Field(
+        default=600.0, description="with the gate: how long the next round waits for a version's audit"
+    )
+    max_attempts: int = Field(
+        default=3, ge=1, le=20, description="tries before an audit is recorded as failed"
+    )
+
+    @field_validator("gate_timeout", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+
 class JobSpec(_Strict):
     """A whole federated job."""
 
@@ -204,6 +255,7 @@ class JobSpec(_Strict):
         default=True, description="secure aggregation in every round; false is for experiments only (warned)"
     )
     secagg: SecAggSpec = Field(default_factory=SecAggSpec)
+    audit: AuditSpec = Field(default_factory=AuditSpec)
 
 
 def _format_errors(err: ValidationError) -> list[str]:
@@ -260,6 +312,7 @@ _SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("[strategy]", StrategySpec),
     ("[evaluation]", EvaluationSpec),
     ("[secagg]", SecAggSpec),
+    ("[audit]", AuditSpec),
 ]
 
 
@@ -273,6 +326,7 @@ def _type_text(annotation: Any) -> str:
         StrategySpec,
         EvaluationSpec,
         SecAggSpec,
+        AuditSpec,
         Feature,
     ):
         text = text.replace(f"{cls.__module__}.{cls.__name__}", cls.__name__)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from coordinator import queries, registry
 from coordinator.auth import Operator
 from coordinator.errors import Invalid
-from server.schemas import JobOut, ModelVersionOut, RoundDetailOut, RoundOut
+from server.schemas import BaselineOut, JobOut, ModelVersionOut, RoundDetailOut, RoundOut
 from server.security import admin, federation, operator, read_body
 from shared.export import export_model
 
@@ -62,6 +62,50 @@ async def put_reference(job_id: int, request: Request, op: Operator = Depends(ad
         raise Invalid("reference data is empty")
     await run_in_threadpool(federation(request).set_reference, job_id, body, op.name)
     return Response(status_code=204)
+
+
+@router.get("/{job_id}/reference")
+def get_reference(job_id: int, request: Request, op: Operator = Depends(operator)) -> Response:
+    """The job's reference data as uploaded: the held-out rows evaluation and baselines are measured on."""
+    data = federation(request).reference_bytes(job_id)
+    return Response(content=data, media_type="application/octet-stream")
+
+
+@router.put("/{job_id}/models/0", response_model=ModelVersionOut)
+async def put_version0(job_id: int, request: Request, op: Operator = Depends(admin)) -> ModelVersionOut:
+    """Pre-trained weights (aicfl tensor format, with provenance in the header) as the job's version 0."""
+    from starlette.concurrency import run_in_threadpool
+
+    body = await read_body(request)
+    if not body:
+        raise Invalid("version 0: the body is empty")
+    row = await run_in_threadpool(federation(request).upload_version0, job_id, body, op.name)
+    return ModelVersionOut.model_validate(row)
+
+
+@router.put("/{job_id}/baseline", response_model=BaselineOut)
+def put_baseline(
+    job_id: int, baseline: dict[str, Any], request: Request, op: Operator = Depends(admin)
+) -> BaselineOut:
+    """Store the job's AutoML baseline: leaderboard, the leader's metrics on the reference rows, TreeSHAP summary."""
+    row = federation(request).put_baseline(job_id, baseline, op.name)
+    return BaselineOut.model_validate(queries.baseline_dict(row))
+
+
+@router.get("/{job_id}/baseline", response_model=BaselineOut)
+def get_baseline(job_id: int, request: Request, op: Operator = Depends(operator)) -> BaselineOut:
+    from sqlalchemy import select
+
+    from coordinator.errors import NotFound
+    from coordinator.models import Baseline
+
+    fed = federation(request)
+    with fed.read() as s:
+        fed._job(s, job_id)
+        row = s.scalar(select(Baseline).where(Baseline.job_id == job_id))
+        if row is None:
+            raise NotFound(f"job {job_id} has no baseline yet (run `aicfl cluster automl --job {job_id}`)")
+        return BaselineOut.model_validate(queries.baseline_dict(row))
 
 
 @router.get("/{job_id}/rounds", response_model=list[RoundOut])

@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import pandas as pd
 
-from server.client import ApiClient
 from server.demo import free_port
+from shared.api_client import ApiClient
 from shared.datasets import load_dataset
 
 ENV = {

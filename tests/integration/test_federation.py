@@ -225,7 +225,7 @@ def test_bad_job_specs_give_one_clear_error(coord: Coordinator, tmp_path: Path) 
 
 def test_viewer_token_cannot_submit_jobs(coord: Coordinator) -> None:
     viewer = coord.api().json("POST", "/v1/operators", json={"name": "v", "role": "viewer"})["token"]
-    from server.client import ApiClient
+    from shared.api_client import ApiClient
 
     api = ApiClient(coord.url, viewer)
     assert api.json("GET", "/v1/jobs") == []

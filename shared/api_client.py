@@ -1,4 +1,7 @@
-"""The operator CLI's HTTP client: problem details become one clear error line."""
+"""The HTTP client of the coordinator API for operators and the training cluster.
+
+Problem details become one clear error line.
+"""
 
 from __future__ import annotations
 

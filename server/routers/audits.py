@@ -1,0 +1,72 @@
+"""The SHAP audit queue for workers, and audit reports and plots for operators."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from coordinator import audits
+from coordinator.auth import Operator
+from coordinator.errors import Invalid, NotFound
+from server.schemas import AuditOut
+from server.security import admin, federation, operator
+
+router = APIRouter(tags=["audits"])
+
+
+@router.post("/v1/audits/claim", response_model=None)
+def claim(body: dict[str, Any], request: Request, op: Operator = Depends(admin)) -> Any:
+    """Take the oldest queued audit under a lease; 204 when the queue is empty."""
+    lease = body.get("lease_seconds", 600.0)
+    if not isinstance(lease, int | float) or isinstance(lease, bool):
+        raise Invalid("lease_seconds must be a number")
+    taken = federation(request).claim_audit(str(body.get("worker", "")), float(lease))
+    if taken is None:
+        return Response(status_code=204)
+    return taken
+
+
+@router.put("/v1/audits/{audit_id}/report", response_model=AuditOut)
+def report(audit_id: int, body: dict[str, Any], request: Request, op: Operator = Depends(admin)) -> AuditOut:
+    """A worker's finished audit: verdict, report and PNG plots (base64)."""
+    row = federation(request).complete_audit(audit_id, body)
+    return AuditOut.model_validate(audits.audit_dict(row))
+
+
+@router.post("/v1/audits/{audit_id}/fail", response_model=AuditOut)
+def fail(audit_id: int, body: dict[str, Any], request: Request, op: Operator = Depends(admin)) -> AuditOut:
+    """A failed attempt: the audit goes back to the queue until the job's max_attempts."""
+    row = federation(request).fail_audit(audit_id, body)
+    return AuditOut.model_validate(audits.audit_dict(row, with_report=False))
+
+
+@router.get("/v1/jobs/{job_id}/audits", response_model=list[AuditOut])
+def list_audits(job_id: int, request: Request, op: Operator = Depends(operator)) -> list[AuditOut]:
+    fed = federation(request)
+    with fed.read() as s:
+        fed._job(s, job_id)
+        return [
+            AuditOut.model_validate(audits.audit_dict(a, with_report=False))
+            for a in audits.list_audits(s, job_id)
+        ]
+
+
+@router.get("/v1/jobs/{job_id}/audits/{version}", response_model=AuditOut)
+def show_audit(job_id: int, version: int, request: Request, op: Operator = Depends(operator)) -> AuditOut:
+    with federation(request).read() as s:
+        return AuditOut.model_validate(audits.audit_dict(audits.get_audit(s, job_id, version)))
+
+
+@router.get("/v1/jobs/{job_id}/audits/{version}/plots/{name}")
+def plot(
+    job_id: int, version: int, name: str, request: Request, op: Operator = Depends(operator)
+) -> Response:
+    """One of an audit's PNG plots (importance.png, beeswarm.png)."""
+    fed = federation(request)
+    with fed.read() as s:
+        row = audits.get_audit(s, job_id, version)
+        sha = (row.plots or {}).get(name)
+    if sha is None:
+        raise NotFound(f"audit of job {job_id} version {version} has no plot {name!r}")
+    return Response(content=fed.blobs.get(sha), media_type="image/png")
