@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from coordinator import audits, registry, secure
 from coordinator.blobs import LocalBlobStore
 from coordinator.errors import Conflict, Forbidden, Invalid, NotFound
-from coordinator.evaluation import check_reference, metrics_on, read_table_bytes, weighted_mean
+from coordinator.evaluation import check_reference, metrics_on, weighted_mean
 from coordinator.models import (
     Audit,
     Baseline,
@@ -60,7 +60,7 @@ from shared.secagg import statistics as secagg_statistics
 from shared.secagg.primitives import SecAggError
 from shared.secagg.protocol import finish as secagg_finish
 from shared.secagg.protocol import unmask_total
-from shared.tabular import DataSchemaError, Preprocessor, merge_statistics
+from shared.tabular import DataSchemaError, Preprocessor, merge_statistics, read_table_bytes
 from shared.wire import (
     CheckinRequest,
     CheckinResponse,
@@ -1155,7 +1155,7 @@ class Federation:
             return None
         df = self._reference.get(sha)
         if df is None:
-            df = self._reference[sha] = read_table_bytes(self.blobs.get(sha))
+            df = self._reference[sha] = read_table_bytes(self.blobs.get(sha), spec.data)
         return metrics_on(df, spec.data, job.preprocess, arch, vec)
 
 

@@ -2,33 +2,20 @@
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from shared.jobspec import DataSchema
-from shared.tabular import Preprocessor, validate_table
+from shared.tabular import Preprocessor, read_table_bytes, validate_table
 from shared.training import evaluate
 from shared.zoo import build_model, load_flat_parameters
 
 
-def read_table_bytes(data: bytes) -> pd.DataFrame:
-    """A CSV or Parquet table from bytes (Parquet recognised by its magic)."""
-    if data[:4] == b"PAR1":
-        return pd.read_parquet(io.BytesIO(data))
-    return pd.read_csv(io.BytesIO(data))
-
-
 def check_reference(data: bytes, schema: DataSchema) -> pd.DataFrame:
     """Parse reference data and check it against the job's schema (raises DataSchemaError)."""
-    from shared.tabular import DataSchemaError
-
-    try:
-        df = read_table_bytes(data)
-    except Exception as err:  # noqa: BLE001 - pandas raises many kinds for a bad file
-        raise DataSchemaError(None, f"reference data is neither CSV nor Parquet: {err}") from None
+    df = read_table_bytes(data, schema)
     validate_table(df, schema)
     return df
 

@@ -24,6 +24,10 @@ jobs_app = typer.Typer(help="Federated jobs.", no_args_is_help=True)
 rounds_app = typer.Typer(help="Rounds of a job.", no_args_is_help=True)
 models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
 data_app = typer.Typer(help="Example data for trying a federation by hand.", no_args_is_help=True)
+cluster_app = typer.Typer(
+    help="The central cluster: Horovod pre-training and H2O AutoML baselines.", no_args_is_help=True
+)
+audit_app = typer.Typer(help="SHAP audits of model versions.", no_args_is_help=True)
 app.add_typer(server_app, name="server")
 app.add_typer(admin_app, name="admin")
 app.add_typer(devices_app, name="devices")
@@ -31,6 +35,8 @@ app.add_typer(jobs_app, name="jobs")
 app.add_typer(rounds_app, name="rounds")
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
+app.add_typer(cluster_app, name="cluster")
+app.add_typer(audit_app, name="audit")
 
 console = Console()
 _state: dict[str, Any] = {}
@@ -52,6 +58,13 @@ def _main(
 def client() -> ApiClient:
     ca = _state.get("ca_cert")
     return ApiClient(_state["url"], _state.get("token"), verify=str(ca) if ca else True)
+
+
+def cluster_api() -> Any:
+    """The coordinator API as the training cluster uses it (same URL, token and CA as the CLI)."""
+    from training_cluster.api import ClusterApi
+
+    return ClusterApi(client())
 
 
 def emit_json(data: Any) -> None:
@@ -96,6 +109,12 @@ def server_start(
         help="Model-signing key (PEM); replicas must share one.",
     ),
     log_level: str = typer.Option("info", "--log-level", envvar="AICFL_LOG_LEVEL"),
+    with_audit_worker: bool = typer.Option(
+        False,
+        "--with-audit-worker",
+        envvar="AICFL_WITH_AUDIT_WORKER",
+        help="Also run a SHAP audit worker process beside the server (needs an admin token: AICFL_TOKEN).",
+    ),
 ) -> None:
     """Start the coordinator API (migrations are applied first)."""
     import logging
@@ -124,13 +143,43 @@ def server_start(
         application = create_app(settings)
     except Exception as err:  # noqa: BLE001 - a bad URL or unreachable database: one line
         raise CliError(f"cannot start the coordinator: {err}") from None
-    uvicorn.run(
-        application,
-        host=host,
-        port=port,
-        log_level=log_level,
-        ssl_certfile=str(tls_cert) if tls_cert else None,
-        ssl_keyfile=str(tls_key) if tls_key else None,
+    worker = _start_audit_worker(host, port, tls_cert is not None) if with_audit_worker else None
+    try:
+        uvicorn.run(
+            application,
+            host=host,
+            port=port,
+            log_level=log_level,
+            ssl_certfile=str(tls_cert) if tls_cert else None,
+            ssl_keyfile=str(tls_key) if tls_key else None,
+        )
+    finally:
+        if worker is not None:
+            worker.terminate()
+            try:
+                worker.wait(timeout=30)
+            except Exception:  # noqa: BLE001 - it had its chance to finish its audit
+                worker.kill()
+
+
+def _start_audit_worker(host: str, port: int, tls: bool) -> Any:
+    """``aicfl audit worker`` as a child process that talks to this server over its API."""
+    import os
+    import subprocess
+
+    token = _state.get("token") or os.environ.get("AICFL_TOKEN")
+    if not token:
+        raise CliError(
+            "--with-audit-worker needs an admin token for the worker (set AICFL_TOKEN or pass --token)"
+        )
+    connect = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    env = {
+        **os.environ,
+        "AICFL_URL": f"{'https' if tls else 'http'}://{connect}:{port}",
+        "AICFL_TOKEN": token,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "server", "audit", "worker", "--wait-for-server", "60"], env=env
     )
 
 
@@ -297,6 +346,23 @@ def jobs_show(job_id: int, as_json: bool = JSON_OPT) -> None:
             f"latest round {r['number']} ({r['kind']}): {r['status']} stage={r['stage']}"
             + (f" reason: {r['reason']}" if r["reason"] else "")
         )
+    if j.get("waiting_for"):
+        console.print(f"waiting for {j['waiting_for']}")
+    if j.get("pretrain"):
+        p = j["pretrain"]
+        console.print(
+            f"pretrain:  world size {p['world_size']}, {p['epochs']} epochs  "
+            f"{_metrics_text((p.get('metrics') or {}).get('central'))}"
+        )
+    if j.get("baseline"):
+        b = j["baseline"]
+        console.print(f"baseline:  {b['leader']} ({b['algorithm']})  {_metrics_text(b['metrics'])}")
+        console.print(f"federated model on the same rows: {_metrics_text(m.get('central'))}")
+    if j.get("audit"):
+        a = j["audit"]
+        done = a.get("latest_verdict")
+        verdict = f"version {done['version']}: {done['verdict']}" if done else "no audit finished yet"
+        console.print(f"audit:     {verdict}  (version {a['version']} {a['status']})")
     for w in j.get("warnings", []):
         console.print(f"[yellow]warning:[/] {w}")
 
@@ -506,6 +572,203 @@ def simulate_cmd(
         return
     for key, value in out.items():
         console.print(f"{key:26} {_fmt(value, 5)}")
+
+
+# -- the training cluster ---------------------------------------------------
+
+
+@cluster_app.command("pretrain")
+def cluster_pretrain(
+    job: int = typer.Option(..., "--job", help="The job whose version 0 to pre-train."),
+    data: Path = typer.Option(..., "--data", help="Central (public or proxy) data, CSV or Parquet."),
+    np_: int = typer.Option(2, "--np", min=1, max=1024, help="Horovod processes (horovodrun -np)."),
+    epochs: int = typer.Option(5, "--epochs", min=1, max=10_000),
+    gpus: bool = typer.Option(False, "--gpus", help="One GPU per rank, NCCL (default: CPU, Gloo)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Per rank; default: the job's."),
+    learning_rate: float | None = typer.Option(
+        None, "--learning-rate", min=0.0, help="Base rate before scaling by the world size."
+    ),
+    fp16: bool = typer.Option(False, "--fp16", help="fp16 compression of the allreduced gradients."),
+    wait: float = typer.Option(
+        600.0, "--wait", min=0.0, help="Seconds to wait for the job's statistics round (its preprocessing)."
+    ),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Horovod data-parallel pre-training of the job's network; uploaded as its version 0."""
+    from training_cluster.pretrain import pretrain
+
+    api = cluster_api()
+    try:
+        out = pretrain(
+            api,
+            job,
+            data,
+            np=np_,
+            epochs=epochs,
+            gpus=gpus,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            fp16=fp16,
+            wait=wait,
+            log=lambda line: None if as_json else console.print(line),
+        )
+    finally:
+        api.close()
+    if as_json:
+        return emit_json(out)
+    console.print(
+        f"version 0 of job {job}: world size {out['world_size']}, {out['epochs']} epochs, "
+        f"{out['samples_per_second']:.0f} samples/s  {_metrics_text(out['metrics'].get('central') or out['metrics'])}"
+    )
+
+
+@cluster_app.command("automl")
+def cluster_automl(
+    job: int = typer.Option(..., "--job", help="The job to measure a baseline for."),
+    data: Path = typer.Option(..., "--data", help="Central (public or proxy) data, CSV or Parquet."),
+    max_runtime_secs: int = typer.Option(60, "--max-runtime-secs", min=5, max=86_400),
+    h2o_url: str | None = typer.Option(
+        None,
+        "--h2o-url",
+        envvar="AICFL_H2O_URL",
+        help="An existing H2O cluster (default: start a local JVM).",
+    ),
+    seed: int = typer.Option(1, "--seed"),
+    max_models: int | None = typer.Option(None, "--max-models", min=1),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """H2O AutoML on the central data; the leader, measured on the job's reference rows, is its baseline."""
+    from training_cluster.automl import automl
+
+    api = cluster_api()
+    try:
+        out = automl(
+            api,
+            job,
+            data,
+            max_runtime_secs=max_runtime_secs,
+            h2o_url=h2o_url,
+            seed=seed,
+            max_models=max_models,
+            log=lambda line: None if as_json else console.print(line),
+        )
+    finally:
+        api.close()
+    if as_json:
+        return emit_json(out)
+    console.print(
+        f"baseline of job {job}: {out['leader']} ({out.get('algorithm', '')})  {_metrics_text(out['metrics'])}"
+    )
+
+
+# -- audits ---------------------------------------------------------------
+
+
+@audit_app.command("worker")
+def audit_worker(
+    name: str | None = typer.Option(None, "--name", help="This worker's name (default: host and pid)."),
+    once: bool = typer.Option(False, "--once", help="Audit what is queued, then exit."),
+    poll: float = typer.Option(2.0, "--poll", min=0.1, help="Seconds between looks at an empty queue."),
+    lease: float = typer.Option(
+        600.0, "--lease", min=10, help="Seconds an audit stays ours without a report."
+    ),
+    wait_for_server: float = typer.Option(
+        0.0, "--wait-for-server", min=0, help="Seconds to wait for the API."
+    ),
+) -> None:
+    """Take queued audits from the coordinator and compute their SHAP reports, until stopped."""
+    import os
+    import signal
+    import socket
+    import threading
+
+    from training_cluster.audit_worker import run_worker
+
+    worker = name or f"{socket.gethostname()}-{os.getpid()}"
+    stop = threading.Event()
+
+    def _stop(*_: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    api = cluster_api()
+    deadline = time.monotonic() + wait_for_server
+    while True:
+        try:
+            api.client.json("GET", "/v1/health")
+            break
+        except CliError:
+            if time.monotonic() >= deadline or stop.is_set():
+                raise
+            time.sleep(0.5)
+    try:
+        done = run_worker(
+            api, worker, once=once, poll=poll, lease_seconds=lease, stop=stop, log=console.print
+        )
+    finally:
+        api.close()
+    console.print(f"audit worker {worker}: {done} audit(s) done")
+
+
+@audit_app.command("show")
+def audit_show(
+    job_id: int,
+    version: int | None = typer.Option(None, "--version", help="A version (default: the newest audited)."),
+    plot: Path | None = typer.Option(None, "--plot", help="Write the audit's PNG plots into this folder."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """A version's SHAP audit: verdict, top features, drift, agreement with the AutoML leader."""
+    c = client()
+    if version is None:
+        rows = c.json("GET", f"/v1/jobs/{job_id}/audits")
+        done = [r for r in rows if r["status"] == "done"] or rows
+        if not done:
+            raise CliError(f"job {job_id} has no audits yet")
+        version = int(done[-1]["version"])
+    a = c.json("GET", f"/v1/jobs/{job_id}/audits/{version}")
+    written = []
+    if plot is not None:
+        plot.mkdir(parents=True, exist_ok=True)
+        for name in a["plots"]:
+            target = plot / f"job{job_id}-v{version}-{name}"
+            target.write_bytes(c.request("GET", f"/v1/jobs/{job_id}/audits/{version}/plots/{name}").content)
+            written.append(str(target))
+    if as_json:
+        return emit_json({**a, "written": written})
+    r = a.get("report") or {}
+    console.print(
+        f"[bold]audit of job {job_id} version {version}[/]  status={a['status']}  verdict={_fmt(a['verdict'])}"
+        f"  attempts={a['attempts']}  seconds={_fmt(a['seconds'], 3)}"
+    )
+    if a.get("error") and a["status"] != "done":
+        console.print(f"last error: {a['error']}")
+    if r:
+        drift = r.get("drift") or {}
+        console.print(f"explainer {r.get('explainer')} on {r.get('rows')} rows; output: {r.get('output')}")
+        console.print(f"top features: {', '.join(r.get('top_features') or [])}")
+        console.print(
+            f"additivity max error {_fmt(r.get('additivity_max_error'), 3)}; "
+            f"validation {_metrics_text(r.get('validation'))}"
+        )
+        console.print(
+            f"vs version {_fmt(r.get('previous_version'))}: rank correlation {_fmt(drift.get('rank_correlation'), 3)}"
+            + "".join(
+                f"; {x['feature']} {x['share_before']:.2f}->{x['share_after']:.2f}"
+                for x in drift.get("shifted", [])
+            )
+        )
+        if r.get("baseline"):
+            console.print(f"vs AutoML leader: {_metrics_text(r['baseline'])}")
+        importance = r.get("importance") or {}
+        table = Table("feature", "mean |SHAP|", "share")
+        for feat, value in sorted(importance.items(), key=lambda kv: -kv[1])[:15]:
+            table.add_row(feat, _fmt(value, 4), _fmt((r.get("shares") or {}).get(feat), 3))
+        console.print(table)
+        for reason in r.get("reasons") or []:
+            console.print(f"[yellow]{reason}[/]")
+    for w in written:
+        console.print(f"wrote {w}")
 
 
 # -- demo -----------------------------------------------------------------
