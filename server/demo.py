@@ -87,11 +87,22 @@ def demo_spec(
     }
 
 
-def prepare_data(dataset: str, devices: int, seed: int, out: Path, rounds: int = 10) -> dict[str, Any]:
+def prepare_data(
+    dataset: str,
+    devices: int,
+    seed: int,
+    out: Path,
+    rounds: int = 10,
+    central_share: float = 0.0,
+    pretrained: bool = False,
+) -> dict[str, Any]:
     """Split a bundled dataset into held-out test rows and one natural slice per device, on disk.
 
     Writes ``devices/device-NN/data.csv``, ``reference.csv`` (the test rows) and
-    ``job.toml``; returns the frames and the spec for the caller.
+    ``job.toml``; with ``central_share``, that share of the training rows is
+    pooled in ``central.csv`` (the public or proxy data the central cluster
+    pre-trains and runs AutoML on) and never reaches a device. Returns the
+    frames and the spec for the caller.
     """
     import tomli_w
 
@@ -101,8 +112,11 @@ def prepare_data(dataset: str, devices: int, seed: int, out: Path, rounds: int =
         raise DemoError(str(err)) from None
     stratify = schema["target"] if schema["task"] != "regression" else None
     train_df, test_df = test_split(df, 0.2, seed, stratify_column=stratify)
+    device_df, central_df = train_df, None
+    if central_share > 0:
+        device_df, central_df = test_split(train_df, central_share, seed + 1, stratify_column=stratify)
     try:
-        parts = natural_split(train_df, group, devices, seed)
+        parts = natural_split(device_df, group, devices, seed)
     except ValueError as err:
         raise DemoError(f"--devices {devices}: {err}") from None
     out.mkdir(parents=True, exist_ok=True)
@@ -114,7 +128,13 @@ def prepare_data(dataset: str, devices: int, seed: int, out: Path, rounds: int =
         files.append(d / "data.csv")
     reference = out / "reference.csv"
     test_df.to_csv(reference, index=False)
+    central = None
+    if central_df is not None:
+        central = out / "central.csv"
+        central_df.to_csv(central, index=False)
     spec_dict = demo_spec(schema, rounds=rounds, devices=devices, seed=seed, reference="reference.csv")
+    if pretrained:
+        spec_dict["model"]["initial"] = "pretrained"
     validate_spec(spec_dict)
     (out / "job.toml").write_text(tomli_w.dumps(spec_dict))
     return {
@@ -125,6 +145,7 @@ def prepare_data(dataset: str, devices: int, seed: int, out: Path, rounds: int =
         "group": group,
         "files": files,
         "reference": reference,
+        "central": central,
         "spec": spec_dict,
         "schema": schema,
     }
@@ -179,8 +200,21 @@ class _Processes:
 
 
 def run_demo(
-    *, devices: int, rounds: int, dataset: str, out: Path, seed: int = 7, console: Console | None = None
+    *,
+    devices: int,
+    rounds: int,
+    dataset: str,
+    out: Path,
+    seed: int = 7,
+    pretrain: bool = True,
+    automl: bool = True,
+    automl_seconds: int = 30,
+    pretrain_np: int = 2,
+    pretrain_epochs: int = 10,
+    console: Console | None = None,
 ) -> dict[str, Any]:
+    """The whole federation: coordinator, audit worker, agents; optionally Horovod
+    pre-training of version 0 and an H2O AutoML baseline on pooled central rows."""
     console = console or Console()
     t_start = time.time()
     out = out.resolve()
@@ -188,7 +222,15 @@ def run_demo(
         (out / sub).mkdir(parents=True, exist_ok=True)
     if (out / "server" / "coordinator.db").exists():
         raise DemoError(f"{out} holds an earlier demo; pass another --out or remove it")
-    data = prepare_data(dataset, devices, seed, out, rounds)
+    data = prepare_data(
+        dataset,
+        devices,
+        seed,
+        out,
+        rounds,
+        central_share=0.25 if (pretrain or automl) else 0.0,
+        pretrained=pretrain,
+    )
     df, train_df, test_df, parts, group = (
         data["df"],
         data["train"],
@@ -235,6 +277,14 @@ def run_demo(
         )
         wait_healthy(url, server)
         api = ApiClient(url, token)
+        cluster_env = {**env, "AICFL_URL": url, "AICFL_TOKEN": token}
+        audit_worker = None
+        if spec.audit.enabled:
+            audit_worker = procs.start(
+                python_cmd("server", "audit", "worker", "--name", "demo-audit", "--poll", "0.5"),
+                out / "logs" / "audit-worker.log",
+                cluster_env,
+            )
         tokens = api.json("POST", "/v1/enrollment-tokens", json={"count": devices, "ttl_seconds": 3600})[
             "tokens"
         ]
@@ -275,12 +325,41 @@ def run_demo(
                 env,
             )
         job = api.json("POST", "/v1/jobs", json=spec.model_dump(mode="json"))
-        api.request("PUT", f"/v1/jobs/{job['id']}/reference", content=reference.read_bytes())
+        job_id = str(job["id"])
+        api.request("PUT", f"/v1/jobs/{job_id}/reference", content=reference.read_bytes())
+        central = str(data["central"])
+        automl_proc = None
+        if automl:
+            console.print(f"H2O AutoML on {central} ({automl_seconds} s budget), beside the rounds")
+            automl_proc = procs.start(
+                python_cmd(
+                    "server", "cluster", "automl", "--job", job_id, "--data", central,
+                    "--max-runtime-secs", str(automl_seconds), "--json",
+                ),
+                out / "logs" / "automl.log",
+                cluster_env,
+            )  # fmt: skip
+        if pretrain:
+            console.print(f"Horovod pre-training of version 0 on {central}: horovodrun -np {pretrain_np}")
+            _run_step(
+                python_cmd(
+                    "server", "cluster", "pretrain", "--job", job_id, "--data", central,
+                    "--np", str(pretrain_np), "--epochs", str(pretrain_epochs), "--json",
+                ),
+                out / "logs" / "pretrain.log",
+                cluster_env,
+                "pre-training",
+                timeout=900,
+            )  # fmt: skip
         from server.cli import watch_job
 
         final_job = watch_job(api, job["id"], interval=0.5, out=console)
         if final_job["status"] != "completed":
-            raise DemoError(f"job {job['id']} ended {final_job['status']}: {final_job['reason']}")
+            raise DemoError(f"job {job_id} ended {final_job['status']}: {final_job['reason']}")
+        if automl_proc is not None:
+            _wait_step(automl_proc, out / "logs" / "automl.log", "AutoML", timeout=automl_seconds + 300)
+        if audit_worker is not None:
+            _wait_for_audits(api, job["id"], audit_worker, timeout=600)
         summary = _summary(api, job["id"], spec, dataset, devices, train_df, test_df, rounds)
     except CliError as err:
         raise DemoError(str(err)) from None
@@ -289,6 +368,91 @@ def run_demo(
     summary["seconds"] = round(time.time() - t_start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _tail(log: Path, lines: int = 5) -> str:
+    try:
+        text = log.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(text[-lines:])
+
+
+def _run_step(cmd: list[str], log: Path, env: dict[str, str], what: str, timeout: float) -> None:
+    """A cluster command that must succeed before the demo goes on."""
+    with open(log, "wb") as fh:
+        try:
+            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise DemoError(f"{what} did not finish within {timeout:.0f} s (see {log})") from None
+    if proc.returncode != 0:
+        raise DemoError(f"{what} failed: {_tail(log)}")
+
+
+def _wait_step(proc: subprocess.Popen[bytes], log: Path, what: str, timeout: float) -> None:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise DemoError(f"{what} did not finish within {timeout:.0f} s (see {log})") from None
+    if proc.returncode != 0:
+        raise DemoError(f"{what} failed: {_tail(log)}")
+
+
+def _wait_for_audits(api: ApiClient, job_id: int, worker: subprocess.Popen[bytes], timeout: float) -> None:
+    """Every version's audit done or failed (the worker runs beside the rounds; the last one may lag)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        versions = {v["version"] for v in api.json("GET", f"/v1/jobs/{job_id}/models")}
+        audits = api.json("GET", f"/v1/jobs/{job_id}/audits")
+        finished = {a["version"] for a in audits if a["status"] in ("done", "failed")}
+        if versions <= finished:
+            return
+        if worker.poll() is not None:
+            raise DemoError(f"the audit worker exited with code {worker.returncode}")
+        time.sleep(0.5)
+    raise DemoError(f"the audits of job {job_id} did not finish within {timeout:.0f} s")
+
+
+def _audit_summary(api: ApiClient, job_id: int, all_rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per version: verdict, top features, drift; and how audit time compares with round time."""
+    from datetime import datetime
+
+    audits = api.json("GET", f"/v1/jobs/{job_id}/audits")
+    rows = [
+        {
+            "version": a["version"],
+            "verdict": a["verdict"] if a["status"] == "done" else a["status"],
+            "top_features": a["top_features"],
+            "rank_correlation_to_previous": a["rank_correlation_to_previous"],
+            "seconds": a["seconds"],
+        }
+        for a in audits
+    ]
+    train = [r for r in all_rounds if r["kind"] == "train" and r["status"] == "completed"]
+
+    def ts(v: str) -> float:
+        return datetime.fromisoformat(v).timestamp()
+
+    round_seconds = [ts(r["ended_at"]) - ts(r["started_at"]) for r in train]
+    audit_seconds = [a["seconds"] for a in audits if a["seconds"] is not None]
+    # An audit keeps up when the version a round made is audited before the next round ends.
+    made_by = {r["model_version_out"]: i for i, r in enumerate(train)}
+    on_time = total = 0
+    for a in audits:
+        i = made_by.get(a["version"])
+        if i is None or i + 1 >= len(train) or a["status"] != "done":
+            continue
+        total += 1
+        on_time += ts(a["updated_at"]) <= ts(train[i + 1]["ended_at"])
+    mean_audit = sum(audit_seconds) / len(audit_seconds) if audit_seconds else None
+    mean_round = sum(round_seconds) / len(round_seconds) if round_seconds else None
+    timing = {
+        "mean_audit_seconds": mean_audit,
+        "mean_round_seconds": mean_round,
+        "audit_to_round_ratio": mean_audit / mean_round if mean_audit and mean_round else None,
+        "audited_before_next_round_ended": f"{on_time}/{total}",
+    }
+    return {"audits": rows, "audit_timing": timing}
 
 
 def _summary(
@@ -313,6 +477,20 @@ def _summary(
     final = evaluate(model, x, y, task=spec.data.task, target_mean=pre.target_mean, target_std=pre.target_std)
     ceiling = ceiling_metrics(spec, train_df, test_df, epochs=max(10, rounds * spec.training.epochs))
     rss = [d["peak_rss_mb"] for d in api.json("GET", "/v1/devices") if d["peak_rss_mb"]]
+    job = api.json("GET", f"/v1/jobs/{job_id}")
+    pretrain = None
+    if job.get("pretrain"):
+        p = job["pretrain"]
+        pretrain = {"world_size": p["world_size"], "epochs": p["epochs"], "metrics": p["metrics"]}
+    baseline = None
+    if job.get("baseline"):
+        b = job["baseline"]
+        baseline = {
+            "leader": b["leader"],
+            "algorithm": b["algorithm"],
+            "metrics": b["metrics"],
+            "federated_final": final,  # the same reference rows
+        }
     return {
         "devices": devices,
         "dataset": dataset,
@@ -336,4 +514,7 @@ def _summary(
         "ceiling": ceiling,
         "final_version": last["version"],
         "agent_peak_rss_mb": {"max": max(rss) if rss else None, "mean": sum(rss) / len(rss) if rss else None},
+        "pretrain": pretrain,
+        "baseline": baseline,
+        **_audit_summary(api, job_id, all_rounds),
     }
