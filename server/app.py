@@ -22,7 +22,7 @@ from coordinator.blobs import LocalBlobStore
 from coordinator.engine import EngineSettings, Federation
 from coordinator.errors import CoordinatorError
 from coordinator.keys import load_or_create_signing_key
-from coordinator.models import Device, Job, Round
+from coordinator.models import Audit, Device, Job, Round
 from coordinator.store import make_engine, migrate, session_factory
 from server.routers import audits, device_api, jobs, operators
 from server.settings import ServerSettings
@@ -94,7 +94,15 @@ class _StateCollector:
         jobs_g = GaugeMetricFamily("aicfl_jobs", "Jobs by status", labels=["status"])
         rounds_g = GaugeMetricFamily("aicfl_rounds", "Rounds by status", labels=["status"])
         online = GaugeMetricFamily("aicfl_devices_online", "Devices checked in within the eligibility window")
+        audits_g = GaugeMetricFamily(
+            "aicfl_audits",
+            "SHAP audits by status (queued + running: what audit workers scale on)",
+            labels=["status"],
+        )
         with self.fed.read() as s:
+            counts = dict(s.execute(select(Audit.status, func.count()).group_by(Audit.status)).all())
+            for status in ("queued", "running", "done", "failed"):
+                audits_g.add_metric([status], counts.get(status, 0))
             for status, n in s.execute(select(Job.status, func.count()).group_by(Job.status)):
                 jobs_g.add_metric([status], n)
             for status, n in s.execute(select(Round.status, func.count()).group_by(Round.status)):
@@ -108,7 +116,7 @@ class _StateCollector:
                 )
                 or 0,
             )
-        yield from (jobs_g, rounds_g, online)
+        yield from (jobs_g, rounds_g, online, audits_g)
 
 
 def create_app(settings: ServerSettings | None = None, *, run_ticker: bool = True) -> FastAPI:
