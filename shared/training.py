@@ -229,3 +229,18 @@ def evaluate(
         mse = float(np.mean((out.reshape(-1).numpy().astype(np.float64) - y_np) ** 2))
         metrics["rmse"] = math.sqrt(mse) * abs(target_std)
     return metrics
+
+
+def task_loss(output: torch.Tensor, target: torch.Tensor, task: Task) -> torch.Tensor:
+    """The federation's training loss for ``task`` (BCE on logits, cross entropy, or MSE).
+
+    Public so that central pre-training (``training_cluster``) optimises exactly
+    what devices optimise in :func:`train_local`.
+    """
+    return _loss(output, target, task)
+
+
+def as_tensors(X: np.ndarray, y: np.ndarray, task: Task) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(X, y)`` as the tensors :func:`train_local` trains on: float32 inputs, task-typed targets."""
+    inputs = _inputs(X)
+    return inputs, _targets(y, task, inputs.shape[0])
