@@ -24,6 +24,7 @@ from shared.training import train_local
 from shared.zoo import architecture, build_model, flatten_parameters, load_flat_parameters, parameter_count
 from training_cluster.audit import (
     audit_version,
+    choose_explainer,
     draw_rows,
     explain,
     feature_groups,
@@ -164,6 +165,25 @@ def test_batched_deeplift_equals_shap_deep_explainer() -> None:
 
     theirs = shap.DeepExplainer(model, torch.from_numpy(background)).shap_values(torch.from_numpy(x))
     np.testing.assert_allclose(ours.values, np.asarray(theirs).reshape(12, 9, 3), atol=1e-5)
+
+
+def test_gradient_explainer_is_the_fallback_and_approximates_the_closed_form() -> None:
+    from torch import nn
+
+    zoo = build_model({"zoo": "mlp", "input_dim": 3, "output_dim": 1, "hidden": [4]})
+    assert choose_explainer(zoo) == "deep"
+    assert choose_explainer(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 1))) == "gradient"
+
+    model = build_model({"zoo": "logreg", "input_dim": 6, "output_dim": 1}, seed=11)
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(10, 6)).astype(np.float32)
+    background = rng.normal(size=(40, 6)).astype(np.float32)
+    result = explain(model, x, background, explainer="gradient")
+    w = flatten_parameters(model)[:6]
+    closed = w * (x - background.mean(axis=0))
+    assert result.explainer == "gradient"
+    # Expected gradients sample references from the background: close, not exact.
+    assert np.abs(result.values[:, :, 0] - closed).max() < 0.15 * np.abs(closed).max()
 
 
 # --------------------------------------------------------------------------- additivity and validation
