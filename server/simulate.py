@@ -6,6 +6,12 @@ agent runs it) exchange the same messages they exchange over HTTP; a virtual
 clock stands in for waiting out a stage deadline. Updates are synthetic
 vectors of ``--params`` values, so the figures are those of the protocol, not
 of local training. For research and for ``bench/secagg.py``.
+
+In each stage the devices run at once on a pool of threads, one per CPU by
+default, as real devices would: their heavy work (AES-CTR mask expansion,
+numpy arithmetic) releases the GIL. The coordinator is called from those
+threads, as the API's request threads call it; its CPU time is the sum of the
+calling threads' CPU time (``time.thread_time``) inside its calls only.
 """
 
 from __future__ import annotations
@@ -15,7 +21,10 @@ import contextlib
 import math
 import os
 import tempfile
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from coordinator import auth, registry
 from coordinator.blobs import LocalBlobStore
 from coordinator.engine import EngineSettings, Federation
+from coordinator.errors import Conflict
 from coordinator.models import Round
 from coordinator.store import make_engine, migrate, session_factory
 from shared import codec
@@ -77,6 +87,7 @@ class VirtualClock:
 @dataclass
 class SimDevice:
     key: Ed25519PrivateKey
+    rng: np.random.Generator
     id: str = ""
     client: SecAggClient | None = None
     cpu: float = 0.0
@@ -104,8 +115,12 @@ def simulate(
     bits: int = 16,
     k: int | None = None,
     t: int | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
-    """One statistics round and one SecAgg+ training round; returns the figures of the training round."""
+    """One statistics round and one SecAgg+ training round; returns the figures of the training round.
+
+    ``workers``: threads the devices run on (one per CPU when None).
+    """
     if devices < 2:
         raise SimulationError("--devices must be at least 2")
     if not 0 <= dropout < 1:
@@ -125,20 +140,24 @@ def simulate(
             EngineSettings(eligibility_window=3600),
             clock=clock,
         )
+        pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1, thread_name_prefix="sim-device")
         try:
-            return _run(fed, clock, devices, params, n_drop, drop_after, rng, clip, bits, k, t)
+            return _run(fed, clock, pool, devices, params, n_drop, drop_after, rng, seed, clip, bits, k, t)
         finally:
+            pool.shutdown()
             engine.dispose()
 
 
 def _run(
     fed: Federation,
     clock: VirtualClock,
+    pool: ThreadPoolExecutor,
     n: int,
     params: int,
     n_drop: int,
     drop_after: str,
     rng: np.random.Generator,
+    seed: int,
     clip: float,
     bits: int,
     k: int | None,
@@ -146,7 +165,8 @@ def _run(
 ) -> dict[str, Any]:
     with fed.write() as s:
         tokens = auth.create_enrollment_tokens(s, n, 3600, "simulate")
-    devs = [SimDevice(Ed25519PrivateKey.generate()) for _ in range(n)]
+    # One generator per device: the devices run on several threads.
+    devs = [SimDevice(Ed25519PrivateKey.generate(), np.random.default_rng([seed, i])) for i in range(n)]
     for d, tok in zip(devs, tokens, strict=True):
         with fed.write() as s:
             d.id = auth.enroll_device(s, tok, b64e(public_key_bytes(d.key)), "sim", "simulate").id
@@ -175,13 +195,16 @@ def _run(
     }
     job = fed.submit_job(spec, "simulate")
     coord_cpu = [0.0]
+    cpu_lock = threading.Lock()
 
     def coord(fn: Any, *args: Any) -> Any:
         t0 = time.thread_time()
         try:
             return fn(*args)
         finally:
-            coord_cpu[0] += time.thread_time() - t0
+            spent = time.thread_time() - t0
+            with cpu_lock:
+                coord_cpu[0] += spent
 
     def task(d: SimDevice) -> Task | None:
         return coord(fed.checkin, d.id, CheckinRequest()).task
@@ -199,16 +222,21 @@ def _run(
         task(d)
     fed.tick()
 
-    def stage(name: str, act: Any) -> None:
-        for d in devs:
+    def stage(name: str, act: Callable[[SimDevice, Task], None]) -> None:
+        def one(d: SimDevice) -> None:
             if d.id in dropped and DROP_POINTS.index(drop_after) < (DROP_POINTS + ("unmask",)).index(name):
-                continue
+                return
             tk = task(d)
             if tk is None or tk.stage != name:
-                continue
-            # A device whose own checks refuse (too few neighbours) sits out, as the agent does.
-            with contextlib.suppress(SecAggError):
+                return
+            # A device whose own checks refuse (too few neighbours) sits out, as the agent does. An unmask
+            # answer may arrive after the round finished (every secret already had t shares): stale, as the
+            # agent takes a 409.
+            with contextlib.suppress(SecAggError, *((Conflict,) if name == "unmask" else ())):
                 act(d, tk)
+
+        for _ in pool.map(one, devs):  # re-raises a device's unexpected error here
+            pass
         _expire_if_waiting(fed, clock, job.id, kind[0], name, coord)
 
     def configure(d: SimDevice, tk: Task) -> None:
@@ -243,8 +271,13 @@ def _run(
             header = masked_input_header(tk.round_id)
             coord(fed.handle_masked_input, d.id, tk.round_id, codec.encode(header, y))
             return
-        d.update = rng.normal(0, clip / 4, n_params).astype(np.float32)
-        d.examples = int(rng.integers(16, 256))
+        # A synthetic update, uniform in [-1.1 clip, 1.1 clip) (some values clip), cheap to draw, as
+        # bench/flower_secagg.py's clients draw theirs.
+        update = d.rng.random(n_params, dtype=np.float32)
+        update -= np.float32(0.5)
+        update *= np.float32(2.2 * clip)
+        d.update = update
+        d.examples = int(d.rng.integers(16, 256))
         qrng = np.random.Generator(np.random.PCG64(int.from_bytes(os.urandom(16), "little")))
         x = _timed(d, weighted_input, d.update, d.examples, d.client.params, qrng)
         y = _timed(d, d.client.masked_input, x, (tk.secagg or {}).get("ciphertexts", {}))
