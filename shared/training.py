@@ -21,6 +21,7 @@ from shared.jobspec import Task
 
 Optimizer = Literal["sgd", "adam"]
 _PREDICT_CHUNK = 65_536
+_PROBABILITY_FLOOR = 1e-15
 
 
 def _inputs(X: np.ndarray) -> torch.Tensor:
@@ -208,9 +209,54 @@ def evaluate(
     n = inputs.shape[0]
     if n == 0:
         raise ValueError("no evaluation examples")
+    return _metrics(_outputs(model, X), _targets(y, task, n), task, target_std)
+
+
+def metrics_from_predictions(
+    task: Task,
+    y: np.ndarray,
+    predictions: np.ndarray,
+    *,
+    target_mean: float = 0.0,
+    target_std: float = 1.0,
+) -> dict[str, float]:
+    """The metrics of :func:`evaluate`, for predictions made by a model outside the zoo.
+
+    So that another library's model (the H2O AutoML leader) is scored with the
+    federation's own definitions on the same rows. ``y`` is encoded as
+    :meth:`shared.tabular.Preprocessor.transform_target` encodes it;
+    ``predictions`` are what :func:`predict` returns: P(positive) ``(n,)``
+    (binary), class probabilities ``(n, C)`` in the preprocessor's class order
+    (multiclass), values in the target's original units (regression). The
+    probabilities are clipped to ``[1e-15, 1 - 1e-15]`` and turned into the
+    logits whose sigmoid or softmax they are, so that the loss is the same
+    formula :func:`evaluate` applies to a zoo model's outputs.
+    """
+    p = np.asarray(predictions, dtype=np.float64)
+    n = np.asarray(y).shape[0]
+    if n == 0:
+        raise ValueError("no evaluation examples")
+    multiclass_shape = p.ndim == 2 and p.shape[0] == n and p.shape[-1] >= 2
+    if not (multiclass_shape if task == "multiclass" else p.shape == (n,)):
+        raise ValueError(f"{task} predictions for {n} rows have shape {p.shape}")
+    if task == "binary":
+        p = np.clip(p, _PROBABILITY_FLOOR, 1.0 - _PROBABILITY_FLOOR)
+        out = torch.from_numpy(np.log(p) - np.log1p(-p))
+    elif task == "multiclass":
+        out = torch.from_numpy(np.log(np.clip(p, _PROBABILITY_FLOOR, 1.0)))
+    elif task == "regression":
+        out = torch.from_numpy((p - target_mean) / target_std)
+    else:
+        raise ValueError(f"unknown task {task!r}; expected binary, multiclass or regression")
     targets = _targets(y, task, n)
-    out = _outputs(model, X)
-    metrics: dict[str, float] = {"loss": float(_loss(out, targets, task)), "examples": n}
+    if task != "multiclass":
+        targets = targets.to(torch.float64)
+    return _metrics(out, targets, task, target_std)
+
+
+def _metrics(out: torch.Tensor, targets: torch.Tensor, task: Task, target_std: float) -> dict[str, float]:
+    """:func:`evaluate`'s metrics from a model's outputs (logits, or standardised values) and targets."""
+    metrics: dict[str, float] = {"loss": float(_loss(out, targets, task)), "examples": out.shape[0]}
     finite = bool(torch.isfinite(out).all())
     y_np = targets.numpy()
     if task == "binary":
