@@ -23,6 +23,7 @@ from torch import nn
 from shared.api_client import CliError
 from shared.datasets import load_dataset
 from shared.jobspec import DataSchema
+from shared.tabular import Preprocessor, local_statistics, merge_statistics
 from shared.training import evaluate, metrics_from_predictions, predict
 from training_cluster.api import ClusterApi
 from training_cluster.automl import automl, leader_predictions, target_encoding
@@ -135,6 +136,15 @@ def test_leader_predictions_follow_the_federations_class_order() -> None:
     pre, _ = target_encoding(multi, central, reference, None)
     h2o_frame = pd.DataFrame({"predict": ["1"], "p0": [0.25], "p1": [0.75]})  # H2O's names for labels 0, 1
     np.testing.assert_allclose(leader_predictions(h2o_frame, multi, pre), [[0.25, 0.75, 0.0]])
+
+
+def test_metrics_use_the_jobs_encoding_once_it_has_one() -> None:
+    """After the statistics round the leader's labels and regression scale are exactly the federation's."""
+    central, reference, schema_dict = churn_frames()
+    schema = DataSchema.model_validate(schema_dict)
+    federation = Preprocessor.from_statistics(merge_statistics([local_statistics(central, schema)]), schema)
+    pre, source = target_encoding(schema, central, reference, federation.to_dict())
+    assert source == "job" and pre.to_dict() == federation.to_dict()
 
 
 def test_central_data_missing_a_column_is_one_error_line(tmp_path: Path) -> None:
