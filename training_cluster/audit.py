@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -59,8 +58,10 @@ _DEEP_BATCH_ROWS = 20_000
 _EXACT_MAX_COLUMNS = 10
 _VALIDATION_PERMUTATIONS = 10
 _PLOT_FEATURES = 20
-# Small matrices: more threads than this only add synchronisation.
-_DEFAULT_THREADS = 4
+# One thread: the matrices of a zoo model are small enough that a second thread costs more in
+# synchronisation than it saves (measured 0.25 s against 0.9 s on 2 busy cores, bench/audit.py);
+# workers scale out as processes instead.
+_DEFAULT_THREADS = 1
 
 
 class AuditError(ValueError):
@@ -243,13 +244,13 @@ def explain(
     """SHAP values of ``model``'s raw outputs for the rows ``x`` against ``background``, per input column.
 
     ``explainer``: ``deep`` or ``gradient``; by default :func:`choose_explainer`.
-    ``threads``: torch threads for the computation (restored afterwards).
+    ``threads``: torch threads for the computation (default 1; restored afterwards).
     """
     name = explainer or choose_explainer(model)
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     bt = torch.from_numpy(np.ascontiguousarray(background, dtype=np.float32))
     model.eval()
-    with _torch_threads(threads or min(_DEFAULT_THREADS, os.cpu_count() or 1)):
+    with _torch_threads(threads or _DEFAULT_THREADS):
         if name == "deep":
             values, expected = _deep(model, xt, bt)
         elif name == "gradient":
@@ -574,7 +575,7 @@ def audit_version(
     validation = None
     if audit.validate_rows > 0:
         k = min(audit.validate_rows, len(rows))
-        with _torch_threads(threads or min(_DEFAULT_THREADS, os.cpu_count() or 1)):
+        with _torch_threads(threads or _DEFAULT_THREADS):
             validation = validate(model, xr[:k], xb, values[:k], groups, seed=seed)
 
     previous_importance = None
