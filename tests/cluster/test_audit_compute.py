@@ -167,6 +167,23 @@ def test_batched_deeplift_equals_shap_deep_explainer() -> None:
     np.testing.assert_allclose(ours.values, np.asarray(theirs).reshape(12, 9, 3), atol=1e-5)
 
 
+def test_deep_falls_back_to_shaps_own_loop_when_its_internals_move(monkeypatch: pytest.MonkeyPatch) -> None:
+    import training_cluster.audit as audit
+
+    arch = {"zoo": "mlp", "input_dim": 5, "output_dim": 1, "hidden": [8]}
+    model = build_model(arch, seed=12).eval()
+    rng = np.random.default_rng(12)
+    x, background = rng.normal(size=(6, 5)).astype(np.float32), rng.normal(size=(20, 5)).astype(np.float32)
+    batched = explain(model, x, background)
+
+    def moved(*args: Any) -> np.ndarray:
+        raise AttributeError("'PyTorchDeep' object has no attribute 'add_handles'")
+
+    monkeypatch.setattr(audit, "_deep_batched", moved)
+    looped = explain(model, x, background)
+    np.testing.assert_allclose(looped.values, batched.values, atol=1e-5)
+
+
 def test_gradient_explainer_is_the_fallback_and_approximates_the_closed_form() -> None:
     from torch import nn
 
