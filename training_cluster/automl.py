@@ -68,7 +68,6 @@ _SORT_METRIC = {"binary": "AUC", "multiclass": "logloss", "regression": "RMSE"}
 # a network well behind the tree models on tabular data, the time is better
 # spent on more GBM/XGBoost models, and it has no TreeSHAP for the audit.
 _EXCLUDED_ALGORITHMS = ["DeepLearning"]
-_JVM_START_SECONDS = 90
 _STOP_SECONDS = 10
 
 
@@ -86,9 +85,8 @@ def automl(
 ) -> dict[str, Any]:
     """Run AutoML on the central file ``data`` for job ``job_id`` and store the result as its baseline.
 
-    The job (through ``api``) gives the
-    schema (features, target, task) and the reference rows the leader is
-    scored on. Returns the baseline as the coordinator stored it: ``leader``,
+    The job (through ``api``) gives the schema (features, target, task) and
+    the reference rows the leader is scored on. Returns the baseline as the coordinator stored it: ``leader``,
     ``algorithm``, ``metrics``, ``leaderboard``, ``contributions``,
     ``provenance`` (see :func:`baseline_from_frames`). Every failure is a
     :class:`~shared.api_client.CliError` with one line saying what to fix.
@@ -100,6 +98,7 @@ def automl(
     except (KeyError, TypeError, ValueError) as err:
         raise CliError(f"job {job_id} has no usable data schema: {err}") from None
     central = load_central(Path(data), schema)
+    data_sha256 = file_sha256(Path(data))  # of the bytes just read, before minutes of AutoML
     reference = load_reference(api.reference(job_id), schema)
     baseline = baseline_from_frames(
         central,
@@ -114,7 +113,7 @@ def automl(
         project=f"aicfl_job{job_id}",
         log=log,
     )
-    baseline["provenance"]["data_sha256"] = file_sha256(Path(data))
+    baseline["provenance"]["data_sha256"] = data_sha256
     baseline["provenance"]["seconds"] = round(time.monotonic() - started, 1)
     stored = api.put_baseline(job_id, baseline)
     log(f"stored the baseline of job {job_id}: {baseline['leader']}")
@@ -407,6 +406,7 @@ def h2o_session(h2o_url: str | None = None, *, nthreads: int = -1, log: Log = pr
     from h2o.backend import H2OLocalServer
 
     workdir = tempfile.mkdtemp(prefix="aicfl-h2o-")
+    folders = [workdir]
     try:
         with _sigterm_as_interrupt():
             try:
@@ -423,6 +423,8 @@ def h2o_session(h2o_url: str | None = None, *, nthreads: int = -1, log: Log = pr
                             log_level="WARN",
                             verbose=False,
                         )
+                        # h2o keeps the JVM's stdout and stderr in a folder of its own and never removes it.
+                        folders.append(getattr(server, "_tempdir", None) or workdir)
                         h2o.connect(server=server, verbose=False, telemetry=False)
                         version = str(h2o.cluster().version)
                 except (H2OError, OSError) as err:
@@ -440,7 +442,8 @@ def h2o_session(h2o_url: str | None = None, *, nthreads: int = -1, log: Log = pr
                     h2o.connection().close()
                 _stop_processes(_pids_with(workdir))
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- AutoML
