@@ -15,7 +15,20 @@ pytestmark = pytest.mark.slow
 def test_demo_writes_a_complete_summary(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "server", "demo", "--devices", "3", "--rounds", "2", "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "demo",
+            "--devices",
+            "3",
+            "--rounds",
+            "2",
+            "--automl-secs",
+            "20",
+            "--out",
+            str(out),
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=600,
@@ -41,6 +54,23 @@ def test_demo_writes_a_complete_summary(tmp_path: Path) -> None:
     # The agents' logs show the real processes took part.
     logs = list((out / "logs").glob("agent-*.log"))
     assert len(logs) == 3 and all("stage input" in p.read_text() for p in logs)
+
+    # The central cluster: version 0 pre-trained by two Horovod ranks on the pooled central rows,
+    # the AutoML leader measured on the same test rows as the federated model, and every version audited.
+    pre = summary["pretrain"]
+    assert pre["world_size"] == 2 and pre["epochs"] == 10 and pre["metrics"]["central"]["auc"] > 0.6
+    base = summary["baseline"]
+    assert base["leader"] and 0.5 < base["metrics"]["auc"] <= 1.0
+    assert base["metrics"]["examples"] == summary["final"]["examples"]  # the same held-out rows
+    assert base["federated_final"] == summary["final"]
+    audits = summary["audits"]
+    assert [a["version"] for a in audits] == [0, 1, 2] and summary["final_version"] == 2
+    for a in audits:
+        assert a["verdict"] in ("ok", "drift") and len(a["top_features"]) == 5 and a["seconds"] > 0
+    assert audits[0]["rank_correlation_to_previous"] is None
+    assert all(-1.0 <= a["rank_correlation_to_previous"] <= 1.0 for a in audits[1:])
+    assert summary["audit_timing"]["mean_audit_seconds"] > 0
+    assert (out / "central.csv").exists() and (out / "logs" / "pretrain.log").exists()
 
 
 def test_demo_with_more_devices_than_groups_fails_with_one_line(tmp_path: Path) -> None:
