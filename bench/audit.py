@@ -111,9 +111,7 @@ def main() -> None:
         f" ({len(spec.data.features)} features), {args.rounds} FedAvg rounds over {args.devices} devices"
         f" in {train_seconds:.1f} s; reference AUC {metrics.get('auc', float('nan')):.3f}"
     )
-    print(
-        f"torch threads: audit default min(4, cpus) = {min(4, os.cpu_count() or 1)}; cpus = {os.cpu_count()}"
-    )
+    print(f"torch threads {args.threads}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus")
 
     # Audit seconds per version, with the previous version's report in hand as the worker has it.
     # The first audit in a process also pays numba's compilation inside shap's permutation explainer.
