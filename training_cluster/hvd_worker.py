@@ -234,6 +234,8 @@ def run(config: dict[str, Any]) -> None:
             "learning_rate": {"base": base_lr, "scaled": base_lr * size},
             "fp16": bool(config.get("fp16")),
             "gpus": gpus,
+            "device": str(device),
+            "nccl": bool(hvd.nccl_built()),
             "horovod_version": horovod.__version__,
             "seconds": seconds,
             "samples_per_second": samples / seconds if seconds > 0 else None,

@@ -70,10 +70,13 @@ def check_horovod(horovodrun: Path, *, gpus: bool = False) -> str:
     needed = ["PyTorch", "Gloo"] + (["NCCL"] if gpus else [])
     missing = [name for name in needed if f"[X] {name}" not in report]
     if missing:
-        gpu_hint = " with AICFL_HOROVOD_GPU=1" if "NCCL" in missing else ""
+        how = (
+            f"rebuild it on a CUDA host with `AICFL_HOROVOD_GPU=1 bash scripts/install_horovod.sh {sys.executable}`"
+            if missing == ["NCCL"]
+            else hint
+        )
         raise CliError(
-            f"{horovodrun} was built without {', '.join(missing)} (horovodrun --check-build);"
-            f" reinstall it{gpu_hint}: {hint}"
+            f"{horovodrun} was built without {', '.join(missing)} (horovodrun --check-build); {how}"
         )
     return str(horovod.__version__)
 
