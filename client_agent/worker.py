@@ -187,7 +187,9 @@ class Worker:
         n = min(len(train), client.params.weight_cap)
         rng = np.random.Generator(np.random.PCG64(int.from_bytes(os.urandom(16), "little")))
         masked = client.masked_input(
-            weighted_input(delta, n, client.params, rng), (task.secagg or {}).get("ciphertexts", {})
+            weighted_input(delta, n, client.params, rng),
+            (task.secagg or {}).get("ciphertexts", {}),
+            in_place=True,  # x_u is not needed again: no second vector of the model's size
         )
         header = masked_input_header(
             task.round_id, train_loss=loss, metrics=metrics, holdout_examples=int(len(holdout))

@@ -280,7 +280,7 @@ def _run(
         d.examples = int(d.rng.integers(16, 256))
         qrng = np.random.Generator(np.random.PCG64(int.from_bytes(os.urandom(16), "little")))
         x = _timed(d, weighted_input, d.update, d.examples, d.client.params, qrng)
-        y = _timed(d, d.client.masked_input, x, (tk.secagg or {}).get("ciphertexts", {}))
+        y = _timed(d, d.client.masked_input, x, (tk.secagg or {}).get("ciphertexts", {}), True)
         body = _timed(
             d,
             codec.encode,

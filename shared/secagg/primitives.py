@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Sequence
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -117,6 +118,49 @@ def expand_mask(key: bytes, length: int) -> np.ndarray:
     enc.update_into(view, view)
     enc.finalize()
     return out.view(np.uint64)
+
+
+MASK_BLOCK = 1 << 15  # values per block in apply_masks: 256 KiB, so a block and its mask stay in cache
+
+
+def apply_masks(vec: np.ndarray, masks: Sequence[tuple[bytes, int]]) -> None:
+    """Add (sign +1) or subtract (sign -1) each key's mask to ``vec`` in place, modulo 2**64.
+
+    Exactly ``vec += expand_mask(key, vec.size)`` (or ``-=``) for every
+    ``(key, sign)``, in any order, but computed one block of :data:`MASK_BLOCK`
+    values at a time for all keys, each key's AES-256-CTR keystream running on
+    from block to block: no mask-sized array is ever made, and the block being
+    masked stays in the CPU cache while every mask goes over it. ``vec`` must be
+    a writable one-dimensional uint64 array.
+    """
+    if not isinstance(vec, np.ndarray) or vec.dtype != np.uint64 or vec.ndim != 1:
+        raise SecAggError("masks apply to a one-dimensional uint64 array")
+    if not vec.flags.writeable or not vec.flags.c_contiguous:
+        raise SecAggError("masks apply in place: the array must be writable and contiguous")
+    streams = []
+    for key, sign in masks:
+        if len(key) != KEY_BYTES:
+            raise SecAggError(f"a mask key is {KEY_BYTES} bytes, got {len(key)}")
+        if sign not in (1, -1):
+            raise ValueError(f"a mask's sign is +1 or -1, got {sign!r}")
+        streams.append((Cipher(algorithms.AES(key), modes.CTR(_ZERO_CTR_NONCE)).encryptor(), sign == 1))
+    if not streams or vec.size == 0:
+        return
+    block = min(MASK_BLOCK, vec.size)
+    zeros = memoryview(bytes(8 * block))
+    mask = np.empty(block, dtype="<u8")
+    mask_bytes = mask.data.cast("B")
+    for start in range(0, vec.size, block):
+        n = min(block, vec.size - start)
+        part, keystream = vec[start : start + n], mask[:n].view(np.uint64)
+        for enc, add in streams:
+            enc.update_into(zeros[: 8 * n], mask_bytes[: 8 * n])  # the zero block encrypted: the keystream
+            if add:
+                np.add(part, keystream, out=part)
+            else:
+                np.subtract(part, keystream, out=part)
+    for enc, _ in streams:
+        enc.finalize()
 
 
 def _check_count(name: str, value: object) -> int:

@@ -50,9 +50,9 @@ from shared.secagg.primitives import (
     SHARE_BYTES,
     SecAggError,
     agree,
+    apply_masks,
     decrypt,
     encrypt,
-    expand_mask,
     frame,
     load_private,
     private_bytes,
@@ -279,14 +279,16 @@ class SecAggClient:
             raise SecAggError(f"share ciphertext from device {sender!r} holds malformed shares")
         return idx, b_share, sk_share
 
-    def masked_input(self, weighted: np.ndarray, received: Mapping[str, str]) -> U64:
+    def masked_input(self, weighted: np.ndarray, received: Mapping[str, str], in_place: bool = False) -> U64:
         """Stage 3: y_u = x_u + PRG(b_u) + sum over senders v of ±PRG(agree(s_sk_u, s_pk_v)), mod 2**64.
 
         ``weighted`` is x_u (see :func:`weighted_input`); ``received`` maps each
         neighbour that shared with this device to its ciphertext. The shares
         are decrypted and kept for the unmask stage; one that does not decrypt
         is a SecAggError naming its sender, and fewer than t senders refuse
-        the stage.
+        the stage. With ``in_place`` the masks go into ``weighted`` itself,
+        which is returned (no second vector of the update's size); the caller
+        must not need x_u afterwards.
         """
         if self._neighbours is None:
             raise SecAggError(f"device {self.device_id!r} must share its keys before its masked input")
@@ -299,16 +301,14 @@ class SecAggClient:
                 f"device {self.device_id!r}: only {len(held)} neighbours shared keys with it, "
                 f"fewer than the threshold t={self.params.t}"
             )
-        y = x.copy()
-        y += expand_mask(self._b, x.size)
+        masks = [(self._b, 1)]
         for v in held:
             key = agree(
                 self._s_sk, self._neighbours[v][1], _pair_info(_MASK, self.context, self.device_id, v)
             )
-            if self.device_id < v:
-                y += expand_mask(key, x.size)
-            else:
-                y -= expand_mask(key, x.size)
+            masks.append((key, 1 if self.device_id < v else -1))
+        y = x if in_place and x.flags.writeable and x.flags.c_contiguous else x.copy()
+        apply_masks(y, masks)
         self._held = held
         return y
 
@@ -355,9 +355,10 @@ def weighted_input(
         raise ValueError("n_examples must be an integer")
     if not 1 <= int(n_examples) <= params.weight_cap:
         raise ValueError(f"n_examples must be between 1 and weight_cap={params.weight_cap}, got {n_examples}")
-    q = quantize(update, params.clip, params.bits, rng)
-    out = np.empty(q.size + 1, dtype=np.uint64)
-    np.multiply(q, np.uint64(n_examples), out=out[:-1])
+    values = np.asarray(update).ravel()
+    out = np.empty(values.size + 1, dtype=np.uint64)
+    quantize(values, params.clip, params.bits, rng, out=out[:-1])
+    np.multiply(out[:-1], np.uint64(n_examples), out=out[:-1])
     out[-1] = n_examples
     return out
 
@@ -425,18 +426,12 @@ def unmask_total(
                 raise SecAggError(f"device {v!r}: the rebuilt mask key does not match its advertised s_pk")
             keys[v] = sk
 
-    length = total.size
-    for seed in seeds.values():
-        total -= expand_mask(seed, length)
+    masks = [(seed, -1) for seed in seeds.values()]
     for v, sk in keys.items():
         for u in sorted(graph[v]):
-            if u not in alive:
-                continue
-            mask = expand_mask(agree(sk, s_pk_of(u), _pair_info(_MASK, context, u, v)), length)
-            if u < v:  # u added +PRG(s_uv)
-                total -= mask
-            else:
-                total += mask
+            if u in alive:  # u added +PRG(s_uv) when u < v, -PRG(s_uv) otherwise
+                masks.append((agree(sk, s_pk_of(u), _pair_info(_MASK, context, u, v)), -1 if u < v else 1))
+    apply_masks(total, masks)
     return total
 
 

@@ -17,24 +17,54 @@ def _levels(bits: int) -> int:
     return (1 << bits) - 1
 
 
-def quantize(values: np.ndarray, clip: float, bits: int, rng: np.random.Generator) -> np.ndarray:
+_BLOCK = 1 << 15  # values per block: the float64 work arrays stay small and in cache
+
+
+def quantize(
+    values: np.ndarray,
+    clip: float,
+    bits: int,
+    rng: np.random.Generator,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """uint64 values in ``[0, 2**bits - 1]``: clip, scale, then round stochastically.
 
     Stochastic rounding needs unbiasedness, not secrecy, so any well-seeded
     generator will do; on devices seed it from the operating system's CSPRNG,
     e.g. ``np.random.Generator(np.random.PCG64(int.from_bytes(os.urandom(16))))``,
     so that no two devices share a rounding pattern. Non-finite values raise
-    ValueError: they would otherwise quantise to an arbitrary level.
+    ValueError: they would otherwise quantise to an arbitrary level. The result
+    goes into ``out`` (a uint64 array of the same size) when given. Computed
+    in float64 one block at a time, so that no temporary as large as the
+    update is ever made (on an edge device, and wherever first touching fresh
+    memory is slow).
     """
     levels = _levels(bits)
-    x = np.asarray(values, dtype=np.float64).ravel()
+    x = np.asarray(values).ravel()
     if not np.isfinite(x).all():
         raise ValueError("update holds non-finite values (NaN or infinity)")
-    scaled = (np.clip(x, -clip, clip) + clip) * (levels / (2.0 * clip))
-    low = np.floor(scaled)
-    up = rng.random(scaled.shape[0]) < (scaled - low)
-    q = low.astype(np.uint64) + up.astype(np.uint64)
-    return np.minimum(q, np.uint64(levels))
+    if out is None:
+        out = np.empty(x.size, dtype=np.uint64)
+    elif out.dtype != np.uint64 or out.shape != (x.size,):
+        raise ValueError(f"out must be a uint64 array of {x.size} values")
+    scale = levels / (2.0 * clip)
+    block = min(_BLOCK, x.size) or 1
+    work = np.empty(block, dtype=np.float64)
+    draw = np.empty(block, dtype=np.float64)
+    for start in range(0, x.size, block):
+        n = min(block, x.size - start)
+        w, r = work[:n], draw[:n]
+        w[...] = x[start : start + n]  # to float64 first: clipping in float32 could step below -clip
+        np.clip(w, -clip, clip, out=w)
+        w += clip
+        w *= scale
+        # floor(s + u), u uniform in [0, 1): s rounded up with probability equal to its fractional part.
+        w += rng.random(out=r)
+        np.floor(w, out=w)
+        q = out[start : start + n]
+        q[...] = w  # exact: whole numbers in [0, levels + 1]
+        np.minimum(q, np.uint64(levels), out=q)  # s + u can round up to levels + 1 when s is levels
+    return out
 
 
 def dequantize_weighted_mean(total: np.ndarray, weight_total: int, clip: float, bits: int) -> np.ndarray:
@@ -46,8 +76,20 @@ def dequantize_weighted_mean(total: np.ndarray, weight_total: int, clip: float, 
     if weight_total <= 0:
         raise ValueError(f"the total weight must be positive, got {weight_total}")
     levels = _levels(bits)
-    mean_q = np.asarray(total, dtype=np.uint64).astype(np.float64) / float(weight_total)
-    return (mean_q * (2.0 * clip / levels) - clip).astype(np.float32)
+    total = np.asarray(total, dtype=np.uint64).ravel()
+    out = np.empty(total.size, dtype=np.float32)
+    step = 2.0 * clip / levels
+    block = min(_BLOCK, total.size) or 1
+    work = np.empty(block, dtype=np.float64)
+    for start in range(0, total.size, block):
+        n = min(block, total.size - start)
+        w = work[:n]
+        w[...] = total[start : start + n]
+        w /= float(weight_total)
+        w *= step
+        w -= clip
+        out[start : start + n] = w
+    return out
 
 
 def quantisation_bound(clip: float, bits: int) -> float:
