@@ -12,17 +12,19 @@ from __future__ import annotations
 import json
 import logging
 import math
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import and_, bindparam, func, insert, join, or_, select, update
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from coordinator import audits, registry, secure
 from coordinator.blobs import LocalBlobStore
@@ -96,6 +98,34 @@ class _Accumulator:
     seconds: float = 0.0
 
 
+@dataclass(frozen=True)
+class _RoundRow:
+    """A round's row as the device-message paths read it: one Core statement, no ORM object to track."""
+
+    id: int
+    job_id: int
+    number: int
+    kind: str
+    stage: str
+    status: str
+    stage_deadline: float
+    secure: bool
+    secagg: dict[str, Any] | None
+    model_version_in: int | None
+    # Active participants that had not sent the current stage's message when the row was read.
+    waiting: int | None = None
+
+
+@dataclass(frozen=True)
+class _PartRow:
+    """A device's participant row in a round, as the device-message paths read it."""
+
+    id: int
+    status: str
+    stage_done: str | None
+    reason: str | None
+
+
 class Federation:
     """Drives every job's rounds; the API's routers call into it."""
 
@@ -124,6 +154,8 @@ class Federation:
         self._latest: dict[int, tuple[str, dict[str, Any], np.ndarray]] = {}
         self._model_refs: dict[tuple[int, int], ModelRef] = {}
         self._job_info: dict[int, tuple[dict[str, Any], dict[str, Any] | None]] = {}
+        self._specs: dict[int, JobSpec] = {}  # validated job specs: a spec never changes once submitted
+        self._sizes: dict[tuple[int, int | None], int] = {}  # parameters of each (job, version): fixed too
 
     # -- plumbing ---------------------------------------------------------
 
@@ -382,30 +414,33 @@ class Federation:
 
     def checkin(self, device_id: str, req: CheckinRequest) -> CheckinResponse:
         now = self.clock()
+        # Check-ins are the coordinator's most frequent request: one prebuilt statement reads the device and
+        # its running rounds, no ORM objects.
         with self.write() as s:
-            device = s.get(Device, device_id)
-            if device is None:  # pragma: no cover - authenticated before
+            found = secure.run(s, _CHECKIN, device=device_id).all()
+            if not found:  # pragma: no cover - authenticated before
                 raise NotFound("unknown device")
-            # Write the device row only when something changed or a second has passed:
-            # check-ins are the coordinator's most frequent request.
-            if device.last_seen is None or now - device.last_seen >= 1.0:
-                device.last_seen = now
-            if req.agent_version and req.agent_version != device.agent_version:
-                device.agent_version = req.agent_version
-            if req.peak_rss_mb is not None and req.peak_rss_mb != device.peak_rss_mb:
-                device.peak_rss_mb = req.peak_rss_mb
-            rows = s.execute(
-                select(Participant, Round)
-                .join(Round, Participant.round_id == Round.id)
-                .where(
-                    Participant.device_id == device_id,
-                    Participant.status == ACTIVE,
-                    Round.status == "running",
+            last_seen, agent_version, peak_rss_mb = found[0][:3]
+            rows = [row[3:] for row in found if row[3] is not None]  # rounds.id is NULL when there is none
+            # Write the device row only when something changed or a second has passed.
+            if (
+                last_seen is None
+                or now - last_seen >= 1.0
+                or (req.agent_version and req.agent_version != agent_version)
+                or (req.peak_rss_mb is not None and req.peak_rss_mb != peak_rss_mb)
+            ):
+                secure.run(
+                    s,
+                    _DEVICE_SEEN_SET,
+                    device=device_id,
+                    seen=now if last_seen is None or now - last_seen >= 1.0 else last_seen,
+                    version=req.agent_version or agent_version,
+                    rss=peak_rss_mb if req.peak_rss_mb is None else req.peak_rss_mb,
                 )
-            ).all()
-            for p, r in rows:
+            for row in rows:
+                r, stage_done = _RoundRow(*row[:-1]), row[-1]
                 if (
-                    stage_index(r.kind, p.stage_done, r.secure) < stage_index(r.kind, r.stage, r.secure)
+                    stage_index(r.kind, stage_done, r.secure) < stage_index(r.kind, r.stage, r.secure)
                     and now < r.stage_deadline
                 ):
                     return CheckinResponse(
@@ -424,7 +459,7 @@ class Federation:
             cached = self._job_info[job_id] = (job.spec, job.preprocess)
         return cached
 
-    def _task(self, s: Session, r: Round, device_id: str | None = None) -> Task:
+    def _task(self, s: Session, r: Round | _RoundRow, device_id: str | None = None) -> Task:
         spec, preprocess = self._job_spec(s, r.job_id, r.kind != "stats")
         model = None
         if r.model_version_in is not None:
@@ -465,16 +500,36 @@ class Federation:
             sha = mv.sha256
         return self.blobs.get(sha)
 
+    def _load(
+        self, s: Session, device_id: str, round_id: int, lock: bool = True
+    ) -> tuple[_RoundRow | None, _PartRow | None]:
+        """The round (its row locked for this transaction when ``lock``) and the device's row in it."""
+        stmt = _PARTICIPATION if self._sqlite or not lock else _PARTICIPATION_LOCKED
+        row = secure.run(s, stmt, device=device_id, round=round_id).one_or_none()
+        if row is None:
+            return None, None
+        n = len(_ROUND_COLUMNS)
+        r = _RoundRow(*row[: n + 1])  # the round's columns, then how many are waiting
+        return r, (None if row[n + 1] is None else _PartRow(*row[n + 1 :]))
+
     def _participation(
-        self, s: Session, device_id: str, round_id: int, stage: str, now: float
-    ) -> tuple[Round, Participant]:
+        self, s: Session, device_id: str, round_id: int, stage: str, now: float, lock: bool = True
+    ) -> tuple[_RoundRow, _PartRow]:
         """The round and the device's place in it, after every check of stage and deadline."""
-        r = s.scalar(self._lock(select(Round).where(Round.id == round_id)))
+        r, p = self._load(s, device_id, round_id, lock)
+        return self._check_participation(r, p, device_id, round_id, stage, now)
+
+    def _check_participation(
+        self,
+        r: _RoundRow | None,
+        p: _PartRow | None,
+        device_id: str,
+        round_id: int,
+        stage: str,
+        now: float,
+    ) -> tuple[_RoundRow, _PartRow]:
         if r is None:
             raise NotFound(f"no round {round_id}")
-        p = s.scalar(
-            select(Participant).where(Participant.round_id == round_id, Participant.device_id == device_id)
-        )
         if p is None:
             raise Forbidden(f"device {device_id} was not selected for round {round_id}")
         if r.status != "running":
@@ -497,17 +552,22 @@ class Federation:
         with self.write() as s:
             r, p = self._participation(s, device_id, round_id, "configure", now)
             if msg.accepted:
-                p.stage_done = "configure"
+                secure.run(s, _STAGE_DONE, pid=p.id, done="configure")
             else:
-                p.status = DECLINED
-                p.reason = (msg.reason or "declined without a reason")[:2000]
-                log.info("device %s declined round %s of job %s: %s", device_id, r.number, r.job_id, p.reason)
-            s.add(
-                RoundMessage(
-                    round_id=round_id, device_id=device_id, stage="configure", payload=msg.model_dump()
+                reason = (msg.reason or "declined without a reason")[:2000]
+                s.execute(
+                    update(Participant).where(Participant.id == p.id).values(status=DECLINED, reason=reason)
                 )
+                log.info("device %s declined round %s of job %s: %s", device_id, r.number, r.job_id, reason)
+            secure.run(
+                s,
+                _ADD_MESSAGE,
+                round_id=round_id,
+                device_id=device_id,
+                stage="configure",
+                payload=msg.model_dump(),
             )
-            self._maybe_drive(s, r, now)
+            self._maybe_drive(s, r, now, _one_less(r))
 
     def handle_input_json(self, device_id: str, round_id: int, body: dict[str, Any]) -> None:
         now = self.clock()
@@ -527,19 +587,20 @@ class Federation:
                     )
             except ValueError as err:
                 raise Invalid(f"{r.kind} message: {err}") from None
-            s.add(RoundMessage(round_id=round_id, device_id=device_id, stage="input", payload=payload))
-            p.stage_done = "input"
-            self._maybe_drive(s, r, now)
+            secure.run(
+                s, _ADD_MESSAGE, round_id=round_id, device_id=device_id, stage="input", payload=payload
+            )
+            secure.run(s, _STAGE_DONE, pid=p.id, done="input")
+            self._maybe_drive(s, r, now, _one_less(r))
 
     def handle_update(self, device_id: str, round_id: int, body: bytes) -> None:
         """A device's model update: checked, stored, added to the running sum."""
         now = self.clock()
         with self.read() as s:
-            r, _ = self._participation(s, device_id, round_id, "input", now)
+            r, _ = self._participation(s, device_id, round_id, "input", now, lock=False)
             if r.kind != "train":
                 raise Invalid(f"round {round_id} is a {r.kind} round: send a JSON message")
-            mv = registry.get_version(s, r.job_id, r.model_version_in)
-            numel = int(mv.num_parameters)
+            numel = self._num_parameters(s, r)
         try:
             header, vec = codec.decode(body, expected_numel=numel)
         except codec.CodecError as err:
@@ -548,57 +609,57 @@ class Federation:
         sha = self.blobs.put(body)
         with self.write() as s:
             r, p = self._participation(s, device_id, round_id, "input", self.clock())
-            s.add(
-                RoundMessage(
-                    round_id=round_id, device_id=device_id, stage="input", payload=meta, blob_sha256=sha
-                )
+            secure.run(
+                s,
+                _ADD_MESSAGE,
+                round_id=round_id,
+                device_id=device_id,
+                stage="input",
+                payload=meta,
+                blob_sha256=sha,
             )
-            p.stage_done = "input"
-            p.num_examples = meta["num_examples"]
+            s.execute(
+                update(Participant)
+                .where(Participant.id == p.id)
+                .values(stage_done="input", num_examples=meta["num_examples"])
+            )
         self._accumulate(round_id, device_id, vec, meta["num_examples"])
         with self.write() as s:
-            r = s.scalar(self._lock(select(Round).where(Round.id == round_id)))
-            if r is not None and r.status == "running":
-                self._maybe_drive(s, r, self.clock())
+            r2, _ = self._load(s, device_id, round_id)
+            if r2 is not None and r2.status == "running":
+                self._maybe_drive(s, r2, self.clock())
 
     # -- secure rounds (SecAgg+) ---------------------------------------------
 
-    def _exclude_in(self, s: Session, r: Round, p: Participant, reason: str) -> None:
+    def _exclude_in(self, s: Session, r: _RoundRow, device_id: str, p: _PartRow, reason: str) -> None:
         """Take a device out of a secure round for a message that cannot be used; the round goes on."""
-        p.status = EXCLUDED
-        p.reason = reason[:2000]
+        s.execute(
+            update(Participant).where(Participant.id == p.id).values(status=EXCLUDED, reason=reason[:2000])
+        )
         s.add(
             Event(
                 actor="coordinator",
                 action="participant.exclude",
-                target=f"{r.job_id}/{r.number}/{p.device_id}",
+                target=f"{r.job_id}/{r.number}/{device_id}",
                 detail={"reason": reason[:500]},
             )
         )
-        log.warning("job %s round %s: excluded %s: %s", r.job_id, r.number, p.device_id, reason)
-        self._drive(s, r, self.clock())
+        log.warning("job %s round %s: excluded %s: %s", r.job_id, r.number, device_id, reason)
+        self._drive(s, self._orm_round(s, r), self.clock())
 
     def _exclude(self, device_id: str, round_id: int, reason: str) -> None:
         with self.write() as s:
-            r = s.scalar(self._lock(select(Round).where(Round.id == round_id)))
-            p = s.scalar(
-                select(Participant).where(
-                    Participant.round_id == round_id, Participant.device_id == device_id
-                )
-            )
+            r, p = self._load(s, device_id, round_id)
             if r is not None and p is not None and p.status == ACTIVE and r.status == "running":
-                self._exclude_in(s, r, p, reason)
+                self._exclude_in(s, r, device_id, p, reason)
 
     def _secure_message(
-        self, s: Session, device_id: str, round_id: int, stage: str
-    ) -> tuple[Round, Participant, str | None]:
+        self, s: Session, device_id: str, round_id: int, stage: str, lock: bool = True
+    ) -> tuple[_RoundRow, _PartRow, str | None]:
         """The round and participant for a secure-stage message, or the reason to exclude its sender."""
-        r = s.scalar(self._lock(select(Round).where(Round.id == round_id)))
+        r, p = self._load(s, device_id, round_id, lock)
         if r is not None and not r.secure:
             raise Invalid(f"round {round_id} does not use secure aggregation")
-        p = s.scalar(
-            select(Participant).where(Participant.round_id == round_id, Participant.device_id == device_id)
-        )
         if (
             r is not None
             and p is not None
@@ -607,7 +668,7 @@ class Federation:
             and r.stage != stage
         ):
             return r, p, f"sent a {stage!r} message while the round is in stage {r.stage!r}"
-        r, p = self._participation(s, device_id, round_id, stage, self.clock())
+        r, p = self._check_participation(r, p, device_id, round_id, stage, self.clock())
         return r, p, None
 
     def handle_secure_json(
@@ -644,11 +705,13 @@ class Federation:
                 except secure.Refused as err:
                     problem = f"{stage} message refused: {err}"
                 else:
-                    s.add(RoundMessage(round_id=round_id, device_id=device_id, stage=stage, payload=payload))
-                    p.stage_done = stage
-                    self._maybe_drive(s, r, self.clock())
+                    secure.run(
+                        s, _ADD_MESSAGE, round_id=round_id, device_id=device_id, stage=stage, payload=payload
+                    )
+                    secure.run(s, _STAGE_DONE, pid=p.id, done=stage)
+                    self._maybe_drive(s, r, self.clock(), _one_less(r))
             if problem is not None:
-                self._exclude_in(s, r, p, problem)
+                self._exclude_in(s, r, device_id, p, problem)
         if problem is not None:
             raise Invalid(f"device excluded from round {round_id}: {problem}")
 
@@ -656,11 +719,11 @@ class Federation:
         """A masked vector: checked, stored (it reveals nothing alone) and added to the running sum."""
         problem: str | None = None
         with self.read() as s:
-            r, _, problem = self._secure_message(s, device_id, round_id, "masked_input")
+            r, _, problem = self._secure_message(s, device_id, round_id, "masked_input", lock=False)
             if r.kind == "stats":
                 numel = len(secure.SecureRound(s, r).layout())
             else:
-                numel = int(registry.get_version(s, r.job_id, r.model_version_in).num_parameters) + 1
+                numel = self._num_parameters(s, r) + 1
         if problem is None:
             try:
                 header, vec = codec.decode(body, expected_numel=numel, dtype="uint64")
@@ -673,26 +736,48 @@ class Federation:
             self._exclude(device_id, round_id, problem)
             raise Invalid(f"device excluded from round {round_id}: {problem}")
         meta.pop("num_examples")
-        sha = self.blobs.put(body)
-        with self.write() as s:
-            r, p = self._participation(s, device_id, round_id, "masked_input", self.clock())
-            s.add(
-                RoundMessage(
+        name = self._spool(body)
+        added = False
+        try:
+            with self.write() as s:
+                r, p = self._participation(s, device_id, round_id, "masked_input", self.clock())
+                secure.run(
+                    s,
+                    _ADD_MESSAGE,
                     round_id=round_id,
                     device_id=device_id,
                     stage="masked_input",
                     payload=meta,
-                    blob_sha256=sha,
+                    blob_sha256=name,
                 )
-            )
-            p.stage_done = "masked_input"
-        self._accumulate(round_id, device_id, vec, 0)
-        with self.write() as s:
-            r = s.scalar(self._lock(select(Round).where(Round.id == round_id)))
-            if r is not None and r.status == "running":
-                self._maybe_drive(s, r, self.clock())
+                secure.run(s, _STAGE_DONE, pid=p.id, done="masked_input")
+                # Into the running sum before the commit, so that this message may end the stage itself.
+                added = self._accumulate(round_id, device_id, vec, 0)
+                self._maybe_drive(s, r, self.clock(), _one_less(r))
+        except BaseException:
+            self.blobs.delete(name)
+            if added:  # not committed: the running sum no longer matches the database; the store will
+                with self._acc_lock:
+                    self._acc.pop(round_id, None)
+            raise
 
-    def _accumulate(self, round_id: int, device_id: str, vec: np.ndarray, n: int) -> None:
+    def _spool(self, body: bytes) -> str:
+        """Keep a masked vector in the blob store until its round ends, so that a restarted coordinator
+        (or another replica) can still add it; returns the name it is stored under.
+
+        The name is 256 random bits, not the body's SHA-256: content addressing buys nothing for data
+        written once, read at most once and deleted with its round, and hashing 8 MB costs as much as
+        writing it.
+        """
+        name = secrets.token_hex(32)
+        path = self.blobs.path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "xb") as fh:  # read only once its message row is committed, after this returns
+            fh.write(body)
+        return name
+
+    def _accumulate(self, round_id: int, device_id: str, vec: np.ndarray, n: int) -> bool:
+        """Add a vector to the round's running sum; False when it was not added (already in, or misfit)."""
         with self._acc_lock:
             # This thread's CPU time: what the addition costs, not the wait for the lock or the GIL
             # while other uploads are being received.
@@ -701,11 +786,12 @@ class Federation:
             if acc is None:
                 acc = self._acc[round_id] = _Accumulator(total=np.zeros(vec.size, dtype=vec.dtype))
             if device_id in acc.contributors or acc.total.size != vec.size or acc.total.dtype != vec.dtype:
-                return
+                return False
             acc.total += vec  # updates arrive weighted by their example counts
             acc.examples += n
             acc.contributors.add(device_id)
             acc.seconds += time.thread_time() - t0
+            return True
 
     # -- the driver -------------------------------------------------------
 
@@ -732,22 +818,54 @@ class Federation:
                 return
             self._open_round(s, job, now)
 
-    def _maybe_drive(self, s: Session, r: Round, now: float) -> None:
-        """Drive the round only if this message may have completed its stage (the ticker handles deadlines)."""
-        waiting = s.scalar(
-            select(func.count())
-            .select_from(Participant)
-            .where(
-                Participant.round_id == r.id,
-                Participant.status == ACTIVE,
-                (Participant.stage_done.is_(None)) | (Participant.stage_done != r.stage),
+    def _maybe_drive(self, s: Session, r: Round | _RoundRow, now: float, waiting: int | None = None) -> None:
+        """Drive the round only if this message may have completed its stage (the ticker handles deadlines).
+
+        ``waiting``: the active participants yet to send this stage's message, when the caller knows.
+        """
+        if waiting is None:
+            waiting = secure.run(s, _WAITING, round=r.id, stage=r.stage).scalar()
+        if not waiting or now >= r.stage_deadline:
+            self._drive(s, self._orm_round(s, r), now)
+        elif r.secure and r.stage == "unmask" and secure.SecureRound(s, r).can_unmask():
+            # Every secret has its t shares: the devices still silent cannot change the sum.
+            self._drive(s, self._orm_round(s, r), now, unmask_ready=True)
+
+    def _orm_round(self, s: Session, r: Round | _RoundRow) -> Round:
+        """The round as an ORM object, to change it (its row is already locked by this transaction)."""
+        if isinstance(r, Round):
+            return r
+        row = s.get(Round, r.id)
+        if row is None:  # pragma: no cover - read in this transaction
+            raise NotFound(f"no round {r.id}")
+        return row
+
+    def _num_parameters(self, s: Session, r: _RoundRow) -> int:
+        """The size of the model a training round starts from."""
+        key = (r.job_id, r.model_version_in)
+        if key not in self._sizes:
+            n = secure.run(s, _NUM_PARAMETERS, job=r.job_id, version=r.model_version_in).scalar()
+            if n is None:
+                raise NotFound(f"job {r.job_id} has no model version {r.model_version_in}")
+            self._sizes[key] = int(n)
+        return self._sizes[key]
+
+    def _spec(self, job: Job) -> JobSpec:
+        """A job's validated spec (a spec never changes once submitted)."""
+        spec = self._specs.get(job.id)
+        if spec is None:
+            spec = self._specs[job.id] = JobSpec.model_validate(job.spec)
+        return spec
+
+    def _drive(self, s: Session, r: Round, now: float, unmask_ready: bool = False) -> None:
+        # Fresh from the database: the device-message paths change participants with Core statements.
+        parts = list(
+            s.scalars(
+                select(Participant)
+                .where(Participant.round_id == r.id)
+                .execution_options(populate_existing=True)
             )
         )
-        if not waiting or now >= r.stage_deadline or (r.secure and r.stage == "unmask"):
-            self._drive(s, r, now)
-
-    def _drive(self, s: Session, r: Round, now: float) -> None:
-        parts = list(s.scalars(select(Participant).where(Participant.round_id == r.id)))
         view = RoundView(
             kind=r.kind,
             stage=r.stage,
@@ -757,7 +875,12 @@ class Federation:
             secure=r.secure,
         )
         d = decide(view, now)
-        if d.action == "wait" and r.secure and r.stage == "unmask" and secure.SecureRound(s, r).can_unmask():
+        if (
+            d.action == "wait"
+            and r.secure
+            and r.stage == "unmask"
+            and (unmask_ready or secure.SecureRound(s, r).can_unmask())
+        ):
             # Every secret has its t shares: the devices still silent cannot change the sum.
             d = Decision("finish")
         if d.action == "wait":
@@ -770,9 +893,9 @@ class Federation:
             self._abandon(s, r, d.reason or "abandoned")
         elif d.action == "advance":
             job = self._job(s, r.job_id)
+            spec = self._spec(job)
             if r.secure and r.stage == "configure":
                 accepted = sorted(p.device_id for p in parts if p.status == ACTIVE)
-                spec = JobSpec.model_validate(job.spec)
                 try:
                     r.secagg = secure.setup(accepted, spec.secagg, job.id, r.number)
                     if r.kind == "stats":
@@ -781,7 +904,7 @@ class Federation:
                     self._abandon(s, r, f"secure aggregation cannot run with {len(accepted)} devices: {err}")
                     return
             r.stage = d.next_stage or r.stage
-            r.stage_deadline = now + JobSpec.model_validate(job.spec).cohort.stage_timeout
+            r.stage_deadline = now + spec.cohort.stage_timeout
         else:
             job = self._job(s, r.job_id)
             try:
@@ -1024,8 +1147,10 @@ class Federation:
         current_row = registry.get_version(s, job.id, r.model_version_in)
         header, current = self._vector(job.id, current_row)
         unmask_seconds: float | None = None
+        # What each contributor said beside its vector (example count, loss, metrics), in sender order.
+        payloads = [m.payload for m in msgs]
         if sr is not None:
-            msgs = [sr.messages["masked_input"][d] for d in sorted(sr.sent("masked_input"))]
+            payloads = [p for _, p in sorted(sr.payloads("masked_input").items())]
             total, incremental = self._masked_sum(r, sr, current.size + 1)
             t_unmask = time.perf_counter()
             mean_delta, examples = secagg_finish(unmask_total(total, **sr.reconstruction_inputs()), sr.params)
@@ -1041,7 +1166,7 @@ class Federation:
         version = registry.get_version(s, job.id).version + 1
         # Under secure aggregation a device's example count stays inside the masked sum.
         train_loss = weighted_mean(
-            [(int(m.payload.get("num_examples", 1)), {"loss": m.payload["train_loss"]}) for m in msgs]
+            [(int(m.get("num_examples", 1)), {"loss": m["train_loss"]}) for m in payloads]
         )
         row = registry.register_version(
             s,
@@ -1058,7 +1183,7 @@ class Federation:
             provenance={
                 "source": "federated",
                 "round": r.number,
-                "participants": len(msgs),
+                "participants": len(payloads),
                 "examples": examples,
             },
         )
@@ -1074,9 +1199,7 @@ class Federation:
         else:
             job.current_version = row.version
         job.rounds_completed += 1
-        fed = weighted_mean(
-            [(int(m.payload.get("holdout_examples", 0)), m.payload.get("metrics", {})) for m in msgs]
-        )
+        fed = weighted_mean([(int(m.get("holdout_examples", 0)), m.get("metrics", {})) for m in payloads])
         metrics: dict[str, Any] = {
             "train_loss": train_loss.get("loss"),
             "examples": examples,
@@ -1098,7 +1221,7 @@ class Federation:
             self._record_federated(s, job, current_row.version, fed)
         self._discard_round_data(s, r)
 
-    def _running_sum(self, r: Round, senders: set[str], numel: int) -> _Accumulator | None:
+    def _running_sum(self, r: Round, senders: AbstractSet[str], numel: int) -> _Accumulator | None:
         """The sum kept in memory as the vectors arrived, if it holds exactly the senders' vectors."""
         with self._acc_lock:
             acc = self._acc.pop(r.id, None)
@@ -1123,11 +1246,10 @@ class Federation:
         if acc is not None:
             return acc.total, acc.seconds
         total = np.zeros(numel, dtype=np.uint64)
+        stored = sr.blobs()
         for d in sorted(senders):
-            sha = sr.messages["masked_input"][d].blob_sha256 or ""
-            total += codec.decode(self.blobs.get(sha), expected_numel=numel, dtype="uint64")[
-                1
-            ]  # wraps mod 2**64
+            # wraps mod 2**64
+            total += codec.decode(self.blobs.get(stored.get(d, "")), expected_numel=numel, dtype="uint64")[1]
         return total, 0.0
 
     def _vector(self, job_id: int, row: ModelVersion) -> tuple[dict[str, Any], np.ndarray]:
@@ -1182,6 +1304,12 @@ def _check_statistics(stats: dict[str, Any]) -> None:
             raise ValueError(f"statistics.numeric.{col} needs finite count, sum and sum_sq")
 
 
+def _one_less(r: _RoundRow) -> int | None:
+    """Who is still waiting once this device's message is in: it was waiting (its stage was checked) and no
+    other participant of the round changed meanwhile (this transaction holds the round's row)."""
+    return None if r.waiting is None else r.waiting - 1
+
+
 def _check_update_header(header: dict[str, Any], round_id: int) -> dict[str, Any]:
     if header.get("kind") != "update":
         raise Invalid("update: header kind must be 'update'")
@@ -1204,3 +1332,75 @@ def _check_update_header(header: dict[str, Any], round_id: int) -> dict[str, Any
     if not isinstance(holdout, int) or holdout < 0:
         raise Invalid("update: holdout_examples must be a non-negative integer")
     return {"num_examples": n, "metrics": metrics, "train_loss": float(loss), "holdout_examples": holdout}
+
+
+# -- prebuilt statements of the device-message paths ------------------------------------------
+# Built once: building a statement costs several times what running it costs (see secure.run).
+
+_ROUND_COLUMNS = (
+    Round.id,
+    Round.job_id,
+    Round.number,
+    Round.kind,
+    Round.stage,
+    Round.status,
+    Round.stage_deadline,
+    Round.secure,
+    Round.secagg,
+    Round.model_version_in,
+)
+_PART_COLUMNS = (Participant.id, Participant.status, Participant.stage_done, Participant.reason)
+_OTHERS = aliased(Participant)
+_WAITING_NOW = (
+    select(func.count())
+    .select_from(_OTHERS)
+    .where(
+        _OTHERS.round_id == Round.id,
+        _OTHERS.status == ACTIVE,
+        or_(_OTHERS.stage_done.is_(None), _OTHERS.stage_done != Round.stage),
+    )
+    .correlate(Round)
+    .scalar_subquery()
+)
+_PARTICIPATION = (
+    select(*_ROUND_COLUMNS, _WAITING_NOW, *_PART_COLUMNS)
+    .outerjoin(
+        Participant,
+        and_(Participant.round_id == Round.id, Participant.device_id == bindparam("device")),
+    )
+    .where(Round.id == bindparam("round"))
+)
+_PARTICIPATION_LOCKED = _PARTICIPATION.with_for_update(of=Round)
+# The device, and the rounds running with it active in them (none: one row of NULLs after its columns).
+_CHECKIN = (
+    select(
+        Device.last_seen, Device.agent_version, Device.peak_rss_mb, *_ROUND_COLUMNS, Participant.stage_done
+    )
+    .select_from(Device)
+    .outerjoin(
+        join(Participant, Round, and_(Round.id == Participant.round_id, Round.status == "running")),
+        and_(Participant.device_id == Device.id, Participant.status == ACTIVE),
+    )
+    .where(Device.id == bindparam("device"))
+)
+_DEVICE_SEEN_SET = (
+    update(Device)
+    .where(Device.id == bindparam("device"))
+    .values(last_seen=bindparam("seen"), agent_version=bindparam("version"), peak_rss_mb=bindparam("rss"))
+)
+_STAGE_DONE = (
+    update(Participant).where(Participant.id == bindparam("pid")).values(stage_done=bindparam("done"))
+)
+_ADD_MESSAGE = insert(RoundMessage)
+_WAITING = (
+    select(func.count())
+    .select_from(Participant)
+    .where(
+        Participant.round_id == bindparam("round"),
+        Participant.status == ACTIVE,
+        or_(Participant.stage_done.is_(None), Participant.stage_done != bindparam("stage")),
+    )
+)
+_NUM_PARAMETERS = select(ModelVersion.num_parameters).where(
+    ModelVersion.job_id == bindparam("job"), ModelVersion.version == bindparam("version")
+)

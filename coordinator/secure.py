@@ -9,16 +9,27 @@ that dropped after sharing. It never sees one device's update.
 
 Sets, as in the papers: U1 advertised keys, U2 shared keys, U3 sent a masked
 input (its vector is in the sum), U4 answered the unmask stage.
+
+Every device message costs a few prebuilt SQL statements, not a scan of the
+round: a message is accepted only in its own stage, under the round's row
+lock, so once the round has moved past a stage that stage's messages can no
+longer change, and what is derived from them (who advertised, the keys and
+ciphertexts each device is sent, who is asked to unmask what) is read once
+per process and kept (``_FROZEN``), keyed by round, seed and stage. What the
+current stage has received so far is always read from the database, so
+several API replicas may share a round.
 """
 
 from __future__ import annotations
 
 import base64
 import secrets
+from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import Executable, Result, bindparam, or_, select
 from sqlalchemy.orm import Session
 
 from coordinator.models import Device, Participant, Round, RoundMessage
@@ -27,8 +38,8 @@ from shared.secagg import statistics as secagg_statistics
 from shared.secagg.graph import neighbour_graph
 from shared.secagg.params import SecAggParams, derive_params
 from shared.secagg.primitives import SecAggError
-from shared.secagg.protocol import check_distinct_keys, decode_share, verify_advertisement
-from shared.signing import SignatureError, b64d, identity_verifier
+from shared.secagg.protocol import decode_share, verify_advertisement
+from shared.signing import SignatureError, identity_verifier
 
 SECURE_STAGES = ("configure", "advertise_keys", "share_keys", "masked_input", "unmask")
 JSON_STAGES = ("advertise_keys", "share_keys", "unmask")
@@ -77,87 +88,181 @@ def merged_vocabulary(s: Session, r: Round, accepted: list[str]) -> dict[str, li
         raise ValueError(str(err)) from None
 
 
-_GRAPHS: dict[tuple[int, str], dict[str, list[str]]] = {}
+class RoundInfo(Protocol):
+    """What a secure round's view reads of its round: an ORM ``Round`` or the engine's snapshot of one."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def job_id(self) -> int: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def stage(self) -> str: ...
+    @property
+    def secagg(self) -> dict[str, Any] | None: ...
 
 
-def _graph(round_id: int, info: dict[str, Any], k: int) -> dict[str, list[str]]:
-    """The round's neighbour graph, computed once per process (it depends only on the round's rows)."""
+_T = TypeVar("_T")
+# Per process, each cleared whole when full (a miss only costs a read): few rounds run at once, and what a
+# round keeps in _FROZEN is its small messages (a few hundred kB for 100 devices), never a vector.
+_GRAPHS: dict[tuple[int, str], tuple[SecAggParams, dict[str, list[str]]]] = {}
+# (round id, seed, what, stage) -> what was read of a stage that is over
+_FROZEN: dict[tuple[int, str, str, str], Any] = {}
+_IDENTITY: dict[str, str] = {}  # device id -> its Ed25519 identity key (base64); enrolment fixes it for good
+_LIMITS = {id(_GRAPHS): 256, id(_FROZEN): 64, id(_IDENTITY): 100_000}
+
+_SENT = select(RoundMessage.device_id).where(
+    RoundMessage.round_id == bindparam("round"), RoundMessage.stage == bindparam("stage")
+)
+_PAYLOADS = select(RoundMessage.device_id, RoundMessage.payload).where(
+    RoundMessage.round_id == bindparam("round"), RoundMessage.stage == bindparam("stage")
+)
+_PAYLOADS_OF = _PAYLOADS.where(RoundMessage.device_id.in_(bindparam("devices", expanding=True)))
+_BLOBS = select(RoundMessage.device_id, RoundMessage.blob_sha256).where(
+    RoundMessage.round_id == bindparam("round"), RoundMessage.stage == "masked_input"
+)
+# Another device of the round that advertised one of these public keys (the database reads the JSON).
+_KEY_CLASH = (
+    select(RoundMessage.device_id)
+    .where(
+        RoundMessage.round_id == bindparam("round"),
+        RoundMessage.stage == "advertise_keys",
+        RoundMessage.device_id != bindparam("device"),
+        or_(
+            RoundMessage.payload["c_pk"].as_string().in_([bindparam("c_pk"), bindparam("s_pk")]),
+            RoundMessage.payload["s_pk"].as_string().in_([bindparam("c_pk"), bindparam("s_pk")]),
+        ),
+    )
+    .limit(1)
+)
+_IDENTITY_KEYS = select(Device.id, Device.public_key).where(
+    Device.id.in_(bindparam("devices", expanding=True))
+)
+
+
+def run(s: Session, stmt: Executable, **params: Any) -> Result[*tuple[Any, ...]]:
+    """Run a prebuilt Core statement on the session's connection, after flushing the session's pending changes.
+
+    The connection skips the ORM's per-statement work (about a quarter of the
+    cost of ``Session.execute`` here); the flush keeps what it reads consistent
+    with changes made through the ORM earlier in the transaction.
+    """
+    s.flush()
+    return s.connection().execute(stmt, params)
+
+
+def _bounded(cache: dict[Any, Any]) -> None:
+    if len(cache) >= _LIMITS[id(cache)]:
+        cache.clear()
+
+
+def _graph(round_id: int, info: dict[str, Any]) -> tuple[SecAggParams, dict[str, list[str]]]:
+    """The round's parameters and neighbour graph, computed once per process (fixed when configure ends)."""
     key = (round_id, info["seed"])
-    graph = _GRAPHS.get(key)
-    if graph is None:
-        if len(_GRAPHS) > 256:
-            _GRAPHS.clear()
-        graph = _GRAPHS[key] = neighbour_graph(info["cohort"], k, base64.b64decode(info["seed"]))
-    return graph
+    hit = _GRAPHS.get(key)
+    if hit is None:
+        _bounded(_GRAPHS)
+        params = SecAggParams(**info["params"])
+        hit = _GRAPHS[key] = (
+            params,
+            neighbour_graph(info["cohort"], params.k, base64.b64decode(info["seed"])),
+        )
+    return hit
+
+
+def identity_keys(s: Session, devices: Iterable[str]) -> dict[str, str]:
+    """The enrolled Ed25519 keys of ``devices`` (those that exist), read once per process."""
+    wanted = list(devices)
+    missing = [d for d in wanted if d not in _IDENTITY]
+    if missing:
+        _bounded(_IDENTITY)
+        _IDENTITY.update((str(d), str(k)) for d, k in run(s, _IDENTITY_KEYS, devices=missing))
+    return {d: _IDENTITY[d] for d in wanted if d in _IDENTITY}
 
 
 class SecureRound:
     """A view of one secure round's state; it reads only the rows each question needs."""
 
-    def __init__(self, s: Session, r: Round):
+    def __init__(self, s: Session, r: RoundInfo):
         self.s = s
         self.r = r
         info = r.secagg or {}
-        self.params = SecAggParams(**info["params"])
+        self.seed: str = info["seed"]
+        self.params, self.graph = _graph(r.id, info)
         self.context = base64.b64decode(info["context"])
         self.cohort: list[str] = info["cohort"]
-        self.graph = _graph(r.id, info, self.params.k)
-        self._sent: dict[str, set[str]] = {}
-        self._all: dict[str, dict[str, RoundMessage]] = {}
+        self._sent: dict[str, AbstractSet[str]] = {}
         self.vocabulary: dict[str, list[str]] = info.get("vocabulary") or {}
+
+    def _over(self, stage: str) -> bool:
+        """Whether the round has moved past ``stage``: its messages can no longer change."""
+        stages = SECURE_STAGES
+        return stage in stages and self.r.stage in stages and stages.index(stage) < stages.index(self.r.stage)
+
+    def _frozen(self, what: str, stage: str, build: Callable[[], _T]) -> _T:
+        """``build()``, kept for the round once ``stage`` is over (read afresh while it is not)."""
+        if not self._over(stage):
+            return build()
+        key = (self.r.id, self.seed, what, stage)
+        if key not in _FROZEN:
+            _bounded(_FROZEN)
+            _FROZEN[key] = build()
+        return _FROZEN[key]  # type: ignore[no-any-return]
 
     def layout(self) -> list[tuple[str, str, str]]:
         """A statistics round's vector layout (from the job's schema and the merged vocabulary)."""
         from coordinator.models import Job
         from shared.jobspec import JobSpec
 
-        job = self.s.get(Job, self.r.job_id)
-        assert job is not None
-        return secagg_statistics.layout(JobSpec.model_validate(job.spec).data, self.vocabulary)
+        def build() -> list[tuple[str, str, str]]:
+            job = self.s.get(Job, self.r.job_id)
+            assert job is not None
+            return secagg_statistics.layout(JobSpec.model_validate(job.spec).data, self.vocabulary)
 
-    def sent(self, stage: str) -> set[str]:
+        # Fixed once configure is over, as the vocabulary is.
+        return self._frozen("layout", "configure", build)
+
+    def sent(self, stage: str) -> AbstractSet[str]:
         """Devices whose message for ``stage`` was accepted."""
         if stage not in self._sent:
-            self._sent[stage] = set(
-                self.s.scalars(
-                    select(RoundMessage.device_id).where(
-                        RoundMessage.round_id == self.r.id, RoundMessage.stage == stage
-                    )
-                )
+            self._sent[stage] = self._frozen(
+                "sent",
+                stage,
+                lambda: frozenset(str(d) for (d,) in run(self.s, _SENT, round=self.r.id, stage=stage)),
             )
         return self._sent[stage]
 
-    def payloads(self, stage: str, devices: Any = None) -> dict[str, dict[str, Any]]:
-        """The messages of ``stage``, of ``devices`` only when given."""
-        q = select(RoundMessage.device_id, RoundMessage.payload).where(
-            RoundMessage.round_id == self.r.id, RoundMessage.stage == stage
-        )
-        if devices is not None:
-            q = q.where(RoundMessage.device_id.in_(list(devices)))
-        rows: list[Any] = list(self.s.execute(q).all())
-        return {str(d): dict(p) for d, p in rows}
+    def payloads(self, stage: str, devices: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+        """The messages of ``stage``, of ``devices`` only when given (shared: read them, do not change them)."""
+        if self._over(stage):
+            every: dict[str, dict[str, Any]] = self._frozen("payloads", stage, lambda: self._read(stage))
+            if devices is None:
+                return dict(every)
+            return {d: every[d] for d in devices if d in every}
+        return self._read(stage, devices)
 
-    @property
-    def messages(self) -> dict[str, dict[str, RoundMessage]]:
-        """Every message of the round, by stage (for the final unmasking)."""
-        if not self._all:
-            for m in self.s.scalars(select(RoundMessage).where(RoundMessage.round_id == self.r.id)):
-                self._all.setdefault(m.stage, {})[m.device_id] = m
-        return self._all
+    def _read(self, stage: str, devices: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+        if devices is None:
+            found = run(self.s, _PAYLOADS, round=self.r.id, stage=stage)
+        else:
+            found = run(self.s, _PAYLOADS_OF, round=self.r.id, stage=stage, devices=list(devices))
+        return {str(d): p for d, p in found}
+
+    def blobs(self) -> dict[str, str]:
+        """Where each masked input is stored, by sender."""
+        return {str(d): str(b) for d, b in run(self.s, _BLOBS, round=self.r.id) if b}
 
     def task(self, s: Session, device: str) -> dict[str, Any]:
         """What ``device`` needs for the round's current stage."""
-        out: dict[str, Any] = {"params": asdict(self.params), "context": self.r.secagg["context"]}  # type: ignore[index]
+        out: dict[str, Any] = {"params": asdict(self.params), "context": (self.r.secagg or {})["context"]}
         if self.r.kind == "stats":
             out["vocabulary"] = self.vocabulary
         stage = self.r.stage
         mine = self.graph.get(device, [])
         if stage == "share_keys":
             out["neighbours"] = self.payloads("advertise_keys", mine)
-            peers = list(out["neighbours"])
-            out["identity_keys"] = dict(
-                s.execute(select(Device.id, Device.public_key).where(Device.id.in_(peers))).all()
-            )
+            out["identity_keys"] = identity_keys(s, out["neighbours"])
         elif stage == "masked_input":
             out["ciphertexts"] = {
                 v: p["ciphertexts"][device]
@@ -173,17 +278,19 @@ class SecureRound:
     # -- checks of incoming messages (a failure excludes the sender) ----------
 
     def check_advertise(self, s: Session, device: str, body: dict[str, Any]) -> dict[str, Any]:
-        identity = s.get(Device, device)
-        verify = identity_verifier({device: identity.public_key} if identity is not None else {})
+        verify = identity_verifier(identity_keys(s, [device]))
         try:
-            keys = verify_advertisement(self.context, device, body, verify)
-            others = {
-                d: (b64d(p["c_pk"]), b64d(p["s_pk"])) for d, p in self.payloads("advertise_keys").items()
-            }
-            check_distinct_keys({**others, device: keys})
+            c_pk, s_pk = verify_advertisement(self.context, device, body, verify)
         except (SecAggError, SignatureError) as err:
             raise Refused(str(err)) from None
-        return {"c_pk": body["c_pk"], "s_pk": body["s_pk"], "signature": body["signature"]}
+        # A key another device already advertised was replayed or copied: agreeing with it would let one
+        # party read shares or masks meant for another. Compared as the canonical base64 of the raw keys.
+        ours = {"c_pk": base64.b64encode(c_pk).decode(), "s_pk": base64.b64encode(s_pk).decode()}
+        other = run(s, _KEY_CLASH, round=self.r.id, device=device, **ours).scalar()
+        if other is not None:
+            first, second = sorted((str(other), device))
+            raise Refused(f"devices {first!r} and {second!r} advertised the same public key")
+        return {**ours, "signature": body["signature"]}
 
     def check_share_keys(self, device: str, body: dict[str, Any]) -> dict[str, Any]:
         cts = body.get("ciphertexts")
@@ -227,26 +334,34 @@ class SecureRound:
 
     # -- the last stage ------------------------------------------------------
 
+    def _needed(self) -> list[str]:
+        """The devices whose secret the unmasking rebuilds: every survivor's self-mask seed, and the mask key
+        of every device that dropped after sharing and has a surviving neighbour."""
+        u2, u3 = self.sent("share_keys"), self.sent("masked_input")
+        dropped = [v for v in u2 - u3 if any(n in u3 for n in self.graph.get(v, []))]
+        return sorted(u3) + sorted(dropped)
+
     def can_unmask(self) -> bool:
         """Whether every secret the unmasking needs already has t shares (no need to wait for the rest)."""
-        u2, u3 = self.sent("share_keys"), self.sent("masked_input")
+        needed, t = self._needed(), self.params.t
+        # Only a device's neighbours hold its shares: while one lacks t answering neighbours, the answers'
+        # contents need not be read.
+        answered = self.sent("unmask")
+        if any(sum(n in answered for n in self.graph.get(v, [])) < t for v in needed):
+            return False
         counts: dict[str, int] = {}
         for payload in self.payloads("unmask").values():
             for v in payload.get("shares", {}):
                 counts[v] = counts.get(v, 0) + 1
-        t = self.params.t
-        if any(counts.get(u, 0) < t for u in u3):
-            return False
-        dropped = (v for v in u2 - u3 if any(n in u3 for n in self.graph.get(v, [])))
-        return all(counts.get(v, 0) >= t for v in dropped)
+        return all(counts.get(v, 0) >= t for v in needed)
 
     def reconstruction_inputs(self) -> dict[str, Any]:
         """The arguments of ``unmask_total`` other than the masked sum."""
         u2, u3 = self.sent("share_keys"), self.sent("masked_input")
         b_shares: dict[str, list[tuple[int, bytes]]] = {}
         sk_shares: dict[str, list[tuple[int, bytes]]] = {}
-        for _responder, msg in sorted(self.messages.get("unmask", {}).items()):
-            for v, text in msg.payload["shares"].items():
+        for _responder, payload in sorted(self.payloads("unmask").items()):
+            for v, text in payload["shares"].items():
                 share = decode_share(text)
                 if v in u3:
                     b_shares.setdefault(v, []).append(share)
@@ -258,7 +373,7 @@ class SecureRound:
             "graph": self.graph,
             "shared": u2,
             "survivors": u3,
-            "advertised": {d: m.payload for d, m in self.messages.get("advertise_keys", {}).items()},
+            "advertised": self.payloads("advertise_keys"),
             "b_shares": b_shares,
             "sk_shares": sk_shares,
         }
