@@ -9,7 +9,8 @@ large-minibatch rules of Goyal et al. (2017, arXiv:1706.02677):
   shuffle (the DistributedSampler scheme, remainder dropped so that every rank
   takes the same number of steps and no allreduce waits for a missing rank);
 - ``hvd.DistributedOptimizer`` averages gradients with ring-allreduce, fp16
-  compression on request;
+  compression on request; the rank sleeps rather than spins while it waits
+  for them (:func:`wait_for_allreduces`);
 - rank 0's initial parameters and optimiser state are broadcast to all ranks;
 - the learning rate is the base rate times the world size, reached by a
   linear per-step warm-up from the base rate;
@@ -36,6 +37,7 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,22 @@ def scaled_learning_rate(base: float, size: int, step: int, warmup_steps: int) -
     if warmup_steps <= 0 or step >= warmup_steps:
         return target
     return base + (target - base) * step / warmup_steps
+
+
+def wait_for_allreduces(optimizer: Any, poll: Callable[[int], bool], pause: float = 0.0002) -> None:
+    """Sleep until every gradient allreduce that backward started on ``optimizer`` has finished.
+
+    ``hvd.DistributedOptimizer.step()`` waits for them by spinning on
+    ``sched_yield``; with as many ranks as cores (np=2 on 2 CPUs), the spinning
+    main threads take the CPU from Horovod's own background and Gloo threads,
+    which have to run for the allreduce to finish. Sleeping here leaves them
+    the cores, and ``step()`` then finds its handles complete.
+    """
+    pending = [handle for handle, _ in optimizer._handles.values() if isinstance(handle, int)]
+    while pending:
+        pending = [handle for handle in pending if not poll(handle)]
+        if pending:
+            time.sleep(pause)
 
 
 def parameter_sha256(vector: np.ndarray) -> str:
@@ -175,6 +193,7 @@ def run(config: dict[str, Any]) -> None:
             optimizer.zero_grad()  # Horovod's wrapper takes no set_to_none; None is the default
             loss = task_loss(model(inputs[batch]), targets[batch], task)
             loss.backward()
+            wait_for_allreduces(optimizer, hvd.poll)
             optimizer.step()
             loss_sum += loss.detach().to(torch.float64) * batch.numel()
             step += 1
