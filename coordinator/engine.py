@@ -736,7 +736,9 @@ class Federation:
             self._exclude(device_id, round_id, problem)
             raise Invalid(f"device excluded from round {round_id}: {problem}")
         meta.pop("num_examples")
-        name = self._spool(body)
+        # With replicas (PostgreSQL) whichever one finishes the round needs every vector: each is stored. One
+        # coordinator process (SQLite) keeps the running sum and stores it once, when the stage ends.
+        name = None if self._sqlite else self._spool(body)
         added = False
         try:
             with self.write() as s:
@@ -755,15 +757,19 @@ class Federation:
                 added = self._accumulate(round_id, device_id, vec, 0)
                 self._maybe_drive(s, r, self.clock(), _one_less(r))
         except BaseException:
-            self.blobs.delete(name)
-            if added:  # not committed: the running sum no longer matches the database; the store will
+            if name is not None:
+                self.blobs.delete(name)
+            if added:  # not committed: take the vector out of the running sum again (exact modulo 2**64)
                 with self._acc_lock:
-                    self._acc.pop(round_id, None)
+                    acc = self._acc.get(round_id)
+                    if acc is not None and device_id in acc.contributors:
+                        acc.total -= vec
+                        acc.contributors.discard(device_id)
             raise
 
     def _spool(self, body: bytes) -> str:
-        """Keep a masked vector in the blob store until its round ends, so that a restarted coordinator
-        (or another replica) can still add it; returns the name it is stored under.
+        """Keep a masked vector (or a masked sum) in the blob store until its round ends, so that a restarted
+        coordinator or another replica can still add it; returns the name it is stored under.
 
         The name is 256 random bits, not the body's SHA-256: content addressing buys nothing for data
         written once, read at most once and deleted with its round, and hashing 8 MB costs as much as
@@ -903,6 +909,11 @@ class Federation:
                 except ValueError as err:
                     self._abandon(s, r, f"secure aggregation cannot run with {len(accepted)} devices: {err}")
                     return
+            if r.secure and r.stage == "masked_input" and self._sqlite:
+                lost = self._store_masked_sum(s, r)
+                if lost is not None:
+                    self._abandon(s, r, lost)
+                    return
             r.stage = d.next_stage or r.stage
             r.stage_deadline = now + spec.cohort.stage_timeout
         else:
@@ -949,6 +960,9 @@ class Federation:
     def _discard_round_data(self, s: Session, r: Round) -> None:
         with self._acc_lock:
             self._acc.pop(r.id, None)
+        stored_sum = (r.secagg or {}).get("masked_sum")
+        if stored_sum:
+            self.blobs.delete(stored_sum["blob"])
         shas = s.scalars(
             select(RoundMessage.blob_sha256).where(
                 RoundMessage.round_id == r.id, RoundMessage.blob_sha256.is_not(None)
@@ -1245,12 +1259,48 @@ class Federation:
         acc = self._running_sum(r, senders, numel)
         if acc is not None:
             return acc.total, acc.seconds
-        total = np.zeros(numel, dtype=np.uint64)
+        # This process restarted (or another replica took some vectors): the stored sum, or the stored vectors.
+        stored_sum = (r.secagg or {}).get("masked_sum")
+        if stored_sum and set(stored_sum["contributors"]) == senders:
+            blob = self.blobs.get(stored_sum["blob"])
+            return codec.decode(blob, expected_numel=numel, dtype="uint64")[1].copy(), 0.0
         stored = sr.blobs()
+        missing = sorted(senders - set(stored))
+        if missing:
+            raise SecAggError(
+                f"the masked inputs of {len(missing)} devices are neither in this process's running sum nor"
+                " stored (the coordinator restarted during the masked-input stage)"
+            )
+        total = np.zeros(numel, dtype=np.uint64)
         for d in sorted(senders):
-            # wraps mod 2**64
-            total += codec.decode(self.blobs.get(stored.get(d, "")), expected_numel=numel, dtype="uint64")[1]
+            total += codec.decode(self.blobs.get(stored[d]), expected_numel=numel, dtype="uint64")[
+                1
+            ]  # mod 2**64
         return total, 0.0
+
+    def _store_masked_sum(self, s: Session, r: Round) -> str | None:
+        """At the end of a secure round's masked-input stage, with one coordinator process: store the running
+        sum (once, instead of every vector) and name its contributors in the round's SecAgg+ state, so that
+        a coordinator restarted during the unmask stage still finishes the round.
+
+        Returns why the round must be abandoned instead: this process restarted during the stage, so the
+        inputs it had added before are lost (the devices do not send them twice).
+        """
+        senders = secure.SecureRound(s, r).sent("masked_input")
+        if not senders:
+            return None  # nothing to store; the round's own checks end it
+        with self._acc_lock:
+            acc = self._acc.get(r.id)
+            if acc is None or acc.contributors != senders:
+                kept = 0 if acc is None else len(acc.contributors & senders)
+                return (
+                    f"the coordinator restarted during the masked-input stage: {len(senders) - kept} of the "
+                    f"{len(senders)} masked inputs were lost with its running sum"
+                )
+            body = codec.encode({"kind": "masked_sum", "round_id": r.id}, acc.total)
+        name = self._spool(body)
+        r.secagg = {**(r.secagg or {}), "masked_sum": {"blob": name, "contributors": sorted(senders)}}
+        return None
 
     def _vector(self, job_id: int, row: ModelVersion) -> tuple[dict[str, Any], np.ndarray]:
         """A version's header and parameters, from memory when this process made it."""
