@@ -172,6 +172,26 @@ class Federation:
     def _lock(self, stmt: Any) -> Any:
         return stmt if self._sqlite else stmt.with_for_update()
 
+    @contextmanager
+    def _device_write(self) -> Iterator[secure.Db]:
+        """A write transaction of a device-message path: Core statements, an ORM session only if needed."""
+        with self._write_lock, self.factory.kw["bind"].begin() as conn:
+            db = secure.Db(conn)
+            try:
+                yield db
+                db.flush()
+            finally:
+                db.close()
+
+    @contextmanager
+    def _device_read(self) -> Iterator[secure.Db]:
+        with self.factory.kw["bind"].connect() as conn:
+            db = secure.Db(conn)
+            try:
+                yield db
+            finally:
+                db.close()
+
     # -- jobs -------------------------------------------------------------
 
     def submit_job(self, spec_data: dict[str, Any], actor: str) -> Job:
@@ -416,7 +436,7 @@ class Federation:
         now = self.clock()
         # Check-ins are the coordinator's most frequent request: one prebuilt statement reads the device and
         # its running rounds, no ORM objects.
-        with self.write() as s:
+        with self._device_write() as s:
             found = secure.run(s, _CHECKIN, device=device_id).all()
             if not found:  # pragma: no cover - authenticated before
                 raise NotFound("unknown device")
@@ -450,23 +470,23 @@ class Federation:
             return CheckinResponse(retry_after=retry)
 
     def _job_spec(
-        self, s: Session, job_id: int, need_preprocess: bool
+        self, s: Session | secure.Db, job_id: int, need_preprocess: bool
     ) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """A job's spec and preprocessing, cached: both are written once and never change."""
         cached = self._job_info.get(job_id)
         if cached is None or (need_preprocess and cached[1] is None):
-            job = self._job(s, job_id)
+            job = self._job(secure.orm(s), job_id)
             cached = self._job_info[job_id] = (job.spec, job.preprocess)
         return cached
 
-    def _task(self, s: Session, r: Round | _RoundRow, device_id: str | None = None) -> Task:
+    def _task(self, s: Session | secure.Db, r: Round | _RoundRow, device_id: str | None = None) -> Task:
         spec, preprocess = self._job_spec(s, r.job_id, r.kind != "stats")
         model = None
         if r.model_version_in is not None:
             key = (r.job_id, r.model_version_in)
             model = self._model_refs.get(key)
             if model is None:  # versions never change once written
-                mv = registry.get_version(s, r.job_id, r.model_version_in)
+                mv = registry.get_version(secure.orm(s), r.job_id, r.model_version_in)
                 model = ModelRef(version=mv.version, sha256=mv.sha256, signature=mv.signature, size=mv.size)
                 self._model_refs[key] = model
         return Task(
@@ -501,7 +521,7 @@ class Federation:
         return self.blobs.get(sha)
 
     def _load(
-        self, s: Session, device_id: str, round_id: int, lock: bool = True
+        self, s: Session | secure.Db, device_id: str, round_id: int, lock: bool = True
     ) -> tuple[_RoundRow | None, _PartRow | None]:
         """The round (its row locked for this transaction when ``lock``) and the device's row in it."""
         stmt = _PARTICIPATION if self._sqlite or not lock else _PARTICIPATION_LOCKED
@@ -513,7 +533,13 @@ class Federation:
         return r, (None if row[n + 1] is None else _PartRow(*row[n + 1 :]))
 
     def _participation(
-        self, s: Session, device_id: str, round_id: int, stage: str, now: float, lock: bool = True
+        self,
+        s: Session | secure.Db,
+        device_id: str,
+        round_id: int,
+        stage: str,
+        now: float,
+        lock: bool = True,
     ) -> tuple[_RoundRow, _PartRow]:
         """The round and the device's place in it, after every check of stage and deadline."""
         r, p = self._load(s, device_id, round_id, lock)
@@ -549,14 +575,15 @@ class Federation:
 
     def handle_configure(self, device_id: str, round_id: int, msg: ConfigureMessage) -> None:
         now = self.clock()
-        with self.write() as s:
+        with self._device_write() as s:
             r, p = self._participation(s, device_id, round_id, "configure", now)
             if msg.accepted:
                 secure.run(s, _STAGE_DONE, pid=p.id, done="configure")
             else:
                 reason = (msg.reason or "declined without a reason")[:2000]
-                s.execute(
-                    update(Participant).where(Participant.id == p.id).values(status=DECLINED, reason=reason)
+                secure.run(
+                    s,
+                    update(Participant).where(Participant.id == p.id).values(status=DECLINED, reason=reason),
                 )
                 log.info("device %s declined round %s of job %s: %s", device_id, r.number, r.job_id, reason)
             secure.run(
@@ -571,7 +598,7 @@ class Federation:
 
     def handle_input_json(self, device_id: str, round_id: int, body: dict[str, Any]) -> None:
         now = self.clock()
-        with self.write() as s:
+        with self._device_write() as s:
             r, p = self._participation(s, device_id, round_id, "input", now)
             try:
                 if r.kind == "stats":
@@ -596,7 +623,7 @@ class Federation:
     def handle_update(self, device_id: str, round_id: int, body: bytes) -> None:
         """A device's model update: checked, stored, added to the running sum."""
         now = self.clock()
-        with self.read() as s:
+        with self._device_read() as s:
             r, _ = self._participation(s, device_id, round_id, "input", now, lock=False)
             if r.kind != "train":
                 raise Invalid(f"round {round_id} is a {r.kind} round: send a JSON message")
@@ -607,7 +634,7 @@ class Federation:
             raise Invalid(f"update: {err}") from None
         meta = _check_update_header(header, round_id)
         sha = self.blobs.put(body)
-        with self.write() as s:
+        with self._device_write() as s:
             r, p = self._participation(s, device_id, round_id, "input", self.clock())
             secure.run(
                 s,
@@ -618,25 +645,29 @@ class Federation:
                 payload=meta,
                 blob_sha256=sha,
             )
-            s.execute(
+            secure.run(
+                s,
                 update(Participant)
                 .where(Participant.id == p.id)
-                .values(stage_done="input", num_examples=meta["num_examples"])
+                .values(stage_done="input", num_examples=meta["num_examples"]),
             )
         self._accumulate(round_id, device_id, vec, meta["num_examples"])
-        with self.write() as s:
+        with self._device_write() as s:
             r2, _ = self._load(s, device_id, round_id)
             if r2 is not None and r2.status == "running":
                 self._maybe_drive(s, r2, self.clock())
 
     # -- secure rounds (SecAgg+) ---------------------------------------------
 
-    def _exclude_in(self, s: Session, r: _RoundRow, device_id: str, p: _PartRow, reason: str) -> None:
+    def _exclude_in(
+        self, s: Session | secure.Db, r: _RoundRow, device_id: str, p: _PartRow, reason: str
+    ) -> None:
         """Take a device out of a secure round for a message that cannot be used; the round goes on."""
-        s.execute(
-            update(Participant).where(Participant.id == p.id).values(status=EXCLUDED, reason=reason[:2000])
+        secure.run(
+            s, update(Participant).where(Participant.id == p.id).values(status=EXCLUDED, reason=reason[:2000])
         )
-        s.add(
+        session = secure.orm(s)
+        session.add(
             Event(
                 actor="coordinator",
                 action="participant.exclude",
@@ -645,16 +676,16 @@ class Federation:
             )
         )
         log.warning("job %s round %s: excluded %s: %s", r.job_id, r.number, device_id, reason)
-        self._drive(s, self._orm_round(s, r), self.clock())
+        self._drive(session, self._orm_round(session, r), self.clock())
 
     def _exclude(self, device_id: str, round_id: int, reason: str) -> None:
-        with self.write() as s:
+        with self._device_write() as s:
             r, p = self._load(s, device_id, round_id)
             if r is not None and p is not None and p.status == ACTIVE and r.status == "running":
                 self._exclude_in(s, r, device_id, p, reason)
 
     def _secure_message(
-        self, s: Session, device_id: str, round_id: int, stage: str, lock: bool = True
+        self, s: Session | secure.Db, device_id: str, round_id: int, stage: str, lock: bool = True
     ) -> tuple[_RoundRow, _PartRow, str | None]:
         """The round and participant for a secure-stage message, or the reason to exclude its sender."""
         r, p = self._load(s, device_id, round_id, lock)
@@ -689,7 +720,7 @@ class Federation:
             except (ValueError, RecursionError):
                 body = None
         problem: str | None = None
-        with self.write() as s:
+        with self._device_write() as s:
             r, p, problem = self._secure_message(s, device_id, round_id, stage)
             if problem is None and not isinstance(body, dict):
                 problem = f"{stage} message refused: not a JSON object"
@@ -718,7 +749,7 @@ class Federation:
     def handle_masked_input(self, device_id: str, round_id: int, body: bytes) -> None:
         """A masked vector: checked, stored (it reveals nothing alone) and added to the running sum."""
         problem: str | None = None
-        with self.read() as s:
+        with self._device_read() as s:
             r, _, problem = self._secure_message(s, device_id, round_id, "masked_input", lock=False)
             if r.kind == "stats":
                 numel = len(secure.SecureRound(s, r).layout())
@@ -741,7 +772,7 @@ class Federation:
         name = None if self._sqlite else self._spool(body)
         added = False
         try:
-            with self.write() as s:
+            with self._device_write() as s:
                 r, p = self._participation(s, device_id, round_id, "masked_input", self.clock())
                 secure.run(
                     s,
@@ -824,7 +855,9 @@ class Federation:
                 return
             self._open_round(s, job, now)
 
-    def _maybe_drive(self, s: Session, r: Round | _RoundRow, now: float, waiting: int | None = None) -> None:
+    def _maybe_drive(
+        self, s: Session | secure.Db, r: Round | _RoundRow, now: float, waiting: int | None = None
+    ) -> None:
         """Drive the round only if this message may have completed its stage (the ticker handles deadlines).
 
         ``waiting``: the active participants yet to send this stage's message, when the caller knows.
@@ -832,10 +865,10 @@ class Federation:
         if waiting is None:
             waiting = secure.run(s, _WAITING, round=r.id, stage=r.stage).scalar()
         if not waiting or now >= r.stage_deadline:
-            self._drive(s, self._orm_round(s, r), now)
+            self._drive(secure.orm(s), self._orm_round(secure.orm(s), r), now)
         elif r.secure and r.stage == "unmask" and secure.SecureRound(s, r).can_unmask():
             # Every secret has its t shares: the devices still silent cannot change the sum.
-            self._drive(s, self._orm_round(s, r), now, unmask_ready=True)
+            self._drive(secure.orm(s), self._orm_round(secure.orm(s), r), now, unmask_ready=True)
 
     def _orm_round(self, s: Session, r: Round | _RoundRow) -> Round:
         """The round as an ORM object, to change it (its row is already locked by this transaction)."""
@@ -846,7 +879,7 @@ class Federation:
             raise NotFound(f"no round {r.id}")
         return row
 
-    def _num_parameters(self, s: Session, r: _RoundRow) -> int:
+    def _num_parameters(self, s: Session | secure.Db, r: _RoundRow) -> int:
         """The size of the model a training round starts from."""
         key = (r.job_id, r.model_version_in)
         if key not in self._sizes:
@@ -856,11 +889,11 @@ class Federation:
             self._sizes[key] = int(n)
         return self._sizes[key]
 
-    def _spec(self, job: Job) -> JobSpec:
-        """A job's validated spec (a spec never changes once submitted)."""
-        spec = self._specs.get(job.id)
+    def _spec(self, s: Session, job_id: int) -> JobSpec:
+        """A job's validated spec, read once (a spec never changes once submitted)."""
+        spec = self._specs.get(job_id)
         if spec is None:
-            spec = self._specs[job.id] = JobSpec.model_validate(job.spec)
+            spec = self._specs[job_id] = JobSpec.model_validate(self._job(s, job_id).spec)
         return spec
 
     def _drive(self, s: Session, r: Round, now: float, unmask_ready: bool = False) -> None:
@@ -898,12 +931,11 @@ class Federation:
         if d.action == "abandon":
             self._abandon(s, r, d.reason or "abandoned")
         elif d.action == "advance":
-            job = self._job(s, r.job_id)
-            spec = self._spec(job)
+            spec = self._spec(s, r.job_id)
             if r.secure and r.stage == "configure":
                 accepted = sorted(p.device_id for p in parts if p.status == ACTIVE)
                 try:
-                    r.secagg = secure.setup(accepted, spec.secagg, job.id, r.number)
+                    r.secagg = secure.setup(accepted, spec.secagg, r.job_id, r.number)
                     if r.kind == "stats":
                         r.secagg = {**r.secagg, "vocabulary": secure.merged_vocabulary(s, r, accepted)}
                 except ValueError as err:

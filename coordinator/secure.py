@@ -29,7 +29,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import asdict
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import Executable, Result, bindparam, or_, select
+from sqlalchemy import Connection, Executable, Result, bindparam, or_, select
 from sqlalchemy.orm import Session
 
 from coordinator.models import Device, Participant, Round, RoundMessage
@@ -141,13 +141,46 @@ _IDENTITY_KEYS = select(Device.id, Device.public_key).where(
 )
 
 
-def run(s: Session, stmt: Executable, **params: Any) -> Result[*tuple[Any, ...]]:
-    """Run a prebuilt Core statement on the session's connection, after flushing the session's pending changes.
+class Db:
+    """One transaction of a device-message path: prebuilt Core statements on a connection, and an ORM
+    session on that same connection only once something asks for one (a stage ends, a device is excluded,
+    a cache misses). Most check-ins and messages never need one: a session costs about as much as the
+    statements themselves."""
 
-    The connection skips the ORM's per-statement work (about a quarter of the
-    cost of ``Session.execute`` here); the flush keeps what it reads consistent
-    with changes made through the ORM earlier in the transaction.
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self._session: Session | None = None
+
+    @property
+    def session(self) -> Session:
+        if self._session is None:
+            self._session = Session(bind=self.conn, expire_on_commit=False)
+        return self._session
+
+    def flush(self) -> None:
+        if self._session is not None:
+            self._session.flush()
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close()  # leaves the connection's transaction to its owner
+
+
+def orm(s: Session | Db) -> Session:
+    """The ORM session of a transaction."""
+    return s.session if isinstance(s, Db) else s
+
+
+def run(s: Session | Db, stmt: Executable, **params: Any) -> Result[*tuple[Any, ...]]:
+    """Run a prebuilt Core statement in the transaction, after flushing its session's pending changes.
+
+    On the connection, not through ``Session.execute``: that skips the ORM's
+    per-statement work; the flush keeps what it reads consistent with changes
+    made through the ORM earlier in the transaction.
     """
+    if isinstance(s, Db):
+        s.flush()
+        return s.conn.execute(stmt, params)
     s.flush()
     return s.connection().execute(stmt, params)
 
@@ -171,7 +204,7 @@ def _graph(round_id: int, info: dict[str, Any]) -> tuple[SecAggParams, dict[str,
     return hit
 
 
-def identity_keys(s: Session, devices: Iterable[str]) -> dict[str, str]:
+def identity_keys(s: Session | Db, devices: Iterable[str]) -> dict[str, str]:
     """The enrolled Ed25519 keys of ``devices`` (those that exist), read once per process."""
     wanted = list(devices)
     missing = [d for d in wanted if d not in _IDENTITY]
@@ -184,7 +217,7 @@ def identity_keys(s: Session, devices: Iterable[str]) -> dict[str, str]:
 class SecureRound:
     """A view of one secure round's state; it reads only the rows each question needs."""
 
-    def __init__(self, s: Session, r: RoundInfo):
+    def __init__(self, s: Session | Db, r: RoundInfo):
         self.s = s
         self.r = r
         info = r.secagg or {}
@@ -216,7 +249,7 @@ class SecureRound:
         from shared.jobspec import JobSpec
 
         def build() -> list[tuple[str, str, str]]:
-            job = self.s.get(Job, self.r.job_id)
+            job = orm(self.s).get(Job, self.r.job_id)
             assert job is not None
             return secagg_statistics.layout(JobSpec.model_validate(job.spec).data, self.vocabulary)
 
@@ -253,7 +286,7 @@ class SecureRound:
         """Where each masked input is stored, by sender."""
         return {str(d): str(b) for d, b in run(self.s, _BLOBS, round=self.r.id) if b}
 
-    def task(self, s: Session, device: str) -> dict[str, Any]:
+    def task(self, s: Session | Db, device: str) -> dict[str, Any]:
         """What ``device`` needs for the round's current stage."""
         out: dict[str, Any] = {"params": asdict(self.params), "context": (self.r.secagg or {})["context"]}
         if self.r.kind == "stats":
@@ -277,7 +310,7 @@ class SecureRound:
 
     # -- checks of incoming messages (a failure excludes the sender) ----------
 
-    def check_advertise(self, s: Session, device: str, body: dict[str, Any]) -> dict[str, Any]:
+    def check_advertise(self, s: Session | Db, device: str, body: dict[str, Any]) -> dict[str, Any]:
         verify = identity_verifier(identity_keys(s, [device]))
         try:
             c_pk, s_pk = verify_advertisement(self.context, device, body, verify)
