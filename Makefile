@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo-out
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench bench-cluster clean
 
 $(STAMP): pyproject.toml scripts/install_horovod.sh
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/aggregate.py
 	$(BIN)/python bench/demo_quality.py
+
+bench-cluster: $(STAMP)
+	$(BIN)/python bench/pretrain.py
+	$(BIN)/python bench/automl.py
+	$(BIN)/python bench/audit.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
