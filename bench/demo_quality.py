@@ -1,11 +1,13 @@
-"""The demo's final model next to its ceiling, and the agents' peak memory.
+"""The demo's final model next to its ceiling and the AutoML leader, its audits, the agents' memory.
 
 Runs ``aicfl demo`` (real coordinator, real agent processes, mlc_churn split by
-state) and prints, from its summary.json, the final model's test metrics next
-to the same network trained centrally on the pooled training rows (same test
-rows), the per-round aggregation time, and the agents' peak RSS.
+state, Horovod pre-training of version 0, an H2O AutoML baseline, an audit
+worker) and prints, from its summary.json, the final model's test metrics next
+to the same network trained centrally on the pooled training rows and to the
+AutoML leader (same test rows), the per-round aggregation time, the audit time
+against the round time, and the agents' peak RSS.
 
-    python bench/demo_quality.py [--devices 6] [--rounds 10]
+    python bench/demo_quality.py [--devices 6] [--rounds 10] [--no-pretrain] [--no-automl]
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--dataset", default="mlc_churn")
+    ap.add_argument("--no-pretrain", action="store_true")
+    ap.add_argument("--no-automl", action="store_true")
     args = ap.parse_args()
+    extra = (["--no-pretrain"] if args.no_pretrain else []) + (["--no-automl"] if args.no_automl else [])
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "demo"
         t0 = time.time()
@@ -46,6 +51,7 @@ def main() -> None:
                 args.dataset,
                 "--out",
                 str(out),
+                *extra,
             ],
             cwd=ROOT,
             capture_output=True,
@@ -65,12 +71,36 @@ def main() -> None:
     print(f"  aggregation per round: median {sorted(agg)[len(agg) // 2] * 1000:.1f} ms")
     rss = summary["agent_peak_rss_mb"]
     print(f"  agent peak RSS: max {rss['max']:.0f} MB, mean {rss['mean']:.0f} MB")
+    if summary.get("pretrain"):
+        p = summary["pretrain"]
+        print(
+            f"  version 0 pre-trained (np={p['world_size']}, {p['epochs']} epochs): {p['metrics'].get('central')}"
+        )
+    if summary.get("baseline"):
+        b = summary["baseline"]
+        for name in [k for k in b["metrics"] if k != "examples"]:
+            print(
+                f"  {name:10s} federated {final[name]:.4f}   AutoML {b['leader']} {b['metrics'][name]:.4f}"
+                f"   gap {final[name] - b['metrics'][name]:+.4f}"
+            )
+    timing = summary.get("audit_timing") or {}
+    if summary.get("audits"):
+        verdicts = [a["verdict"] for a in summary["audits"]]
+        print(
+            f"  audits: {len(verdicts)} versions ({verdicts.count('ok')} ok, {verdicts.count('drift')} drift); "
+            f"mean {timing['mean_audit_seconds']:.2f} s against a mean round of {timing['mean_round_seconds']:.2f} s; "
+            f"audited before the next round ended: {timing['audited_before_next_round_ended']}"
+        )
     print(
         json.dumps(
             {
                 "final": final,
                 "ceiling": ceiling,
                 "agent_peak_rss_mb": rss,
+                "pretrain": summary.get("pretrain"),
+                "baseline": summary.get("baseline"),
+                "audits": summary.get("audits"),
+                "audit_timing": timing,
                 "wall_seconds": wall,
                 "rounds": [{k: r[k] for k in ("round", "central", "federated")} for r in summary["rounds"]],
             }
