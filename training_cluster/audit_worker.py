@@ -34,7 +34,7 @@ from shared.api_client import CliError
 from shared.jobspec import JobSpec
 from shared.tabular import read_table_bytes
 from training_cluster.api import ClusterApi
-from training_cluster.audit import AuditResult, audit_version, version_importance
+from training_cluster.audit import AuditResult, audit_version, version_importance, warm_up
 
 T = TypeVar("T")
 
@@ -243,6 +243,9 @@ class _Worker:
 
     def run(self) -> int:
         completed = 0
+        if not self.once:
+            # A standing worker compiles shap's numba code now, while the queue is likely empty.
+            self.log(f"audit worker {self.name}: warmed up in {warm_up():.1f} s")
         while not self.stop.is_set():
             try:
                 claim = self.call(
