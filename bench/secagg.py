@@ -5,8 +5,9 @@ out after their masked input: their input is in the sum, they never answer
 the unmask stage), in one invocation:
 
 1. **aicfl, simulation mode**: ``server.simulate.simulate`` (the coordinator
-   engine and the devices' SecAgg+ code in one process, no HTTP, a virtual
-   clock instead of waiting out the unmask deadline), in a fresh child process.
+   engine and the devices' SecAgg+ code in one process, the devices of each
+   stage on a thread per CPU, no HTTP, a virtual clock instead of waiting out
+   a deadline), in a fresh child process.
    ``round_seconds``, ``coordinator_cpu_seconds``, ``client_cpu_seconds`` (per
    device) and ``exact`` come from it unchanged.
 2. **aicfl over loopback HTTP**: a real coordinator process
@@ -19,8 +20,10 @@ the unmask stage), in one invocation:
    ``tests/integration/test_secure_http.py`` does: configure (it downloads the
    model and checks its signature, as the agent does), statistics input,
    advertise_keys, share_keys, masked_input (a synthetic float32 update of the
-   model's size, quantised, weighted and masked, in the binary uint64 codec),
-   unmask. A device that is done with the training round stops polling; a
+   model's size, uniform as the simulation's, quantised, weighted and masked
+   in place as the agent does, in the binary uint64 codec), unmask. Each
+   device's HTTP client drops idle connections after 2 s, before the
+   server's 5 s keep-alive does. A device that is done with the training round stops polling; a
    dropping device stops after its masked input. The job: one training round
    of an MLP on 2 numeric features sized by ``server.simulate.hidden_for``,
    ``secure`` left at its default (true), the same SecAgg+ settings as the
@@ -265,7 +268,7 @@ def agent_memory(n_params: int, cohort: int) -> dict[str, Any]:
     update = rng.normal(0, CLIP / 4, n_params).astype(np.float32)
     t0 = time.process_time()
     x = weighted_input(update, EXAMPLES, params, rng)
-    y = clients[me].masked_input(x, {v: cts[v][me] for v in others})
+    y = clients[me].masked_input(x, {v: cts[v][me] for v in others}, in_place=True)  # as the agent does
     body = codec.encode(masked_input_header(1), y)
     cpu["masked_input"] = time.process_time() - t0
     size = len(body)
@@ -300,7 +303,10 @@ class _HttpDevice:
         from shared.signing import b64e, load_public_key, public_key_bytes
 
         self.key = Ed25519PrivateKey.generate()
-        self.http = httpx.Client(base_url=url, timeout=600)
+        # Idle connections are dropped after 2 s, before uvicorn's 5 s keep-alive closes them: otherwise a
+        # device that computes for about 5 s may send its masked input on a connection the server is
+        # closing and lose it (httpx's default expiry is 5 s too).
+        self.http = httpx.Client(base_url=url, timeout=600, limits=httpx.Limits(keepalive_expiry=2.0))
         resp = self.http.post(
             "/v1/enroll", json={"token": token, "public_key": b64e(public_key_bytes(self.key))}
         )
@@ -396,15 +402,19 @@ def _device_loop(d: _HttpDevice, stop: Any, shared: dict[str, Any]) -> None:
                 d.call("POST", path, codec.encode(header, y), "application/octet-stream")
             elif stage == "masked_input":
                 g0 = time.thread_time()
-                update = d.rng.normal(0, CLIP / 4, d.numel).astype(np.float32)  # stands in for training
-                c0 += time.thread_time() - g0  # not counted as SecAgg+ work
+                # Stands in for training: uniform in [-1.1 clip, 1.1 clip), drawn as server.simulate and
+                # bench/flower_secagg.py's clients draw theirs; not counted as SecAgg+ work.
+                update = d.rng.random(d.numel, dtype=np.float32)
+                update -= np.float32(0.5)
+                update *= np.float32(2.2 * CLIP)
+                c0 += time.thread_time() - g0
                 x = weighted_input(
                     update,
                     EXAMPLES,
                     d.client.params,
                     np.random.default_rng(int.from_bytes(os.urandom(8), "little")),
                 )
-                y = d.client.masked_input(x, info["ciphertexts"])
+                y = d.client.masked_input(x, info["ciphertexts"], in_place=True)  # as the agent does
                 header = masked_input_header(t["round_id"])
                 body = codec.encode(header, y)
                 del x, y
