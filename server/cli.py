@@ -179,7 +179,8 @@ def _start_audit_worker(host: str, port: int, tls: bool) -> Any:
         "AICFL_TOKEN": token,
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "server", "audit", "worker", "--wait-for-server", "60"], env=env
+        [sys.executable, "-m", "server", "audit", "worker", "--wait-for-server", "60", "--exit-with-parent"],
+        env=env,
     )
 
 
@@ -675,6 +676,9 @@ def audit_worker(
     wait_for_server: float = typer.Option(
         0.0, "--wait-for-server", min=0, help="Seconds to wait for the API."
     ),
+    exit_with_parent: bool = typer.Option(
+        False, "--exit-with-parent", hidden=True, help="Stop when the process that started this one is gone."
+    ),
 ) -> None:
     """Take queued audits from the coordinator and compute their SHAP reports, until stopped."""
     import os
@@ -692,6 +696,17 @@ def audit_worker(
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    if exit_with_parent:
+        # `server start --with-audit-worker`: the server may die without stopping us (SIGKILL,
+        # or uvicorn re-raising the SIGTERM it handled); an orphan is re-parented.
+        parent = os.getppid()
+
+        def _watch() -> None:
+            while not stop.wait(1.0):
+                if os.getppid() != parent:
+                    stop.set()
+
+        threading.Thread(target=_watch, name="parent-watch", daemon=True).start()
     api = cluster_api()
     deadline = time.monotonic() + wait_for_server
     while True:
@@ -790,6 +805,13 @@ def demo(
     automl_secs: int = typer.Option(30, "--automl-secs", min=5, max=3600, help="AutoML's time budget."),
     pretrain_np: int = typer.Option(2, "--pretrain-np", min=1, max=64),
     pretrain_epochs: int = typer.Option(10, "--pretrain-epochs", min=1, max=1000),
+    central_share: float = typer.Option(
+        0.1,
+        "--central-share",
+        min=0.01,
+        max=0.9,
+        help="Share of the training rows pooled as central (public/proxy) data; no device holds them.",
+    ),
 ) -> None:
     """Run a whole federation on this machine: server, real agent processes, a real dataset."""
     from server.demo import DemoError, run_demo
@@ -806,6 +828,7 @@ def demo(
             automl_seconds=automl_secs,
             pretrain_np=pretrain_np,
             pretrain_epochs=pretrain_epochs,
+            central_share=central_share,
             console=console,
         )
     except DemoError as err:

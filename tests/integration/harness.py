@@ -52,6 +52,7 @@ class Coordinator:
     token: str = ""
     agents: list[subprocess.Popen[bytes]] = field(default_factory=list)
     tls: tuple[Path, Path] | None = None  # certificate and key; the certificate is its own CA
+    extra: list[str] = field(default_factory=list)  # more `server start` flags
 
     @property
     def url(self) -> str:
@@ -101,10 +102,11 @@ class Coordinator:
                     "info",
                     *self._db_args(),
                     *self._tls_args(),
+                    *self.extra,
                 ),
                 stdout=fh,
                 stderr=subprocess.STDOUT,
-                env=ENV,
+                env={**ENV, "AICFL_TOKEN": self.token},
             )
 
         def healthy() -> bool:

@@ -111,3 +111,39 @@ def test_killed_worker_leaves_its_audit_to_another_and_every_version_is_audited_
     )
     assert missing.returncode == 1 and "no audit of version 9" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_server_started_with_an_audit_worker_audits_every_version(tmp_path: Path) -> None:
+    import psutil
+
+    coord = Coordinator(tmp_path, extra=["--with-audit-worker"])
+    coord.bootstrap()
+    coord.start()
+    assert coord.proc is not None
+    workers = [
+        p
+        for p in psutil.Process(coord.proc.pid).children()
+        if "worker" in p.cmdline() and "audit" in p.cmdline()
+    ]
+    try:
+        assert len(workers) == 1
+        paths, ref, schema = churn_slices(tmp_path / "data", 2)
+        for i, p in enumerate(paths):
+            coord.run_agent(coord.enroll(p, f"a{i}"))
+        spec = small_spec(schema, rounds=1, target=2, minimum=2, secure=False)
+        spec["audit"] = {"rows": 200, "background": 40, "validate_rows": 0}
+        api = coord.api()
+        job_id = api.json("POST", "/v1/jobs", json=spec)["id"]
+        api.request("PUT", f"/v1/jobs/{job_id}/reference", content=ref.read_bytes())
+        coord.wait_job(job_id, timeout=240)
+
+        def audited() -> list | None:
+            rows = api.json("GET", f"/v1/jobs/{job_id}/audits")
+            return rows if [a["status"] for a in rows] == ["done", "done"] else None
+
+        wait_for(audited, 180, "the server's own audit worker")
+    finally:
+        coord.stop_agents()
+        coord.stop()
+    gone, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive  # the worker stops with the server
