@@ -211,6 +211,7 @@ def run_demo(
     automl_seconds: int = 30,
     pretrain_np: int = 2,
     pretrain_epochs: int = 10,
+    central_share: float = 0.1,
     console: Console | None = None,
 ) -> dict[str, Any]:
     """The whole federation: coordinator, audit worker, agents; optionally Horovod
@@ -228,7 +229,7 @@ def run_demo(
         seed,
         out,
         rounds,
-        central_share=0.25 if (pretrain or automl) else 0.0,
+        central_share=central_share if (pretrain or automl) else 0.0,
         pretrained=pretrain,
     )
     df, train_df, test_df, parts, group = (
