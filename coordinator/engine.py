@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from collections.abc import Set as AbstractSet
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -435,20 +435,30 @@ class Federation:
     def checkin(self, device_id: str, req: CheckinRequest) -> CheckinResponse:
         now = self.clock()
         # Check-ins are the coordinator's most frequent request: one prebuilt statement reads the device and
-        # its running rounds, no ORM objects.
-        with self._device_write() as s:
+        # its running rounds, no ORM objects, and the write lock is taken only to write the device's row.
+        task: Task | None = None
+        with self._device_read() as s:
             found = secure.run(s, _CHECKIN, device=device_id).all()
             if not found:  # pragma: no cover - authenticated before
                 raise NotFound("unknown device")
             last_seen, agent_version, peak_rss_mb = found[0][:3]
             rows = [row[3:] for row in found if row[3] is not None]  # rounds.id is NULL when there is none
-            # Write the device row only when something changed or a second has passed.
-            if (
-                last_seen is None
-                or now - last_seen >= 1.0
-                or (req.agent_version and req.agent_version != agent_version)
-                or (req.peak_rss_mb is not None and req.peak_rss_mb != peak_rss_mb)
-            ):
+            for row in rows:
+                r, stage_done = _RoundRow(*row[:-1]), row[-1]
+                if (
+                    stage_index(r.kind, stage_done, r.secure) < stage_index(r.kind, r.stage, r.secure)
+                    and now < r.stage_deadline
+                ):
+                    task = self._task(s, r, device_id)
+                    break
+        # Write the device row only when something changed or a second has passed.
+        if (
+            last_seen is None
+            or now - last_seen >= 1.0
+            or (req.agent_version and req.agent_version != agent_version)
+            or (req.peak_rss_mb is not None and req.peak_rss_mb != peak_rss_mb)
+        ):
+            with self._device_write() as s:
                 secure.run(
                     s,
                     _DEVICE_SEEN_SET,
@@ -457,17 +467,8 @@ class Federation:
                     version=req.agent_version or agent_version,
                     rss=peak_rss_mb if req.peak_rss_mb is None else req.peak_rss_mb,
                 )
-            for row in rows:
-                r, stage_done = _RoundRow(*row[:-1]), row[-1]
-                if (
-                    stage_index(r.kind, stage_done, r.secure) < stage_index(r.kind, r.stage, r.secure)
-                    and now < r.stage_deadline
-                ):
-                    return CheckinResponse(
-                        retry_after=self.settings.active_retry, task=self._task(s, r, device_id)
-                    )
-            retry = self.settings.active_retry if rows else self.settings.idle_retry
-            return CheckinResponse(retry_after=retry)
+        retry = self.settings.active_retry if rows else self.settings.idle_retry
+        return CheckinResponse(retry_after=retry, task=task)
 
     def _job_spec(
         self, s: Session | secure.Db, job_id: int, need_preprocess: bool
@@ -897,20 +898,14 @@ class Federation:
         return spec
 
     def _drive(self, s: Session, r: Round, now: float, unmask_ready: bool = False) -> None:
-        # Fresh from the database: the device-message paths change participants with Core statements.
-        parts = list(
-            s.scalars(
-                select(Participant)
-                .where(Participant.round_id == r.id)
-                .execution_options(populate_existing=True)
-            )
-        )
+        # The participants as rows, not ORM objects: the device-message paths change them with Core statements.
+        parts = [ParticipantView(*row) for row in secure.run(s, _PARTICIPANTS, round=r.id)]
         view = RoundView(
             kind=r.kind,
             stage=r.stage,
             deadline=r.stage_deadline,
             minimum=r.minimum,
-            participants=tuple(ParticipantView(p.device_id, p.status, p.stage_done) for p in parts),
+            participants=tuple(parts),
             secure=r.secure,
         )
         d = decide(view, now)
@@ -924,10 +919,10 @@ class Federation:
             d = Decision("finish")
         if d.action == "wait":
             return
-        for p in parts:
-            if p.device_id in d.drop:
-                p.status = DROPPED
-                p.reason = f"missed the deadline of stage {r.stage!r}"
+        if d.drop:
+            reason = f"missed the deadline of stage {r.stage!r}"
+            secure.run(s, _DROP, round=r.id, devices=list(d.drop), new_status=DROPPED, why=reason)
+            parts = [replace(p, status=DROPPED) if p.device_id in d.drop else p for p in parts]
         if d.action == "abandon":
             self._abandon(s, r, d.reason or "abandoned")
         elif d.action == "advance":
@@ -1090,7 +1085,7 @@ class Federation:
 
     # -- aggregation ------------------------------------------------------
 
-    def _finish(self, s: Session, job: Job, r: Round, active: list[Participant]) -> None:
+    def _finish(self, s: Session, job: Job, r: Round, active: list[ParticipantView]) -> None:
         spec = JobSpec.model_validate(job.spec)
         msgs = {
             m.device_id: m
@@ -1482,6 +1477,17 @@ _WAITING = (
         Participant.status == ACTIVE,
         or_(Participant.stage_done.is_(None), Participant.stage_done != bindparam("stage")),
     )
+)
+_PARTICIPANTS = select(Participant.device_id, Participant.status, Participant.stage_done).where(
+    Participant.round_id == bindparam("round")
+)
+_DROP = (
+    update(Participant)
+    .where(
+        Participant.round_id == bindparam("round"),
+        Participant.device_id.in_(bindparam("devices", expanding=True)),
+    )
+    .values(status=bindparam("new_status"), reason=bindparam("why"))
 )
 _NUM_PARAMETERS = select(ModelVersion.num_parameters).where(
     ModelVersion.job_id == bindparam("job"), ModelVersion.version == bindparam("version")

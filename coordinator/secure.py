@@ -106,7 +106,7 @@ class RoundInfo(Protocol):
 _T = TypeVar("_T")
 # Per process, each cleared whole when full (a miss only costs a read): few rounds run at once, and what a
 # round keeps in _FROZEN is its small messages (a few hundred kB for 100 devices), never a vector.
-_GRAPHS: dict[tuple[int, str], tuple[SecAggParams, dict[str, list[str]]]] = {}
+_GRAPHS: dict[tuple[int, str], tuple[SecAggParams, dict[str, Any], dict[str, list[str]]]] = {}
 # (round id, seed, what, stage) -> what was read of a stage that is over
 _FROZEN: dict[tuple[int, str, str, str], Any] = {}
 _IDENTITY: dict[str, str] = {}  # device id -> its Ed25519 identity key (base64); enrolment fixes it for good
@@ -190,17 +190,16 @@ def _bounded(cache: dict[Any, Any]) -> None:
         cache.clear()
 
 
-def _graph(round_id: int, info: dict[str, Any]) -> tuple[SecAggParams, dict[str, list[str]]]:
-    """The round's parameters and neighbour graph, computed once per process (fixed when configure ends)."""
+def _graph(round_id: int, info: dict[str, Any]) -> tuple[SecAggParams, dict[str, Any], dict[str, list[str]]]:
+    """The round's parameters (also as sent to devices) and neighbour graph, computed once per process
+    (fixed when configure ends)."""
     key = (round_id, info["seed"])
     hit = _GRAPHS.get(key)
     if hit is None:
         _bounded(_GRAPHS)
         params = SecAggParams(**info["params"])
-        hit = _GRAPHS[key] = (
-            params,
-            neighbour_graph(info["cohort"], params.k, base64.b64decode(info["seed"])),
-        )
+        graph = neighbour_graph(info["cohort"], params.k, base64.b64decode(info["seed"]))
+        hit = _GRAPHS[key] = (params, asdict(params), graph)
     return hit
 
 
@@ -222,7 +221,7 @@ class SecureRound:
         self.r = r
         info = r.secagg or {}
         self.seed: str = info["seed"]
-        self.params, self.graph = _graph(r.id, info)
+        self.params, self._params_sent, self.graph = _graph(r.id, info)
         self.context = base64.b64decode(info["context"])
         self.cohort: list[str] = info["cohort"]
         self._sent: dict[str, AbstractSet[str]] = {}
@@ -288,7 +287,7 @@ class SecureRound:
 
     def task(self, s: Session | Db, device: str) -> dict[str, Any]:
         """What ``device`` needs for the round's current stage."""
-        out: dict[str, Any] = {"params": asdict(self.params), "context": (self.r.secagg or {})["context"]}
+        out: dict[str, Any] = {"params": dict(self._params_sent), "context": (self.r.secagg or {})["context"]}
         if self.r.kind == "stats":
             out["vocabulary"] = self.vocabulary
         stage = self.r.stage
