@@ -23,8 +23,10 @@ the unmask stage), in one invocation:
    model's size, uniform as the simulation's, quantised, weighted and masked
    in place as the agent does, in the binary uint64 codec), unmask. Each
    device's HTTP client drops idle connections after 2 s, before the
-   server's 5 s keep-alive does. A device that is done with the training round stops polling; a
-   dropping device stops after its masked input. The job: one training round
+   server's 5 s keep-alive does. A device that is done with the training
+   round (it answered unmask, or the coordinator says it is in no running
+   round any more: the round ended before it was asked to unmask) stops
+   polling; a dropping device stops after its masked input. The job: one training round
    of an MLP on 2 numeric features sized by ``server.simulate.hidden_for``,
    ``secure`` left at its default (true), the same SecAgg+ settings as the
    simulation, ``cohort.target = devices``, ``cohort.minimum = devices -
@@ -320,6 +322,7 @@ class _HttpDevice:
         self.stage_cpu: dict[str, float] = {}
         self.errors: list[str] = []
         self.sent: set[tuple[int, str]] = set()
+        self.trained = False  # sent (or tried to send) its masked input of the training round
 
     def call(
         self, method: str, path: str, body: bytes = b"", ctype: str = "application/json"
@@ -359,8 +362,13 @@ def _device_loop(d: _HttpDevice, stop: Any, shared: dict[str, Any]) -> None:
             stop.wait(0.5)
             continue
         t = resp.get("task")
+        retry = float(resp.get("retry_after", 0.1))
+        if t is None and d.trained and retry > float(ENV["AICFL_ACTIVE_RETRY"]):
+            # The coordinator says this device is in no running round any more: the training round ended
+            # before it was asked to unmask (every secret already had t shares).
+            return
         if t is None or (t["round_id"], t["stage"]) in d.sent:
-            stop.wait(float(resp.get("retry_after", 0.1)))
+            stop.wait(retry)
             continue
         stage, kind = t["stage"], t["kind"]
         d.sent.add((t["round_id"], stage))
@@ -401,6 +409,7 @@ def _device_loop(d: _HttpDevice, stop: Any, shared: dict[str, Any]) -> None:
                 header = masked_input_header(t["round_id"])
                 d.call("POST", path, codec.encode(header, y), "application/octet-stream")
             elif stage == "masked_input":
+                d.trained = True
                 g0 = time.thread_time()
                 # Stands in for training: uniform in [-1.1 clip, 1.1 clip), drawn as server.simulate and
                 # bench/flower_secagg.py's clients draw theirs; not counted as SecAgg+ work.
