@@ -593,6 +593,11 @@ def cluster_pretrain(
     wait: float = typer.Option(
         600.0, "--wait", min=0.0, help="Seconds to wait for the job's statistics round (its preprocessing)."
     ),
+    workdir: Path | None = typer.Option(
+        None,
+        "--workdir",
+        help="Shards and checkpoints here (shared by the ranks' hosts); default: a temporary folder.",
+    ),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Horovod data-parallel pre-training of the job's network; uploaded as its version 0."""
@@ -611,6 +616,7 @@ def cluster_pretrain(
             learning_rate=learning_rate,
             fp16=fp16,
             wait=wait,
+            workdir=workdir,
             log=lambda line: None if as_json else console.print(line),
         )
     finally:
