@@ -67,6 +67,15 @@ def cluster_api() -> Any:
     return ClusterApi(client())
 
 
+def _with_cluster_api(run: Any, quiet: bool) -> Any:
+    """Run a cluster command against the coordinator API; its progress lines go to the console unless quiet."""
+    api = cluster_api()
+    try:
+        return run(api, lambda line: None if quiet else console.print(line))
+    finally:
+        api.close()
+
+
 def emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
@@ -603,9 +612,8 @@ def cluster_pretrain(
     """Horovod data-parallel pre-training of the job's network; uploaded as its version 0."""
     from training_cluster.pretrain import pretrain
 
-    api = cluster_api()
-    try:
-        out = pretrain(
+    out = _with_cluster_api(
+        lambda api, log: pretrain(
             api,
             job,
             data,
@@ -617,10 +625,10 @@ def cluster_pretrain(
             fp16=fp16,
             wait=wait,
             workdir=workdir,
-            log=lambda line: None if as_json else console.print(line),
-        )
-    finally:
-        api.close()
+            log=log,
+        ),
+        as_json,
+    )
     if as_json:
         return emit_json(out)
     console.print(
@@ -647,9 +655,8 @@ def cluster_automl(
     """H2O AutoML on the central data; the leader, measured on the job's reference rows, is its baseline."""
     from training_cluster.automl import automl
 
-    api = cluster_api()
-    try:
-        out = automl(
+    out = _with_cluster_api(
+        lambda api, log: automl(
             api,
             job,
             data,
@@ -657,10 +664,10 @@ def cluster_automl(
             h2o_url=h2o_url,
             seed=seed,
             max_models=max_models,
-            log=lambda line: None if as_json else console.print(line),
-        )
-    finally:
-        api.close()
+            log=log,
+        ),
+        as_json,
+    )
     if as_json:
         return emit_json(out)
     console.print(

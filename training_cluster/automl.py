@@ -18,7 +18,6 @@ URL, which it never stops.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import math
 import os
@@ -42,6 +41,7 @@ import pandas as pd
 
 from shared.api_client import CliError
 from shared.jobspec import DataSchema
+from shared.signing import file_sha256
 from shared.tabular import (
     DataSchemaError,
     Preprocessor,
@@ -153,15 +153,6 @@ def load_reference(data: bytes, schema: DataSchema) -> pd.DataFrame:
     except DataSchemaError as err:
         raise CliError(f"the job's reference data: {err}") from None
     return df
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def target_encoding(

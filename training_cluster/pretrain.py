@@ -11,7 +11,6 @@ job's first training round starts from it.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
@@ -28,6 +27,7 @@ import pandas as pd
 
 from shared.api_client import CliError
 from shared.jobspec import JobSpec
+from shared.signing import file_sha256
 from shared.tabular import DataSchemaError, Preprocessor, load_table, validate_table
 from shared.training import evaluate
 from shared.zoo import architecture, build_model, load_flat_parameters
@@ -79,14 +79,6 @@ def check_horovod(horovodrun: Path, *, gpus: bool = False) -> str:
             f"{horovodrun} was built without {', '.join(missing)} (horovodrun --check-build); {how}"
         )
     return str(horovod.__version__)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _load_central(data: Path, spec: JobSpec) -> pd.DataFrame:
