@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -140,6 +141,7 @@ def create_app(settings: ServerSettings | None = None, *, run_ticker: bool = Tru
     )
     app.state.federation = fed
     app.state.settings = settings
+    app.state.upload_slots = asyncio.Semaphore(settings.upload_slots)
 
     registry = CollectorRegistry()
     requests = Counter("aicfl_http_requests", "HTTP requests", ["route", "status"], registry=registry)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
@@ -10,6 +12,10 @@ from coordinator.auth import Operator
 from coordinator.engine import Federation
 from coordinator.errors import TooLarge
 from shared.signing import DEVICE_HEADERS
+
+# A device upload over this size (a model update, a masked input) waits for one of the
+# coordinator's upload slots before its body is read (ServerSettings.upload_slots).
+LARGE_UPLOAD_BYTES = 1024 * 1024
 
 
 def federation(request: Request) -> Federation:
@@ -58,11 +64,17 @@ def signed_target(request: Request) -> str:
     return request.url.path + (f"?{query}" if query else "")
 
 
-async def device_request(request: Request) -> tuple[str, bytes]:
-    """Authenticate a signed device request; returns the device id and the body.
+async def device_request(request: Request) -> AsyncIterator[tuple[str, bytes]]:
+    """Authenticate a signed device request; yields the device id and the body.
 
     Device, revocation and timestamp are checked before the body is read, so an
-    unsigned client cannot make the coordinator buffer a large upload.
+    unsigned client cannot make the coordinator buffer a large upload. A large
+    body (or one of undeclared length) is read only once an upload slot is free,
+    and the slot is held until the handler is done with the body: the others
+    wait unread in their sockets (the server stops reading a request whose
+    application does not take its body), so a hundred 8 MB masked inputs
+    arriving at once cost the coordinator ``upload_slots`` bodies of memory,
+    not a hundred.
     """
     fed = federation(request)
     window = request.app.state.settings.signature_window
@@ -73,12 +85,22 @@ async def device_request(request: Request) -> tuple[str, bytes]:
             auth.precheck_device(s, headers, window_seconds=window)
 
     await run_in_threadpool(precheck)
-    body = await read_body(request)
+    declared = request.headers.get("content-length", "")
+    chunked = "chunked" in request.headers.get("transfer-encoding", "").lower()
+    slots = None
+    if chunked or (declared.isdigit() and int(declared) > LARGE_UPLOAD_BYTES):
+        slots = request.app.state.upload_slots
+        await slots.acquire()
+    try:
+        body = await read_body(request)
 
-    def check() -> str:
-        with fed.write() as s:
-            return auth.authenticate_device(
-                s, headers, request.method, signed_target(request), body, window_seconds=window
-            ).id
+        def check() -> str:
+            with fed.write() as s:
+                return auth.authenticate_device(
+                    s, headers, request.method, signed_target(request), body, window_seconds=window
+                ).id
 
-    return await run_in_threadpool(check), body
+        yield await run_in_threadpool(check), body
+    finally:
+        if slots is not None:
+            slots.release()

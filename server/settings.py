@@ -31,6 +31,14 @@ class ServerSettings(BaseSettings):
     idle_retry: float = Field(default=2.0, gt=0)
     active_retry: float = Field(default=0.5, gt=0)
     max_body_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+    upload_slots: int = Field(
+        default=8,
+        gt=0,
+        description=(
+            "device uploads over 1 MiB (model updates, masked inputs) read and handled at once;"
+            " the others wait unread, so the coordinator's memory stays bounded however many arrive"
+        ),
+    )
     log_level: str = "info"
 
     def database_url(self) -> str:

@@ -28,7 +28,9 @@ def test_kustomization_renders(folder: str) -> None:
     out = subprocess.run([kubectl, "kustomize", str(K8S / folder)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     objects = [d for d in yaml.safe_load_all(out.stdout) if d]
-    assert all(o["metadata"].get("namespace", "aicfl") == "aicfl" for o in objects if o["kind"] != "Namespace")
+    assert all(
+        o["metadata"].get("namespace", "aicfl") == "aicfl" for o in objects if o["kind"] != "Namespace"
+    )
     if folder == "training-cluster":
         kinds = {o["kind"] for o in objects}
         assert {"Deployment", "StatefulSet", "ScaledObject"} <= kinds
