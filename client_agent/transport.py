@@ -25,6 +25,9 @@ class TransientError(Exception):
     """The coordinator could not be reached or failed (5xx): back off and retry."""
 
 
+KEEPALIVE_SECONDS = 4.0
+
+
 class SignedClient:
     def __init__(
         self,
@@ -37,7 +40,14 @@ class SignedClient:
         self.device_id = device_id
         self.key = key
         tls = verify_setting(verify) if isinstance(verify, str) else verify
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), verify=tls, timeout=timeout)
+        # Idle connections are dropped after 4 s, before the coordinator's (uvicorn's 5 s
+        # keep-alive): a request sent on a connection the server is closing is lost.
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            verify=tls,
+            timeout=timeout,
+            limits=httpx.Limits(keepalive_expiry=KEEPALIVE_SECONDS),
+        )
 
     def close(self) -> None:
         self._http.close()
