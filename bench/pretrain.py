@@ -5,9 +5,12 @@ Both run the same loop on the same data in the same invocation: a 3-layer MLP
 preprocessed as a federation would, replicated), SGD with momentum, the
 federation's binary loss, ``--batch`` rows per rank per step, one torch thread
 per rank. Only the distributed wrapper differs: ``hvd.DistributedOptimizer``
-(fp16 compression off: no gain on CPU; the rank sleeps while its allreduces
-finish, as the pre-training ranks do, instead of Horovod's spinning wait:
-``--no-hvd-sleep-wait`` restores it) or ``DistributedDataParallel``. Each
+configured as the CPU pre-training ranks are (fp16 compression off: no gain on
+CPU; all gradients in one group, ``--hvd-groups 0`` for one allreduce per
+tensor; Horovod's coordination cycle at ``CPU_CYCLE_TIME_MS``, ``--hvd-env
+HOROVOD_CYCLE_TIME=1`` for Horovod's default; the rank sleeps while its
+allreduces finish instead of Horovod's spinning wait, ``--no-hvd-sleep-wait``
+restores it) or ``DistributedDataParallel``. Each
 configuration runs ``--repeat`` times, the frameworks alternating.
 
 Throughput is samples/s over all ranks after ``--warmup`` untimed steps,
@@ -130,7 +133,7 @@ def worker_horovod(args: argparse.Namespace) -> None:
             optimizer,
             named_parameters=model.named_parameters(),
             compression=hvd.Compression.none,
-            groups=args.hvd_groups,
+            groups=args.hvd_groups or None,
         )
 
     before_step = None
@@ -187,13 +190,16 @@ def run_once(
         str(args.batch),
         "--hidden",
         *[str(h) for h in args.hidden],
-        *(["--hvd-groups", str(args.hvd_groups)] if args.hvd_groups else []),
+        "--hvd-groups",
+        str(args.hvd_groups),
         "--hvd-sleep-wait" if args.hvd_sleep_wait else "--no-hvd-sleep-wait",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     if framework == "horovod":
-        from training_cluster.pretrain import horovodrun_path
+        from training_cluster.pretrain import CPU_CYCLE_TIME_MS, horovodrun_path
 
+        # The pre-training ranks' cycle on CPU unless --hvd-env says otherwise.
+        env.setdefault("HOROVOD_CYCLE_TIME", CPU_CYCLE_TIME_MS)
         env.update(dict(item.split("=", 1) for item in args.hvd_env))
         cmd = [
             str(horovodrun_path()),
@@ -264,8 +270,8 @@ def main() -> None:
     p.add_argument(
         "--hvd-groups",
         type=int,
-        default=None,
-        help="hvd.DistributedOptimizer(groups=N): allreduce the gradients in N negotiated groups",
+        default=1,
+        help="hvd.DistributedOptimizer(groups=N), as the CPU pre-training ranks (1); 0: one allreduce per tensor",
     )
     p.add_argument(
         "--hvd-sleep-wait",
@@ -327,6 +333,17 @@ def main() -> None:
                     run_worker(world, args, x, y, work) for _ in range(max(1, args.repeat - 1))
                 )
 
+    from training_cluster.pretrain import CPU_CYCLE_TIME_MS
+
+    cycle = dict(item.split("=", 1) for item in args.hvd_env).get(
+        "HOROVOD_CYCLE_TIME", os.environ.get("HOROVOD_CYCLE_TIME", CPU_CYCLE_TIME_MS)
+    )
+    hvd_setup = [
+        f"HOROVOD_CYCLE_TIME={cycle}",
+        f"groups={args.hvd_groups or 'per tensor'}",
+        "sleep-wait" if args.hvd_sleep_wait else "spin-wait",
+        *[e for e in args.hvd_env if not e.startswith("HOROVOD_CYCLE_TIME=")],
+    ]
     # Primary: the best run's median-step throughput. Also: the best run's wall-time rate.
     median = {f: {w: max(r["median"] for r in runs[f][w]) for w in worlds} for f in frameworks}
     best_wall = {f: {w: max(r["mean"] for r in runs[f][w]) for w in worlds} for f in frameworks}
@@ -335,7 +352,7 @@ def main() -> None:
     print(
         f"3-layer MLP {features}-{'-'.join(map(str, args.hidden))}-1 on mlc_churn, batch {args.batch}/rank,"
         f" {args.steps} timed steps x {args.repeat} runs; {os.cpu_count()} CPUs, torch {torch.__version__},"
-        f" horovod {horovod.__version__}{' ' + ' '.join(args.hvd_env) if args.hvd_env else ''}"
+        f" horovod {horovod.__version__}, Horovod {' '.join(hvd_setup)}"
     )
     table("median step time (best run):", [(names[f], median[f]) for f in frameworks])
     wall_rows = [(names[f], best_wall[f]) for f in frameworks]
@@ -351,6 +368,7 @@ def main() -> None:
         "steps": args.steps,
         "repeat": args.repeat,
         "hvd_env": args.hvd_env,
+        "hvd_setup": hvd_setup,
         **{
             f: {
                 "np1": median[f][1],

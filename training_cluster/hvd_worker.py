@@ -9,8 +9,9 @@ large-minibatch rules of Goyal et al. (2017, arXiv:1706.02677):
   shuffle (the DistributedSampler scheme, remainder dropped so that every rank
   takes the same number of steps and no allreduce waits for a missing rank);
 - ``hvd.DistributedOptimizer`` averages gradients with ring-allreduce, fp16
-  compression on request; the rank sleeps rather than spins while it waits
-  for them (:func:`wait_for_allreduces`);
+  compression on request; on CPU all of a step's gradients go in one grouped
+  allreduce; the rank sleeps rather than spins while it waits for them
+  (:func:`wait_for_allreduces`);
 - rank 0's initial parameters and optimiser state are broadcast to all ranks;
 - the learning rate is the base rate times the world size, reached by a
   linear per-step warm-up from the base rate;
@@ -162,7 +163,13 @@ def run(config: dict[str, Any]) -> None:
     hvd.broadcast_optimizer_state(optimizer, root_rank=0)
     compression = hvd.Compression.fp16 if config.get("fp16") else hvd.Compression.none
     optimizer = hvd.DistributedOptimizer(
-        optimizer, named_parameters=model.named_parameters(), compression=compression, op=hvd.Average
+        optimizer,
+        named_parameters=model.named_parameters(),
+        compression=compression,
+        op=hvd.Average,
+        # On CPU, one allreduce of all the gradients once backward is done (as DDP's single bucket):
+        # allreducing layer by layer overlaps nothing when every core is computing.
+        groups=None if gpus else 1,
     )
     initial_sha = parameter_sha256(flatten_parameters(model))
     if rank == 0:

@@ -34,6 +34,8 @@ from shared.zoo import architecture, build_model, load_flat_parameters
 from training_cluster.api import ClusterApi
 from training_cluster.hvd_worker import CONFIG_FORMAT, parameter_sha256
 
+# Milliseconds between Horovod's coordination cycles for CPU ranks (bench/pretrain.py).
+CPU_CYCLE_TIME_MS = "3"
 INSTALL_HINT = "install it with `bash scripts/install_horovod.sh {python}` (see docs/cluster.md)"
 _ERROR_TAIL_LINES = 6
 
@@ -236,7 +238,11 @@ def train_ranks(
     config_path = workdir / "config.json"
     config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
     log_path = workdir / "horovodrun.log"
-    rc = launch(run, world, config_path, log_path, threads=threads)
+    # Horovod's background thread coordinates the ranks every cycle, also while they compute; at
+    # its 1 ms default that took a CPU rank's compute from 41 to 47 ms a step (BENCHMARKS.md). A
+    # HOROVOD_CYCLE_TIME in the environment wins.
+    cycle = {} if gpus or "HOROVOD_CYCLE_TIME" in os.environ else {"HOROVOD_CYCLE_TIME": CPU_CYCLE_TIME_MS}
+    rc = launch(run, world, config_path, log_path, threads=threads, extra_env=cycle)
     if rc != 0:
         raise _rank_failure(workdir, world, rc, log_path)
 

@@ -5,7 +5,7 @@
 # log level from its flags, and the flags' defaults win over AICFL_* variables;
 # so this maps the variables onto flags. The other settings (AICFL_SIGNATURE_WINDOW,
 # AICFL_ELIGIBILITY_WINDOW, AICFL_TICK_INTERVAL, AICFL_IDLE_RETRY, AICFL_ACTIVE_RETRY,
-# AICFL_MAX_BODY_BYTES) are read from the environment by the server itself.
+# AICFL_MAX_BODY_BYTES, AICFL_UPLOAD_SLOTS) are read from the environment by the server itself.
 # Extra arguments are passed on to `aicfl server start`.
 set -eu
 
