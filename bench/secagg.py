@@ -2,7 +2,9 @@
 
 For each ``DEVICESxPARAMS`` row and each dropout fraction (devices that drop
 out after their masked input: their input is in the sum, they never answer
-the unmask stage), in one invocation:
+the unmask stage), in one invocation (before each engine's run the script
+waits, up to 30 s, for the CPUs to be mostly idle, so that what the previous
+run left exiting, such as Ray's daemons after a Flower run, is not timed):
 
 1. **aicfl, simulation mode**: ``server.simulate.simulate`` (the coordinator
    engine and the devices' SecAgg+ code in one process, the devices of each
@@ -215,6 +217,33 @@ def run_floor(devices: int, numel: int, repeat: int = 5) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- 3. Flower
+
+
+def _cpu_busy(seconds: float) -> float:
+    """The machine's busy fraction of CPU time over ``seconds`` (from /proc/stat)."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as fh:
+            values = [int(v) for v in fh.readline().split()[1:]]
+        idle = values[3] + values[4]  # idle + iowait
+        return sum(values), idle
+
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def settle(limit: float = 30.0, busy: float = 0.25) -> float:
+    """Wait (up to ``limit`` s) until the CPUs are mostly idle: what the previous engine's run left
+    behind (Ray's daemons exiting after a Flower run, a coordinator's shutdown) must not be timed
+    in the next one. Returns the seconds waited."""
+    t0 = time.monotonic()
+    if not os.path.exists("/proc/stat"):
+        return 0.0
+    while _cpu_busy(0.5) > busy and time.monotonic() - t0 < limit:
+        pass
+    return time.monotonic() - t0
 
 
 def run_flower_child(devices: int, params: int, dropout: float) -> dict[str, Any]:
@@ -965,6 +994,7 @@ def main(argv: list[str] | None = None) -> int:
         for dropout in dropouts:
             row: dict[str, Any] = {"devices": devices, "params": params, "dropout": dropout}
             if not args.skip_sim:
+                settle()
                 try:
                     row["sim"] = _in_child(run_sim, devices, params, dropout)
                 except Exception as err:  # noqa: BLE001 - say so and go on
@@ -978,6 +1008,7 @@ def main(argv: list[str] | None = None) -> int:
                     if slowest is None:  # no row without dropout to learn from: a generous guess
                         slowest = 2 + devices * params * 1e-7
                     stage_timeout = round(max(10.0, 3 * slowest + 5), 1)
+                settle()
                 try:
                     row["http"] = run_http(devices, params, dropout, stage_timeout, workers=args.workers)
                     if dropout == 0 and row["http"].get("stage_seconds"):
@@ -986,6 +1017,7 @@ def main(argv: list[str] | None = None) -> int:
                     row["http"] = {"engine": "aicfl-http", "error": f"{type(err).__name__}: {err}"}
                 _emit({**row["http"], "row": f"{devices}x{params}", "dropout": dropout}, everything)
             if not args.skip_flower:
+                settle()
                 try:
                     row["flower"] = _in_child(run_flower_child, devices, params, dropout)
                 except Exception as err:  # noqa: BLE001
