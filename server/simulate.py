@@ -26,7 +26,6 @@ import contextlib
 import math
 import os
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -204,16 +203,14 @@ def _run(
     }
     job = fed.submit_job(spec, "simulate")
     coord_cpu = [0.0]
-    cpu_lock = threading.Lock()
 
     def coord(fn: Any, *args: Any) -> Any:
+        """A coordinator call, always from this thread; its CPU time is counted."""
         t0 = time.thread_time()
         try:
             return fn(*args)
         finally:
-            spent = time.thread_time() - t0
-            with cpu_lock:
-                coord_cpu[0] += spent
+            coord_cpu[0] += time.thread_time() - t0
 
     def task(d: SimDevice) -> Task | None:
         return coord(fed.checkin, d.id, CheckinRequest()).task

@@ -12,6 +12,7 @@ import json
 import signal
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,17 +42,28 @@ def _worker(coord: Coordinator, name: str, log: Path) -> subprocess.Popen[bytes]
         )
 
 
-def test_killed_worker_leaves_its_audit_to_another_and_every_version_is_audited_once(
-    coord: Coordinator, tmp_path: Path
-) -> None:
-    paths, ref, schema = churn_slices(tmp_path / "data", 3)
+def _audited_job(
+    coord: Coordinator, folder: Path, devices: int, rounds: int, minimum: int, audit: dict[str, int]
+) -> tuple[Any, int, dict[str, Any]]:
+    """Agents on churn slices and a plain job with reference rows (what an audit needs): the API, the job id
+    and the data schema."""
+    paths, ref, schema = churn_slices(folder, devices)
     for i, p in enumerate(paths):
         coord.run_agent(coord.enroll(p, f"a{i}"))
-    spec = small_spec(schema, rounds=2, target=3, minimum=2, secure=False)
-    spec["audit"] = {"rows": 300, "background": 50, "validate_rows": 5}
+    spec = small_spec(schema, rounds=rounds, target=devices, minimum=minimum, secure=False)
+    spec["audit"] = audit
     api = coord.api()
     job_id = api.json("POST", "/v1/jobs", json=spec)["id"]
     api.request("PUT", f"/v1/jobs/{job_id}/reference", content=ref.read_bytes())
+    return api, job_id, schema
+
+
+def test_killed_worker_leaves_its_audit_to_another_and_every_version_is_audited_once(
+    coord: Coordinator, tmp_path: Path
+) -> None:
+    api, job_id, schema = _audited_job(
+        coord, tmp_path / "data", 3, 2, 2, {"rows": 300, "background": 50, "validate_rows": 5}
+    )
 
     doomed = _worker(coord, "doomed", tmp_path / "doomed.log")
 
@@ -127,14 +139,9 @@ def test_server_started_with_an_audit_worker_audits_every_version(tmp_path: Path
     ]
     try:
         assert len(workers) == 1
-        paths, ref, schema = churn_slices(tmp_path / "data", 2)
-        for i, p in enumerate(paths):
-            coord.run_agent(coord.enroll(p, f"a{i}"))
-        spec = small_spec(schema, rounds=1, target=2, minimum=2, secure=False)
-        spec["audit"] = {"rows": 200, "background": 40, "validate_rows": 0}
-        api = coord.api()
-        job_id = api.json("POST", "/v1/jobs", json=spec)["id"]
-        api.request("PUT", f"/v1/jobs/{job_id}/reference", content=ref.read_bytes())
+        api, job_id, _ = _audited_job(
+            coord, tmp_path / "data", 2, 1, 2, {"rows": 200, "background": 40, "validate_rows": 0}
+        )
         coord.wait_job(job_id, timeout=240)
 
         def audited() -> list | None:
