@@ -41,6 +41,7 @@ bench: $(STAMP)
 
 bench-cluster: $(STAMP)
 	$(BIN)/python bench/pretrain.py
+	$(BIN)/python bench/pretrain_phases.py
 	$(BIN)/python bench/automl.py
 	$(BIN)/python bench/audit.py
 

@@ -14,8 +14,7 @@ thread: the batch checks in, computes its messages in parallel, and then the
 coordinator handles those messages one after the other on the calling thread
 while no device computes. A real coordinator is a process of its own; were
 it called while device threads run Python in the same process, its CPU time
-would carry their contention for the GIL (about 40% more at 10 devices,
-measured). Its CPU time is the calling thread's CPU time
+would carry their contention for the GIL. Its CPU time is the calling thread's CPU time
 (``time.thread_time``) inside its calls only.
 """
 

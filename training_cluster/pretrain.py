@@ -239,8 +239,8 @@ def train_ranks(
     config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
     log_path = workdir / "horovodrun.log"
     # Horovod's background thread coordinates the ranks every cycle, also while they compute; at
-    # its 1 ms default that took a CPU rank's compute from 41 to 47 ms a step (BENCHMARKS.md). A
-    # HOROVOD_CYCLE_TIME in the environment wins.
+    # its 1 ms default that preempts a CPU rank's compute about 1,000 times a second
+    # (bench/pretrain_phases.py). A HOROVOD_CYCLE_TIME in the environment wins.
     cycle = {} if gpus or "HOROVOD_CYCLE_TIME" in os.environ else {"HOROVOD_CYCLE_TIME": CPU_CYCLE_TIME_MS}
     rc = launch(run, world, config_path, log_path, threads=threads, extra_env=cycle)
     if rc != 0:
