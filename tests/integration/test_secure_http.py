@@ -77,8 +77,10 @@ def test_dropouts_at_every_stage_with_real_agents(coord: Coordinator, tmp_path: 
             # Its masked input is in the sum; it just never answered the last stage.
             assert crashed["status"] == "active" and crashed["stage_done"] == "masked_input"
         elif crashed_stage == "advertise_keys" and crashed["status"] == "active":
-            # Restarted before the stage closed: it had no secrets yet, so it took part afresh.
-            assert crashed["stage_done"] == "unmask"
+            # Restarted before the stage closed: it had no secrets yet, so it took part afresh and its
+            # masked input is in the sum. Its unmask answer may come after the round already ended (every
+            # secret had t shares): the restarted agent is the slowest of the cohort.
+            assert crashed["stage_done"] in ("masked_input", "unmask")
         else:
             # Restarted or not, its secrets died with it: dropped at that stage.
             assert crashed["status"] == "dropped" and f"stage {crashed_stage!r}" in crashed["reason"]
