@@ -31,7 +31,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -69,6 +69,7 @@ _SORT_METRIC = {"binary": "AUC", "multiclass": "logloss", "regression": "RMSE"}
 # spent on more GBM/XGBoost models, and it has no TreeSHAP for the audit.
 _EXCLUDED_ALGORITHMS = ["DeepLearning"]
 _STOP_SECONDS = 10
+INTERRUPTED = "AutoML was interrupted; no baseline stored"
 
 
 def automl(
@@ -205,6 +206,8 @@ class H2OSession:
     version: str
     port: int | None = None
     pid: int | None = None
+    # The signals (Ctrl-C, SIGTERM) that stopped a local JVM during the session.
+    interrupted: list[int] = field(default_factory=list)
 
 
 def _import_h2o() -> Any:
@@ -309,20 +312,31 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt while a local JVM runs, so ``finally`` stops it."""
+def _interrupts_stop(stop: Callable[[], None]) -> Iterator[list[int]]:
+    """While the block runs, Ctrl-C (SIGINT) and SIGTERM call ``stop`` and then raise KeyboardInterrupt.
+
+    ``stop`` kills the local JVM at once, so nothing after an interrupt waits
+    on it: h2o's job poller would otherwise cancel the job over REST, with no
+    timeout, on a JVM that may be busy for minutes. Yields the list the
+    signals received are appended to. Only the main thread can take signals;
+    elsewhere the block runs as it is.
+    """
+    received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield received
         return
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        stop()
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield received
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _first_line(err: BaseException) -> str:
@@ -398,8 +412,16 @@ def h2o_session(h2o_url: str | None = None, *, nthreads: int = -1, log: Log = pr
 
     workdir = tempfile.mkdtemp(prefix="aicfl-h2o-")
     folders = [workdir]
+
+    def kill_jvm() -> None:
+        # Every process launched with our ice root is ours: this also catches a
+        # JVM whose start was interrupted before H2O kept its handle.
+        for pid in _pids_with(workdir):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
     try:
-        with _sigterm_as_interrupt():
+        with _interrupts_stop(kill_jvm) as received:
             try:
                 log(f"starting a local H2O JVM ({LOCAL_MAX_MEM_BYTES >> 30} GB heap)")
                 try:
@@ -418,17 +440,23 @@ def h2o_session(h2o_url: str | None = None, *, nthreads: int = -1, log: Log = pr
                         folders.append(getattr(server, "_tempdir", None) or workdir)
                         h2o.connect(server=server, verbose=False, telemetry=False)
                         version = str(h2o.cluster().version)
-                except (H2OError, OSError) as err:
+                except (H2OError, OSError, KeyboardInterrupt) as err:
+                    if received or isinstance(err, KeyboardInterrupt):
+                        raise CliError(
+                            "interrupted while the local H2O JVM started; it was stopped", code=130
+                        ) from None
                     raise CliError(f"the local H2O JVM did not start: {_first_line(err)}") from None
                 pids = _pids_with(workdir)
                 url = f"http://127.0.0.1:{server.port}"
                 log(f"local H2O {version} started at {url}, pid {pids[0] if pids else '?'}")
                 yield H2OSession(
-                    url="local", version=version, port=int(server.port), pid=pids[0] if pids else None
+                    url="local",
+                    version=version,
+                    port=int(server.port),
+                    pid=pids[0] if pids else None,
+                    interrupted=received,
                 )
             finally:
-                # Every process launched with our ice root is ours: this also
-                # catches a JVM whose start was interrupted before H2O kept its handle.
                 with contextlib.suppress(Exception):
                     h2o.connection().close()
                 _stop_processes(_pids_with(workdir))
@@ -501,10 +529,12 @@ def baseline_from_frames(
                     remote=session.url != "local",
                     log=log,
                 )
-        except H2OJobCancelled:
-            # h2o's job poller turns Ctrl-C (and SIGTERM, see _sigterm_as_interrupt) into a cancel.
-            raise CliError("AutoML was interrupted; no baseline stored", code=130) from None
+        except (H2OJobCancelled, KeyboardInterrupt):
+            # h2o's job poller turns Ctrl-C into a cancel; elsewhere it is a KeyboardInterrupt.
+            raise CliError(INTERRUPTED, code=130) from None
         except (H2OError, OSError) as err:  # a failed H2O job raises OSError
+            if session.interrupted:  # the local JVM was killed under a request (_interrupts_stop)
+                raise CliError(INTERRUPTED, code=130) from None
             raise CliError(f"H2O AutoML failed: {_h2o_reason(err)}") from None
     predictions = leader_predictions(result.pop("prediction_frame"), schema, pre)
     metrics = metrics_from_predictions(

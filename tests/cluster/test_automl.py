@@ -318,12 +318,18 @@ except CliError as err:
 """
 
 
-@pytest.mark.slow
-def test_ctrl_c_stops_the_local_jvm_and_stores_nothing(run: Run) -> None:
-    before = run.coord.api().json("GET", f"/v1/jobs/{run.job_id}/baseline")
+def _interrupt(run: Run, sig: signal.Signals, after: str, delay: float) -> tuple[int, list[str], str]:
+    """Start automl() in a process, send it ``sig`` ``delay`` s after the line starting with ``after``.
+
+    Returns its exit code, the lines it printed up to ``after`` and the rest of
+    its output. A process that has not ended 60 s later gets SIGABRT, which
+    makes faulthandler print where every thread of it waits.
+    """
     proc = subprocess.Popen(
         [
             sys.executable,
+            "-X",
+            "faulthandler",
             "-c",
             _INTERRUPTED,
             run.coord.url,
@@ -341,22 +347,60 @@ def test_ctrl_c_stops_the_local_jvm_and_stores_nothing(run: Run) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line.strip())
-            if line.startswith("AutoML on "):
+            if line.startswith(after):
                 break
-        port, pid = jvm_of(lines)
-        time.sleep(3)  # into the models
-        proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=60)
+        time.sleep(delay)
+        proc.send_signal(sig)
+        try:
+            rest, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            rest, _ = proc.communicate(timeout=30)
+            pytest.fail(f"automl() had not ended 60 s after {sig.name}:\n" + "\n".join(lines) + "\n" + rest)
     finally:
         if proc.poll() is None:
             proc.kill()
-    lines += rest.splitlines()
-    assert proc.returncode != 0, lines
-    assert "error: AutoML was interrupted; no baseline stored" in lines or "KeyboardInterrupt" in rest, lines
+    return proc.returncode, lines, rest
+
+
+def _jvms() -> set[int]:
+    """Java processes started by automl() (their ice root is an aicfl-h2o- temporary folder)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"java" in cmdline and b"aicfl-h2o-" in cmdline:
+                found.add(int(entry.name))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_interrupt_stops_the_local_jvm_and_stores_nothing(run: Run, sig: signal.Signals) -> None:
+    before = run.coord.api().json("GET", f"/v1/jobs/{run.job_id}/baseline")
+    code, lines, rest = _interrupt(run, sig, "AutoML on ", 3)  # 3 s: into the models
+    port, pid = jvm_of(lines)
+    assert code == 130, (lines, rest)
+    assert rest.strip().splitlines() == ["error: AutoML was interrupted; no baseline stored"], rest
     wait_for(lambda: not alive(pid), 10, "the JVM to end")
     assert not port_open(port)
     after = run.coord.api().json("GET", f"/v1/jobs/{run.job_id}/baseline")
     assert after == before
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_jvm_starts_leaves_no_jvm(run: Run) -> None:
+    before = _jvms()
+    code, lines, rest = _interrupt(run, signal.SIGINT, "starting a local H2O JVM", 2)
+    assert code == 130, (lines, rest)
+    assert rest.strip().splitlines()[-1:] == [
+        "error: interrupted while the local H2O JVM started; it was stopped"
+    ], rest
+    assert "Traceback" not in rest
+    wait_for(lambda: not (_jvms() - before), 10, "the JVM to end")
 
 
 @pytest.mark.slow
