@@ -25,7 +25,7 @@ class TransientError(Exception):
     """The coordinator could not be reached or failed (5xx): back off and retry."""
 
 
-KEEPALIVE_SECONDS = 4.0
+KEEPALIVE_SECONDS = 2.0
 
 
 class SignedClient:
@@ -40,7 +40,7 @@ class SignedClient:
         self.device_id = device_id
         self.key = key
         tls = verify_setting(verify) if isinstance(verify, str) else verify
-        # Idle connections are dropped after 4 s, before the coordinator's (uvicorn's 5 s
+        # Idle connections are dropped after 2 s, well before the coordinator's (uvicorn's 5 s
         # keep-alive): a request sent on a connection the server is closing is lost.
         self._http = httpx.Client(
             base_url=base_url.rstrip("/"),

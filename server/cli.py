@@ -43,6 +43,11 @@ _state: dict[str, Any] = {}
 
 JSON_OPT = typer.Option(False, "--json", help="Print JSON instead of a table.")
 
+# How long the coordinator keeps an idle connection open. Agents drop theirs
+# sooner (client_agent.transport.KEEPALIVE_SECONDS), so neither side sends on a
+# connection the other is closing.
+SERVER_KEEPALIVE_SECONDS = 5
+
 
 @app.callback()
 def _main(
@@ -159,6 +164,7 @@ def server_start(
             host=host,
             port=port,
             log_level=log_level,
+            timeout_keep_alive=SERVER_KEEPALIVE_SECONDS,
             ssl_certfile=str(tls_cert) if tls_cert else None,
             ssl_keyfile=str(tls_key) if tls_key else None,
         )
