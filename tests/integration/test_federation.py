@@ -152,8 +152,15 @@ def test_bad_data_file_is_declined_naming_the_column(coord: Coordinator, tmp_pat
     bad = drop_column(paths[2], "total_day_minutes", tmp_path / "data" / "bad.csv")
     for i, p in enumerate([paths[0], paths[1], bad]):
         coord.run_agent(coord.enroll(p, f"a{i}"))
-    # Wait for all three in the statistics round, so the bad file meets the schema check there.
-    job_id = submit(coord, small_spec(schema, rounds=1, target=3, minimum=2, selection_timeout=60))
+    # All three online first, so the statistics round selects them at once and the bad file meets the
+    # schema check there. The later rounds find two eligible devices of the three they wait for, and
+    # wait out the selection timeout each: keep it short.
+    wait_for(
+        lambda: sum(d["online"] for d in coord.api().json("GET", "/v1/devices")) == 3,
+        60,
+        "the three agents to check in",
+    )
+    job_id = submit(coord, small_spec(schema, rounds=1, target=3, minimum=2, selection_timeout=5))
     coord.wait_job(job_id)
 
     stats = coord.rounds(job_id)[0]
