@@ -68,19 +68,12 @@ def prepare(out: Path, rows: int) -> tuple[Path, Path, int]:
 # --------------------------------------------------------------------------- one rank
 
 
-def _rank_loop(
-    args: argparse.Namespace, rank: int, size: int, wrap: Any, barrier: Any, before_step: Any = None
-) -> dict[str, float] | None:
-    """The common loop; ``wrap(model, optimizer)`` makes it distributed.
-
-    Rank 0 returns throughput over all ranks two ways: total samples over the
-    timed wall time (``mean``), and samples per step over the median step time
-    (``median``: robust to another user's process taking a core for a moment).
-    Every step ends in an allreduce, so rank 0's step times are the job's.
-    """
+def rank_setup(args: argparse.Namespace, rank: int, size: int) -> tuple[Any, Any, Any, Any]:
+    """What every benchmark rank trains, on one torch thread: its shard of ``args.x``/``args.y`` as
+    tensors, the zoo's MLP (``args.hidden``, same seed on every rank) and SGD with momentum."""
     import torch
 
-    from shared.training import as_tensors, task_loss
+    from shared.training import as_tensors
     from shared.zoo import build_model
 
     torch.set_num_threads(1)
@@ -93,9 +86,24 @@ def _rank_loop(
     )
     arch = {"zoo": "mlp", "input_dim": x.shape[1], "output_dim": 1, "hidden": args.hidden, "dropout": 0.0}
     model = build_model(arch, seed=0)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    return x, y, model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+
+def _rank_loop(
+    args: argparse.Namespace, rank: int, size: int, wrap: Any, barrier: Any, before_step: Any = None
+) -> dict[str, float] | None:
+    """The common loop; ``wrap(model, optimizer)`` makes it distributed.
+
+    Rank 0 returns throughput over all ranks two ways: total samples over the
+    timed wall time (``mean``), and samples per step over the median step time
+    (``median``: robust to another user's process taking a core for a moment).
+    Every step ends in an allreduce, so rank 0's step times are the job's.
+    """
+    from shared.training import task_loss
+
+    x, y, model, optimizer = rank_setup(args, rank, size)
     model, optimizer = wrap(model, optimizer)
-    batches = per_rank // args.batch
+    batches = x.shape[0] // args.batch
     marks: list[float] = []
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
@@ -171,36 +179,39 @@ def run_once(
     framework: str, world: int, args: argparse.Namespace, x: Path, y: Path, work: Path
 ) -> dict[str, float]:
     out = work / f"{framework}-{world}.json"
-    out.unlink(missing_ok=True)
-    common = [
-        str(Path(__file__).resolve()),
-        "--role",
-        framework,
-        "--x",
-        str(x),
-        "--y",
-        str(y),
-        "--out",
-        str(out),
-        "--steps",
-        str(args.steps),
-        "--warmup",
-        str(args.warmup),
-        "--batch",
-        str(args.batch),
-        "--hidden",
-        *[str(h) for h in args.hidden],
-        "--hvd-groups",
-        str(args.hvd_groups),
-        "--hvd-sleep-wait" if args.hvd_sleep_wait else "--no-hvd-sleep-wait",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    script = [str(Path(__file__).resolve()), "--role", framework, *loop_args(args, x, y, out)]
+    script += ["--hvd-groups", str(args.hvd_groups)]
+    script += ["--hvd-sleep-wait" if args.hvd_sleep_wait else "--no-hvd-sleep-wait"]
+    env: dict[str, str] = {}
     if framework == "horovod":
-        from training_cluster.pretrain import CPU_CYCLE_TIME_MS, horovodrun_path
+        from training_cluster.pretrain import CPU_CYCLE_TIME_MS
 
-        # The pre-training ranks' cycle on CPU unless --hvd-env says otherwise.
-        env.setdefault("HOROVOD_CYCLE_TIME", CPU_CYCLE_TIME_MS)
+        # The pre-training ranks' cycle on CPU unless the environment or --hvd-env says otherwise.
+        env["HOROVOD_CYCLE_TIME"] = os.environ.get("HOROVOD_CYCLE_TIME", CPU_CYCLE_TIME_MS)
         env.update(dict(item.split("=", 1) for item in args.hvd_env))
+    return launch_ranks(framework, world, script, env, out, f"{framework} np={world}")
+
+
+def loop_args(args: argparse.Namespace, x: Path, y: Path, out: Path) -> list[str]:
+    """The command-line arguments of a rank's loop: its data, result file and loop sizes."""
+    return [
+        *("--x", str(x), "--y", str(y), "--out", str(out)),
+        *("--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch)),
+        *("--hidden", *[str(h) for h in args.hidden]),
+    ]
+
+
+def launch_ranks(
+    framework: str, world: int, script: list[str], env: dict[str, str], out: Path, what: str
+) -> dict[str, float]:
+    """Run ``world`` ranks of the Python ``script`` under horovodrun (Gloo) or torchrun, one torch
+    thread each, ``env`` added to this process's; rank 0's JSON result from ``out``."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env}
+    if framework == "ddp":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
+    else:
+        from training_cluster.pretrain import horovodrun_path
+
         cmd = [
             str(horovodrun_path()),
             "-np",
@@ -210,11 +221,10 @@ def run_once(
             "--gloo",
             sys.executable,
         ]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
-    proc = subprocess.run(cmd + common, capture_output=True, text=True, env=env)
+    out.unlink(missing_ok=True)
+    proc = subprocess.run(cmd + script, capture_output=True, text=True, env=full_env)
     if proc.returncode != 0 or not out.exists():
-        raise SystemExit(f"{framework} np={world} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+        raise SystemExit(f"{what} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
     return {k: float(v) for k, v in json.loads(out.read_text()).items()}
 
 

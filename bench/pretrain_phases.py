@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import threading
@@ -72,13 +71,10 @@ def _threads() -> dict[int, tuple[float, int]]:
 
 
 def rank(args: argparse.Namespace) -> None:
-    import torch
-
-    from shared.training import as_tensors, task_loss
-    from shared.zoo import build_model
+    from bench.pretrain import rank_setup
+    from shared.training import task_loss
 
     cfg = CONFIGS[args.config]
-    torch.set_num_threads(1)
     if cfg["mode"] == "ddp":
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel
@@ -90,14 +86,7 @@ def rank(args: argparse.Namespace) -> None:
 
         hvd.init()
         r, size = hvd.rank(), hvd.size()
-    x_all, y_all = np.load(args.x, mmap_mode="r"), np.load(args.y, mmap_mode="r")
-    per = x_all.shape[0] // size
-    x, y = as_tensors(
-        np.array(x_all[r * per : (r + 1) * per]), np.array(y_all[r * per : (r + 1) * per]), "binary"
-    )
-    arch = {"zoo": "mlp", "input_dim": x.shape[1], "output_dim": 1, "hidden": args.hidden, "dropout": 0.0}
-    model = build_model(arch, seed=0)
-    optimizer: Any = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y, model, optimizer = rank_setup(args, r, size)
     wait = None
     if cfg["mode"] == "ddp":
         model = DistributedDataParallel(model)
@@ -112,7 +101,7 @@ def rank(args: argparse.Namespace) -> None:
             def wait() -> None:
                 wait_for_allreduces(optimizer, hvd.poll)
 
-    batches = per // args.batch
+    batches = x.shape[0] // args.batch
     phases: list[tuple[float, float, float]] = []
     main = threading.get_native_id()
     for step in range(args.warmup + args.steps):
@@ -150,42 +139,13 @@ def rank(args: argparse.Namespace) -> None:
 
 
 def launch(name: str, args: argparse.Namespace, x: Path, y: Path, out: Path) -> dict[str, float]:
-    from training_cluster.pretrain import CPU_CYCLE_TIME_MS, horovodrun_path
+    from bench.pretrain import launch_ranks, loop_args
+    from training_cluster.pretrain import CPU_CYCLE_TIME_MS
 
     cfg = CONFIGS[name]
-    world = cfg["np"]
-    common = [
-        str(Path(__file__).resolve()),
-        "--config",
-        name,
-        "--x",
-        str(x),
-        "--y",
-        str(y),
-        "--out",
-        str(out),
-    ]
-    common += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch)]
-    common += ["--hidden", *[str(h) for h in args.hidden]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    if cfg["mode"] == "ddp":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
-    else:
-        env["HOROVOD_CYCLE_TIME"] = cfg["cycle"] or CPU_CYCLE_TIME_MS
-        cmd = [
-            str(horovodrun_path()),
-            "-np",
-            str(world),
-            "-H",
-            f"localhost:{world}",
-            "--gloo",
-            sys.executable,
-        ]
-    out.unlink(missing_ok=True)
-    proc = subprocess.run(cmd + common, capture_output=True, text=True, env=env)
-    if proc.returncode != 0 or not out.exists():
-        raise SystemExit(f"{name} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
-    return {k: float(v) for k, v in json.loads(out.read_text()).items()}
+    script = [str(Path(__file__).resolve()), "--config", name, *loop_args(args, x, y, out)]
+    env = {} if cfg["mode"] == "ddp" else {"HOROVOD_CYCLE_TIME": cfg["cycle"] or CPU_CYCLE_TIME_MS}
+    return launch_ranks("ddp" if cfg["mode"] == "ddp" else "horovod", cfg["np"], script, env, out, name)
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from shared.jobspec import DataSchema
 from shared.tabular import Preprocessor, local_statistics, merge_statistics
 from shared.training import evaluate, metrics_from_predictions, predict
 from training_cluster.api import ClusterApi
-from training_cluster.automl import automl, leader_predictions, target_encoding
+from training_cluster.automl import _pids_with, automl, leader_predictions, target_encoding
 
 from ..integration.harness import ENV, Coordinator, churn_slices, small_spec, wait_for
 
@@ -364,17 +364,8 @@ def _interrupt(run: Run, sig: signal.Signals, after: str, delay: float) -> tuple
 
 
 def _jvms() -> set[int]:
-    """Java processes started by automl() (their ice root is an aicfl-h2o- temporary folder)."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"java" in cmdline and b"aicfl-h2o-" in cmdline:
-                found.add(int(entry.name))
-    return found
+    """Processes started by automl() (launched with an aicfl-h2o- temporary folder as ice root)."""
+    return set(_pids_with("aicfl-h2o-"))
 
 
 @pytest.mark.slow
