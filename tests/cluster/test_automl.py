@@ -4,7 +4,9 @@ and every expected failure is one clear error line."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import signal
 import socket
 import subprocess
@@ -318,13 +320,18 @@ except CliError as err:
 """
 
 
-def _interrupt(run: Run, sig: signal.Signals, after: str, delay: float) -> tuple[int, list[str], str]:
+def _interrupt(
+    run: Run, sig: signal.Signals, after: str, delay: float, freeze_jvm: bool = False
+) -> tuple[int, list[str], str]:
     """Start automl() in a process, send it ``sig`` ``delay`` s after the line starting with ``after``.
 
-    Returns its exit code, the lines it printed up to ``after`` and the rest of
-    its output. A process that has not ended 60 s later gets SIGABRT, which
-    makes faulthandler print where every thread of it waits.
+    With ``freeze_jvm``, the local JVM is stopped (SIGSTOP) just before: a JVM
+    that answers no request. Returns the exit code, the lines printed up to
+    ``after`` and the rest of the output. A process that has not ended 60 s
+    later gets SIGABRT, which makes faulthandler print where every thread of
+    it waits.
     """
+    frozen: int | None = None
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -350,6 +357,9 @@ def _interrupt(run: Run, sig: signal.Signals, after: str, delay: float) -> tuple
             if line.startswith(after):
                 break
         time.sleep(delay)
+        if freeze_jvm:
+            frozen = jvm_of(lines)[1]
+            os.kill(frozen, signal.SIGSTOP)
         proc.send_signal(sig)
         try:
             rest, _ = proc.communicate(timeout=60)
@@ -360,6 +370,9 @@ def _interrupt(run: Run, sig: signal.Signals, after: str, delay: float) -> tuple
     finally:
         if proc.poll() is None:
             proc.kill()
+        if frozen is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(frozen, signal.SIGKILL)
     return proc.returncode, lines, rest
 
 
@@ -380,6 +393,17 @@ def test_interrupt_stops_the_local_jvm_and_stores_nothing(run: Run, sig: signal.
     assert not port_open(port)
     after = run.coord.api().json("GET", f"/v1/jobs/{run.job_id}/baseline")
     assert after == before
+
+
+@pytest.mark.slow
+def test_ctrl_c_does_not_wait_on_a_jvm_that_answers_nothing(run: Run) -> None:
+    """A JVM too busy to answer (here: stopped) must not hold up Ctrl-C. h2o's own answer to Ctrl-C is
+    to cancel the job over REST, with no timeout: automl() kills the local JVM before that."""
+    code, lines, rest = _interrupt(run, signal.SIGINT, "AutoML on ", 3, freeze_jvm=True)
+    _, pid = jvm_of(lines)
+    assert code == 130, (lines, rest)
+    assert rest.strip().splitlines() == ["error: AutoML was interrupted; no baseline stored"], rest
+    wait_for(lambda: not alive(pid), 10, "the JVM to end")
 
 
 @pytest.mark.slow
