@@ -13,6 +13,14 @@ from coordinator.models import Audit, Baseline, Device, Job, ModelVersion, Parti
 from coordinator.rounds import ACTIVE, DECLINED, DROPPED
 
 
+def get_job(s: Session, job_id: int) -> Job:
+    """A job by id, or NotFound naming it."""
+    job = s.get(Job, job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    return job
+
+
 def round_dict(r: Round, counts: dict[str, int]) -> dict[str, Any]:
     out = {
         c: getattr(r, c)

@@ -200,7 +200,7 @@ def _run(
             "t": t,
         },
     }
-    job = fed.submit_job(spec, "simulate")
+    job = fed.jobs.submit(spec, "simulate")
     coord_cpu = [0.0]
 
     def coord(fn: Any, *args: Any) -> Any:
@@ -212,7 +212,7 @@ def _run(
             coord_cpu[0] += time.thread_time() - t0
 
     def task(d: SimDevice) -> Task | None:
-        return coord(fed.checkin, d.id, CheckinRequest()).task
+        return coord(fed.devices.checkin, d.id, CheckinRequest()).task
 
     # The statistics round (secure too), over a few synthetic rows per device; it makes version 0.
     schema = DataSchema.model_validate(SCHEMA)
@@ -261,7 +261,7 @@ def _run(
     def configure(d: SimDevice, tk: Task) -> Send:
         vocab = secagg_statistics.vocabulary(local, schema) if tk.kind == "stats" else None
         msg = ConfigureMessage(accepted=True, rows=64, vocabulary=vocab)
-        return lambda: coord(fed.handle_configure, d.id, tk.round_id, msg)
+        return lambda: coord(fed.devices.configure, d.id, tk.round_id, msg)
 
     def advertise(d: SimDevice, tk: Task) -> Send:
         info = tk.secagg or {}
@@ -269,14 +269,14 @@ def _run(
             d.id, base64.b64decode(info["context"]), SecAggParams(**info["params"]), d.key.sign
         )
         msg = _timed(d, d.client.advertise)
-        return lambda: coord(fed.handle_secure_json, d.id, tk.round_id, "advertise_keys", msg)
+        return lambda: coord(fed.devices.secure_json, d.id, tk.round_id, "advertise_keys", msg)
 
     def share(d: SimDevice, tk: Task) -> Send:
         info = tk.secagg or {}
         assert d.client is not None
         verify = identity_verifier(info.get("identity_keys", {}))
         cts = _timed(d, d.client.share_keys, info.get("neighbours", {}), verify)
-        return lambda: coord(fed.handle_secure_json, d.id, tk.round_id, "share_keys", {"ciphertexts": cts})
+        return lambda: coord(fed.devices.secure_json, d.id, tk.round_id, "share_keys", {"ciphertexts": cts})
 
     def masked(d: SimDevice, tk: Task) -> Send:
         assert d.client is not None
@@ -284,7 +284,7 @@ def _run(
             x = secagg_statistics.encode(local, schema, (tk.secagg or {})["vocabulary"])
             y = d.client.masked_input(x, (tk.secagg or {}).get("ciphertexts", {}))
             stats_body = codec.encode(masked_input_header(tk.round_id), y)
-            return lambda: coord(fed.handle_masked_input, d.id, tk.round_id, stats_body)
+            return lambda: coord(fed.devices.masked_input, d.id, tk.round_id, stats_body)
         # A synthetic update, uniform in [-1.1 clip, 1.1 clip) (some values clip), cheap to draw, as
         # bench/flower_secagg.py's clients draw theirs.
         update = d.rng.random(n_params, dtype=np.float32)
@@ -301,7 +301,7 @@ def _run(
             masked_input_header(tk.round_id),
             y,
         )
-        return lambda: coord(fed.handle_masked_input, d.id, tk.round_id, body)
+        return lambda: coord(fed.devices.masked_input, d.id, tk.round_id, body)
 
     def unmask(d: SimDevice, tk: Task) -> Send:
         assert d.client is not None
@@ -310,7 +310,7 @@ def _run(
         shares = _timed(
             d, d.client.unmask, set(info.get("survivors", [])) - me, set(info.get("dropped", [])) - me
         )
-        return lambda: coord(fed.handle_secure_json, d.id, tk.round_id, "unmask", {"shares": shares})
+        return lambda: coord(fed.devices.secure_json, d.id, tk.round_id, "unmask", {"shares": shares})
 
     def run_round() -> None:
         for name, act in (

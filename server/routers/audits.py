@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from coordinator import audits
+from coordinator import audits, queries
 from coordinator.auth import Operator
 from coordinator.errors import Invalid, NotFound
 from server.schemas import AuditOut
@@ -21,7 +21,7 @@ def claim(body: dict[str, Any], request: Request, op: Operator = Depends(admin))
     lease = body.get("lease_seconds", 600.0)
     if not isinstance(lease, int | float) or isinstance(lease, bool):
         raise Invalid("lease_seconds must be a number")
-    taken = federation(request).claim_audit(str(body.get("worker", "")), float(lease))
+    taken = federation(request).audits.claim(str(body.get("worker", "")), float(lease))
     if taken is None:
         return Response(status_code=204)
     return taken
@@ -30,14 +30,14 @@ def claim(body: dict[str, Any], request: Request, op: Operator = Depends(admin))
 @router.put("/v1/audits/{audit_id}/report", response_model=AuditOut)
 def report(audit_id: int, body: dict[str, Any], request: Request, op: Operator = Depends(admin)) -> AuditOut:
     """A worker's finished audit: verdict, report and PNG plots (base64)."""
-    row = federation(request).complete_audit(audit_id, body)
+    row = federation(request).audits.complete(audit_id, body)
     return AuditOut.model_validate(audits.audit_dict(row))
 
 
 @router.post("/v1/audits/{audit_id}/fail", response_model=AuditOut)
 def fail(audit_id: int, body: dict[str, Any], request: Request, op: Operator = Depends(admin)) -> AuditOut:
     """A failed attempt: the audit goes back to the queue until the job's max_attempts."""
-    row = federation(request).fail_audit(audit_id, body)
+    row = federation(request).audits.fail(audit_id, body)
     return AuditOut.model_validate(audits.audit_dict(row, with_report=False))
 
 
@@ -45,7 +45,7 @@ def fail(audit_id: int, body: dict[str, Any], request: Request, op: Operator = D
 def list_audits(job_id: int, request: Request, op: Operator = Depends(operator)) -> list[AuditOut]:
     fed = federation(request)
     with fed.read() as s:
-        fed._job(s, job_id)
+        queries.get_job(s, job_id)
         return [
             AuditOut.model_validate(audits.audit_dict(a, with_report=False))
             for a in audits.list_audits(s, job_id)

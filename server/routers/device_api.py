@@ -57,7 +57,7 @@ async def checkin(request: Request, who: tuple[str, bytes] = Depends(device_requ
     """Report in; the answer says when to come back and what to do now, if anything."""
     device_id, body = who
     req = _json(body, CheckinRequest)
-    return await run_in_threadpool(federation(request).checkin, device_id, req)
+    return await run_in_threadpool(federation(request).devices.checkin, device_id, req)
 
 
 @router.get("/device/jobs/{job_id}/models/{version}")
@@ -65,7 +65,7 @@ async def device_model(
     job_id: int, version: int, request: Request, who: tuple[str, bytes] = Depends(device_request)
 ) -> Response:
     """A model version's bytes, for a device selected in one of the job's rounds."""
-    data = await run_in_threadpool(federation(request).model_blob_for_device, who[0], job_id, version)
+    data = await run_in_threadpool(federation(request).devices.model_blob, who[0], job_id, version)
     return Response(content=data, media_type="application/octet-stream")
 
 
@@ -76,7 +76,7 @@ async def configure(
     """Take part in a round (model verified, data checked), or decline with a reason."""
     device_id, body = who
     msg = _json(body, ConfigureMessage)
-    await run_in_threadpool(federation(request).handle_configure, device_id, round_id, msg)
+    await run_in_threadpool(federation(request).devices.configure, device_id, round_id, msg)
     return Accepted()
 
 
@@ -88,7 +88,7 @@ async def round_input(
     device_id, body = who
     fed = federation(request)
     if request.headers.get("content-type", "").startswith("application/octet-stream"):
-        await run_in_threadpool(fed.handle_update, device_id, round_id, body)
+        await run_in_threadpool(fed.devices.update, device_id, round_id, body)
     else:
         try:
             payload = json.loads(body or b"{}")
@@ -96,7 +96,7 @@ async def round_input(
             raise Invalid(f"body is not valid JSON: {err}") from None
         if not isinstance(payload, dict):
             raise Invalid("body must be a JSON object")
-        await run_in_threadpool(fed.handle_input_json, device_id, round_id, payload)
+        await run_in_threadpool(fed.devices.input_json, device_id, round_id, payload)
     return Accepted()
 
 
@@ -108,7 +108,7 @@ async def secure_stage(
     device_id, body = who
     fed = federation(request)
     if stage == "masked_input":
-        await run_in_threadpool(fed.handle_masked_input, device_id, round_id, body)
+        await run_in_threadpool(fed.devices.masked_input, device_id, round_id, body)
     else:
-        await run_in_threadpool(fed.handle_secure_json, device_id, round_id, stage, body)
+        await run_in_threadpool(fed.devices.secure_json, device_id, round_id, stage, body)
     return Accepted()

@@ -26,9 +26,9 @@ EXPORT_TYPES = {
 def submit_job(spec: dict[str, Any], request: Request, op: Operator = Depends(admin)) -> JobOut:
     """Submit a job spec (the TOML file's tables, as JSON); it is validated field by field."""
     fed = federation(request)
-    job = fed.submit_job(spec, op.name)
+    job = fed.jobs.submit(spec, op.name)
     with fed.read() as s:
-        return JobOut.model_validate(queries.job_dict(s, fed._job(s, job.id)))
+        return JobOut.model_validate(queries.job_dict(s, queries.get_job(s, job.id)))
 
 
 @router.get("", response_model=list[JobOut])
@@ -41,15 +41,15 @@ def list_jobs(request: Request, op: Operator = Depends(operator)) -> list[JobOut
 def show_job(job_id: int, request: Request, op: Operator = Depends(operator)) -> JobOut:
     fed = federation(request)
     with fed.read() as s:
-        return JobOut.model_validate(queries.job_dict(s, fed._job(s, job_id)))
+        return JobOut.model_validate(queries.job_dict(s, queries.get_job(s, job_id)))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
 def cancel_job(job_id: int, request: Request, op: Operator = Depends(admin)) -> JobOut:
     fed = federation(request)
-    fed.cancel_job(job_id, op.name)
+    fed.jobs.cancel(job_id, op.name)
     with fed.read() as s:
-        return JobOut.model_validate(queries.job_dict(s, fed._job(s, job_id)))
+        return JobOut.model_validate(queries.job_dict(s, queries.get_job(s, job_id)))
 
 
 @router.put("/{job_id}/reference", status_code=204)
@@ -60,14 +60,14 @@ async def put_reference(job_id: int, request: Request, op: Operator = Depends(ad
     body = await read_body(request)
     if not body:
         raise Invalid("reference data is empty")
-    await run_in_threadpool(federation(request).set_reference, job_id, body, op.name)
+    await run_in_threadpool(federation(request).jobs.set_reference, job_id, body, op.name)
     return Response(status_code=204)
 
 
 @router.get("/{job_id}/reference")
 def get_reference(job_id: int, request: Request, op: Operator = Depends(operator)) -> Response:
     """The job's reference data as uploaded: the held-out rows evaluation and baselines are measured on."""
-    data = federation(request).reference_bytes(job_id)
+    data = federation(request).cluster.reference_bytes(job_id)
     return Response(content=data, media_type="application/octet-stream")
 
 
@@ -79,7 +79,7 @@ async def put_version0(job_id: int, request: Request, op: Operator = Depends(adm
     body = await read_body(request)
     if not body:
         raise Invalid("version 0: the body is empty")
-    row = await run_in_threadpool(federation(request).upload_version0, job_id, body, op.name)
+    row = await run_in_threadpool(federation(request).cluster.upload_version0, job_id, body, op.name)
     return ModelVersionOut.model_validate(row)
 
 
@@ -88,7 +88,7 @@ def put_baseline(
     job_id: int, baseline: dict[str, Any], request: Request, op: Operator = Depends(admin)
 ) -> BaselineOut:
     """Store the job's AutoML baseline: leaderboard, the leader's metrics on the reference rows, TreeSHAP summary."""
-    row = federation(request).put_baseline(job_id, baseline, op.name)
+    row = federation(request).cluster.put_baseline(job_id, baseline, op.name)
     return BaselineOut.model_validate(queries.baseline_dict(row))
 
 
@@ -101,7 +101,7 @@ def get_baseline(job_id: int, request: Request, op: Operator = Depends(operator)
 
     fed = federation(request)
     with fed.read() as s:
-        fed._job(s, job_id)
+        queries.get_job(s, job_id)
         row = s.scalar(select(Baseline).where(Baseline.job_id == job_id))
         if row is None:
             raise NotFound(f"job {job_id} has no baseline yet (run `aicfl cluster automl --job {job_id}`)")
@@ -126,7 +126,7 @@ def show_round(
 def list_models(job_id: int, request: Request, op: Operator = Depends(operator)) -> list[ModelVersionOut]:
     fed = federation(request)
     with fed.read() as s:
-        fed._job(s, job_id)
+        queries.get_job(s, job_id)
         return [ModelVersionOut.model_validate(v) for v in registry.list_versions(s, job_id)]
 
 

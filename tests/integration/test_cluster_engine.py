@@ -47,9 +47,9 @@ def version0_body(arch: dict, vec: np.ndarray, **provenance: object) -> bytes:
 
 def test_pretrained_job_waits_for_version0_and_first_round_starts_from_it(fed: Federation) -> None:
     devices = enroll(fed, 3)
-    job = fed.submit_job(pretrained_spec(rounds=1), "test")
+    job = fed.jobs.submit(pretrained_spec(rounds=1), "test")
     with pytest.raises(Conflict, match="statistics round has not finished"):
-        fed.upload_version0(job.id, version0_body({"zoo": "mlp"}, np.zeros(3, np.float32)), "op")
+        fed.cluster.upload_version0(job.id, version0_body({"zoo": "mlp"}, np.zeros(3, np.float32)), "op")
     run_stats_round(fed, job.id, devices)
     # the statistics round fixed the preprocessing but made no version: training waits
     checkin_all(fed, devices)
@@ -61,31 +61,31 @@ def test_pretrained_job_waits_for_version0_and_first_round_starts_from_it(fed: F
     arch = job_arch(fed, job.id)
     vec = flatten_parameters(build_model(arch, seed=99))
     with pytest.raises(Invalid, match="was built for"):
-        fed.upload_version0(job.id, version0_body({**arch, "hidden": [5]}, vec), "op")
+        fed.cluster.upload_version0(job.id, version0_body({**arch, "hidden": [5]}, vec), "op")
     with pytest.raises(Invalid, match="parameters"):
-        fed.upload_version0(job.id, version0_body(arch, vec[:-1]), "op")
+        fed.cluster.upload_version0(job.id, version0_body(arch, vec[:-1]), "op")
     bad = vec.copy()
     bad[0] = np.nan
     with pytest.raises(Invalid, match="finite"):
-        fed.upload_version0(job.id, version0_body(arch, bad), "op")
+        fed.cluster.upload_version0(job.id, version0_body(arch, bad), "op")
     with pytest.raises(Invalid, match="provenance lacks world_size"):
-        fed.upload_version0(
+        fed.cluster.upload_version0(
             job.id,
             codec.encode({"arch": arch, "provenance": {"data_sha256": "x", "epochs": 1, "metrics": {}}}, vec),
             "op",
         )
     with pytest.raises(Invalid, match="bad magic"):
-        fed.upload_version0(job.id, b"not a tensor", "op")
+        fed.cluster.upload_version0(job.id, b"not a tensor", "op")
 
-    row = fed.upload_version0(job.id, version0_body(arch, vec), "op")
+    row = fed.cluster.upload_version0(job.id, version0_body(arch, vec), "op")
     assert row.version == 0 and row.provenance["source"] == "pretrain" and row.provenance["world_size"] == 2
     with pytest.raises(Conflict, match="already has a version 0"):
-        fed.upload_version0(job.id, version0_body(arch, vec), "op")
+        fed.cluster.upload_version0(job.id, version0_body(arch, vec), "op")
 
     tasks = open_train_round(fed, devices)
     for d, t in tasks.items():
         assert t.model.version == 0
-        fed.handle_update(d, t.round_id, update(t.round_id, np.zeros(vec.size, np.float32), 1))
+        fed.devices.update(d, t.round_id, update(t.round_id, np.zeros(vec.size, np.float32), 1))
     with fed.read() as s:
         _, w0 = registry.load_vector(fed.blobs, registry.get_version(s, job.id, 0))
         _, w1 = registry.load_vector(fed.blobs, registry.get_version(s, job.id, 1))
@@ -95,15 +95,15 @@ def test_pretrained_job_waits_for_version0_and_first_round_starts_from_it(fed: F
 
 def test_random_job_refuses_a_pretrained_version0(fed: Federation) -> None:
     devices = enroll(fed, 3)
-    job = fed.submit_job(spec(rounds=1), "test")
+    job = fed.jobs.submit(spec(rounds=1), "test")
     run_stats_round(fed, job.id, devices)
     arch = job_arch(fed, job.id)
     with pytest.raises(Conflict, match='model.initial = "pretrained"'):
-        fed.upload_version0(job.id, version0_body(arch, flatten_parameters(build_model(arch))), "op")
+        fed.cluster.upload_version0(job.id, version0_body(arch, flatten_parameters(build_model(arch))), "op")
 
 
 def test_baseline_is_validated_and_replaced(fed: Federation) -> None:
-    job = fed.submit_job(spec(), "test")
+    job = fed.jobs.submit(spec(), "test")
     good = {
         "leader": "GBM_1",
         "algorithm": "GBM",
@@ -120,11 +120,11 @@ def test_baseline_is_validated_and_replaced(fed: Federation) -> None:
         ({**good, "surprise": 1}, "surprise"),
     ):
         with pytest.raises(Invalid, match=message):
-            fed.put_baseline(job.id, bad, "op")
+            fed.cluster.put_baseline(job.id, bad, "op")
     with pytest.raises(NotFound):
-        fed.put_baseline(job.id + 100, good, "op")
-    fed.put_baseline(job.id, good, "op")
-    fed.put_baseline(job.id, {**good, "leader": "XGB_2"}, "op")
+        fed.cluster.put_baseline(job.id + 100, good, "op")
+    fed.cluster.put_baseline(job.id, good, "op")
+    fed.cluster.put_baseline(job.id, {**good, "leader": "XGB_2"}, "op")
     from coordinator.models import Baseline
 
     with fed.read() as s:
@@ -143,20 +143,20 @@ def _report(verdict: str = "ok") -> dict:
 
 def test_every_version_is_queued_and_a_claim_is_a_lease(fed: Federation) -> None:
     devices = enroll(fed, 3)
-    job = fed.submit_job(spec(rounds=1), "test")
+    job = fed.jobs.submit(spec(rounds=1), "test")
     run_stats_round(fed, job.id, devices)
     assert [(a.version, a.status) for a in _audit_rows(fed, job.id)] == [(0, "queued")]
 
     now = [1000.0]
     fed.clock = lambda: now[0]
-    taken = fed.claim_audit("w1", 30)
+    taken = fed.audits.claim("w1", 30)
     assert taken is not None and taken["version"] == 0 and taken["previous_version"] is None
-    assert fed.claim_audit("w2", 30) is None  # held
+    assert fed.audits.claim("w2", 30) is None  # held
     now[0] += 31  # w1 died: its lease runs out and w2 takes the audit again
-    again = fed.claim_audit("w2", 30)
+    again = fed.audits.claim("w2", 30)
     assert again is not None and again["id"] == taken["id"] and again["attempt"] == 2
     with pytest.raises(Conflict, match="not held by w1"):
-        fed.complete_audit(taken["id"], {"worker": "w1", "verdict": "ok", "report": _report(), "plots": {}})
+        fed.audits.complete(taken["id"], {"worker": "w1", "verdict": "ok", "report": _report(), "plots": {}})
     for body, message in (
         ({"verdict": "fine", "report": {}}, "verdict"),
         ({"verdict": "ok", "report": []}, "report"),
@@ -165,8 +165,8 @@ def test_every_version_is_queued_and_a_claim_is_a_lease(fed: Federation) -> None
         ({"verdict": "ok", "report": {}, "plots": {"a.png": base64.b64encode(b"GIF89a").decode()}}, "PNG"),
     ):
         with pytest.raises(Invalid, match=message):
-            fed.complete_audit(again["id"], {"worker": "w2", **body})
-    done = fed.complete_audit(
+            fed.audits.complete(again["id"], {"worker": "w2", **body})
+    done = fed.audits.complete(
         again["id"],
         {
             "worker": "w2",
@@ -177,25 +177,25 @@ def test_every_version_is_queued_and_a_claim_is_a_lease(fed: Federation) -> None
         },
     )
     assert done.status == "done" and fed.blobs.get(done.plots["importance.png"]) == PNG
-    assert fed.claim_audit("w2", 30) is None
+    assert fed.audits.claim("w2", 30) is None
 
 
 def test_failed_attempts_are_retried_then_recorded(fed: Federation) -> None:
     devices = enroll(fed, 3)
     s = spec(rounds=1)
     s["audit"] = {"max_attempts": 2}
-    job = fed.submit_job(s, "test")
+    job = fed.jobs.submit(s, "test")
     run_stats_round(fed, job.id, devices)
-    first = fed.claim_audit("w", 60)
+    first = fed.audits.claim("w", 60)
     assert first is not None
-    assert fed.fail_audit(first["id"], {"worker": "w", "error": "boom"}).status == "queued"
-    second = fed.claim_audit("w", 60)
+    assert fed.audits.fail(first["id"], {"worker": "w", "error": "boom"}).status == "queued"
+    second = fed.audits.claim("w", 60)
     assert second is not None and second["attempt"] == 2
     with pytest.raises(Invalid, match="error"):
-        fed.fail_audit(second["id"], {"worker": "w", "error": ""})
-    row = fed.fail_audit(second["id"], {"worker": "w", "error": "boom again"})
+        fed.audits.fail(second["id"], {"worker": "w", "error": ""})
+    row = fed.audits.fail(second["id"], {"worker": "w", "error": "boom again"})
     assert row.status == "failed" and row.error == "boom again"
-    assert fed.claim_audit("w", 60) is None
+    assert fed.audits.claim("w", 60) is None
     # a failed audit does not block rounds (no gate)
     tasks = open_train_round(fed, devices)
     assert all(t.kind == "train" for t in tasks.values())
@@ -205,13 +205,13 @@ def test_gate_withholds_a_drifting_version_and_rounds_go_on_from_the_released_on
     devices = enroll(fed, 3)
     s = spec(rounds=3)
     s["audit"] = {"gate": True}
-    job = fed.submit_job(s, "test")
+    job = fed.jobs.submit(s, "test")
     run_stats_round(fed, job.id, devices)
 
     def finish_audit(verdict: str) -> None:
-        taken = fed.claim_audit("w", 60)
+        taken = fed.audits.claim("w", 60)
         assert taken is not None
-        fed.complete_audit(taken["id"], {"worker": "w", "verdict": verdict, "report": _report(verdict)})
+        fed.audits.complete(taken["id"], {"worker": "w", "verdict": verdict, "report": _report(verdict)})
 
     finish_audit("ok")  # version 0
 
@@ -222,7 +222,7 @@ def test_gate_withholds_a_drifting_version_and_rounds_go_on_from_the_released_on
         tasks = open_train_round(fed, devices)
         for d, t in tasks.items():
             assert t.model.version == expected_in
-            fed.handle_update(d, t.round_id, update(t.round_id, np.ones(numel, np.float32), 1))
+            fed.devices.update(d, t.round_id, update(t.round_id, np.ones(numel, np.float32), 1))
 
     train_round(0)  # makes version 1, unreleased until audited
     with fed.read() as ss:
@@ -256,7 +256,7 @@ def test_concurrent_workers_never_take_the_same_audit(postgres_url: str, tmp_pat
     f = Federation(
         session_factory(engine), LocalBlobStore(tmp_path), Ed25519PrivateKey.generate(), EngineSettings()
     )
-    job = f.submit_job(spec(), "test")
+    job = f.jobs.submit(spec(), "test")
     with f.write() as s:
         for v in range(40):
             s.add(Audit(job_id=job.id, version=v, status="queued", queued_at=0.0))
@@ -266,10 +266,10 @@ def test_concurrent_workers_never_take_the_same_audit(postgres_url: str, tmp_pat
 
     def worker(name: str) -> None:
         barrier.wait()
-        while (a := f.claim_audit(name, 600)) is not None:
+        while (a := f.audits.claim(name, 600)) is not None:
             with lock:
                 taken.append((name, a["version"]))
-            f.complete_audit(a["id"], {"worker": name, "verdict": "ok", "report": {}})
+            f.audits.complete(a["id"], {"worker": name, "verdict": "ok", "report": {}})
 
     threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(6)]
     for t in threads:

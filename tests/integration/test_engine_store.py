@@ -96,7 +96,7 @@ def enroll(fed: Federation, n: int) -> list[str]:
 
 
 def checkin_all(fed: Federation, devices: list[str]) -> dict:
-    return {d: fed.checkin(d, CheckinRequest()).task for d in devices}
+    return {d: fed.devices.checkin(d, CheckinRequest()).task for d in devices}
 
 
 def current_round(fed: Federation, job_id: int) -> Round:
@@ -110,10 +110,10 @@ def run_stats_round(fed: Federation, job_id: int, devices: list[str]) -> None:
     tasks = checkin_all(fed, devices)
     for d, t in tasks.items():
         assert t is not None and t.kind == "stats" and t.stage == "configure"
-        fed.handle_configure(d, t.round_id, ConfigureMessage(accepted=True, rows=50))
+        fed.devices.configure(d, t.round_id, ConfigureMessage(accepted=True, rows=50))
     for i, (d, t) in enumerate(checkin_all(fed, devices).items()):
         assert t.stage == "input"
-        fed.handle_input_json(d, t.round_id, {"statistics": local_statistics(frame(i, 50), _schema())})
+        fed.devices.input_json(d, t.round_id, {"statistics": local_statistics(frame(i, 50), _schema())})
 
 
 def _schema():  # type: ignore[no-untyped-def]
@@ -128,7 +128,7 @@ def open_train_round(fed: Federation, devices: list[str]) -> dict:
     tasks = checkin_all(fed, devices)
     for d, t in tasks.items():
         assert t is not None and t.kind == "train", t
-        fed.handle_configure(d, t.round_id, ConfigureMessage(accepted=True, rows=50))
+        fed.devices.configure(d, t.round_id, ConfigureMessage(accepted=True, rows=50))
     return checkin_all(fed, devices)
 
 
@@ -148,7 +148,7 @@ def update(round_id: int, vec: np.ndarray, n: int) -> bytes:
 
 def test_rounds_aggregate_the_exact_weighted_mean(fed: Federation) -> None:
     devices = enroll(fed, 3)
-    job = fed.submit_job(spec(rounds=1), "test")
+    job = fed.jobs.submit(spec(rounds=1), "test")
     run_stats_round(fed, job.id, devices)
     with fed.read() as s:
         v0 = registry.get_version(s, job.id, 0)
@@ -159,7 +159,7 @@ def test_rounds_aggregate_the_exact_weighted_mean(fed: Federation) -> None:
     counts = {d: 10 * (i + 1) for i, d in enumerate(devices)}
     for d, t in tasks.items():
         assert t.stage == "input" and t.model.version == 0
-        fed.handle_update(d, t.round_id, update(t.round_id, deltas[d] * np.float32(counts[d]), counts[d]))
+        fed.devices.update(d, t.round_id, update(t.round_id, deltas[d] * np.float32(counts[d]), counts[d]))
 
     expected = w0 + sum(counts[d] * deltas[d].astype(np.float64) for d in devices) / sum(counts.values())
     with fed.read() as s:
@@ -180,7 +180,7 @@ def test_rounds_aggregate_the_exact_weighted_mean(fed: Federation) -> None:
 
 def test_restarted_coordinator_sums_the_stored_updates(fed: Federation) -> None:
     devices = enroll(fed, 3)
-    job = fed.submit_job(spec(rounds=1), "test")
+    job = fed.jobs.submit(spec(rounds=1), "test")
     run_stats_round(fed, job.id, devices)
     tasks = open_train_round(fed, devices)
     with fed.read() as s:
@@ -188,8 +188,8 @@ def test_restarted_coordinator_sums_the_stored_updates(fed: Federation) -> None:
     ones = np.ones(w0.size, dtype=np.float32)
     for i, (d, t) in enumerate(tasks.items()):
         if i == 2:
-            fed._acc.clear()  # the running sum of the first two is lost, as in a restart
-        fed.handle_update(d, t.round_id, update(t.round_id, ones * (i + 1), 1))
+            fed.sums._acc.clear()  # the running sum of the first two is lost, as in a restart
+        fed.devices.update(d, t.round_id, update(t.round_id, ones * (i + 1), 1))
     with fed.read() as s:
         _, w1 = registry.load_vector(fed.blobs, registry.get_version(s, job.id, 1))
     np.testing.assert_allclose(w1, w0 + 2.0, atol=1e-6)
@@ -197,14 +197,14 @@ def test_restarted_coordinator_sums_the_stored_updates(fed: Federation) -> None:
 
 def test_missed_deadline_drops_device_and_round_completes(fed: Federation) -> None:
     devices = enroll(fed, 3)
-    job = fed.submit_job(spec(rounds=1, stage_timeout=1.5), "test")
+    job = fed.jobs.submit(spec(rounds=1, stage_timeout=1.5), "test")
     run_stats_round(fed, job.id, devices)
     tasks = open_train_round(fed, devices)
     with fed.read() as s:
         _, w0 = registry.load_vector(fed.blobs, registry.get_version(s, job.id, 0))
     late = devices[2]
     for d in devices[:2]:
-        fed.handle_update(
+        fed.devices.update(
             d, tasks[d].round_id, update(tasks[d].round_id, np.full(w0.size, 3.0 * 7, np.float32), 7)
         )
     time.sleep(1.6)
@@ -217,18 +217,18 @@ def test_missed_deadline_drops_device_and_round_completes(fed: Federation) -> No
     assert late_p.status == "dropped" and "deadline" in late_p.reason
     np.testing.assert_allclose(w1, w0 + 3.0, atol=1e-6)
     with pytest.raises(Conflict):
-        fed.handle_update(late, r.id, update(r.id, np.zeros(w0.size, np.float32), 1))
+        fed.devices.update(late, r.id, update(r.id, np.zeros(w0.size, np.float32), 1))
 
 
 def test_below_minimum_abandons_round_and_keeps_model(fed: Federation) -> None:
     devices = enroll(fed, 3)
-    job = fed.submit_job(spec(rounds=1, stage_timeout=1.0), "test")
+    job = fed.jobs.submit(spec(rounds=1, stage_timeout=1.0), "test")
     run_stats_round(fed, job.id, devices)
     tasks = open_train_round(fed, devices)
     with fed.read() as s:
         w0_size = registry.get_version(s, job.id, 0).num_parameters
     d0 = devices[0]
-    fed.handle_update(d0, tasks[d0].round_id, update(tasks[d0].round_id, np.ones(w0_size, np.float32), 5))
+    fed.devices.update(d0, tasks[d0].round_id, update(tasks[d0].round_id, np.ones(w0_size, np.float32), 5))
     time.sleep(1.1)
     fed.tick()
     with fed.read() as s:
@@ -246,7 +246,7 @@ def test_below_minimum_abandons_round_and_keeps_model(fed: Federation) -> None:
 
 def test_bad_updates_are_refused_without_touching_the_round(fed: Federation) -> None:
     devices = enroll(fed, 4)
-    job = fed.submit_job(spec(rounds=1), "test")
+    job = fed.jobs.submit(spec(rounds=1), "test")
     run_stats_round(fed, job.id, devices[:3])
     tasks = open_train_round(fed, devices[:3])
     d = devices[0]
@@ -262,12 +262,12 @@ def test_bad_updates_are_refused_without_touching_the_round(fed: Federation) -> 
     ]
     for body, exc, text in bad:
         with pytest.raises(exc, match=text):
-            fed.handle_update(d, rid, body)
+            fed.devices.update(d, rid, body)
     with pytest.raises(Forbidden):
-        fed.handle_update(devices[3], rid, update(rid, np.ones(n, np.float32), 1))
-    fed.handle_update(d, rid, update(rid, np.ones(n, np.float32), 1))
+        fed.devices.update(devices[3], rid, update(rid, np.ones(n, np.float32), 1))
+    fed.devices.update(d, rid, update(rid, np.ones(n, np.float32), 1))
     with pytest.raises(Conflict, match="already sent"):
-        fed.handle_update(d, rid, update(rid, np.ones(n, np.float32), 1))
+        fed.devices.update(d, rid, update(rid, np.ones(n, np.float32), 1))
     with fed.read() as s:
         p = s.query(Participant).filter_by(round_id=rid, device_id=d).one()
         assert p.status == "active" and p.stage_done == "input" and p.num_examples == 1
@@ -290,14 +290,14 @@ def test_replayed_device_request_is_refused(fed: Federation) -> None:
 @pytest.mark.parametrize("strategy", ["fedadam", "fedavgm"])
 def test_stateful_strategy_keeps_its_state_across_rounds(fed: Federation, strategy: str) -> None:
     devices = enroll(fed, 2)
-    job = fed.submit_job(spec(rounds=2, target=2, strategy=strategy), "test")
+    job = fed.jobs.submit(spec(rounds=2, target=2, strategy=strategy), "test")
     run_stats_round(fed, job.id, devices)
     for _ in range(2):
         tasks = open_train_round(fed, devices)
         with fed.read() as s:
             n = registry.get_version(s, job.id).num_parameters
         for d, t in tasks.items():
-            fed.handle_update(d, t.round_id, update(t.round_id, np.full(n, 0.1 * 3, np.float32), 3))
+            fed.devices.update(d, t.round_id, update(t.round_id, np.full(n, 0.1 * 3, np.float32), 3))
     with fed.read() as s:
         vs = [registry.load_vector(fed.blobs, v)[1] for v in registry.list_versions(s, job.id)]
         state = s.get(type(job), job.id).strategy_state_sha256

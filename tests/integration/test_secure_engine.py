@@ -134,7 +134,7 @@ class Rig:
             "secure": secure,
             "secagg": {"clip": CLIP, "bits": BITS, "k": k, "t": t},
         }
-        self.job_id = self.fed.submit_job(spec, "test").id
+        self.job_id = self.fed.jobs.submit(spec, "test").id
         self._seed_version_zero()
         self.fed.tick()  # opens the training round
         with self.fed.read() as s:
@@ -186,7 +186,7 @@ class Rig:
     # -- reading state --------------------------------------------------------------------------
 
     def task(self, d: Dev) -> Task | None:
-        return self.fed.checkin(d.id, CheckinRequest()).task
+        return self.fed.devices.checkin(d.id, CheckinRequest()).task
 
     def state(self) -> tuple[str, str]:
         with self.fed.read() as s:
@@ -330,11 +330,11 @@ class Rig:
 
     def send(self, stage: str, d: Dev, message: Any) -> None:
         if stage == "configure":
-            self.fed.handle_configure(d.id, self.round_id, message)
+            self.fed.devices.configure(d.id, self.round_id, message)
         elif stage == "masked_input":
-            self.fed.handle_masked_input(d.id, self.round_id, message)
+            self.fed.devices.masked_input(d.id, self.round_id, message)
         else:
-            self.fed.handle_secure_json(d.id, self.round_id, stage, message)
+            self.fed.devices.secure_json(d.id, self.round_id, stage, message)
 
     def stage(
         self,
@@ -575,7 +575,7 @@ def test_restarted_coordinator_finishes_the_round_from_what_it_stored(rig: Calla
     for name in STAGES[:-1]:
         r.stage(name)
     assert r.stored_contributors() == sorted(r.in_sum) and len(r.in_sum) == 6
-    r.fed._acc.clear()  # the running sum is lost, as in a restart
+    r.fed.sums._acc.clear()  # the running sum is lost, as in a restart
     r.stage("unmask")
     r.assert_exact()
     assert r.round_row()["metrics"]["aggregation"]["from_store"] is True
@@ -593,7 +593,7 @@ def test_coordinator_restarted_during_masked_input_stage_abandons_cleanly_or_fin
         r.stage(name)
     first, rest = set(d.id for d in r.devs[:2]), set(d.id for d in r.devs[2:])
     r.stage("masked_input", skip=rest, expire=False)
-    r.fed._acc.clear()  # the running sum of the first two is lost, as in a restart
+    r.fed.sums._acc.clear()  # the running sum of the first two is lost, as in a restart
     r.stage("masked_input", skip=first)
     if r.one_process:
         reason = r.assert_abandoned(r"restarted during the masked-input stage: 2 of the 6 masked inputs")
@@ -747,13 +747,13 @@ def test_message_for_another_stage_excludes_sender(rig: Callable[..., Rig]) -> N
     r.stage("configure")
     # An unmask message while the round waits for keys.
     with pytest.raises(CoordinatorError):  # refused (409 or 422): what matters is the exclusion
-        r.fed.handle_secure_json(early.id, r.round_id, "unmask", {"shares": {}})
+        r.fed.devices.secure_json(early.id, r.round_id, "unmask", {"shares": {}})
     excluded_for(r, early.id, r"'unmask' message while the round is in stage 'advertise_keys'")
     r.stage("advertise_keys")
     # A masked vector (of the right shape) while the round is sharing keys: it must not reach the sum.
     junk = np.random.default_rng(1).integers(0, 2**63, r.n_params + 1, dtype=np.uint64)
     with pytest.raises(CoordinatorError):
-        r.fed.handle_masked_input(jumper.id, r.round_id, codec.encode(masked_header(r.round_id), junk))
+        r.fed.devices.masked_input(jumper.id, r.round_id, codec.encode(masked_header(r.round_id), junk))
     excluded_for(r, jumper.id, r"'masked_input' message while the round is in stage 'share_keys'")
     kept: dict[str, Any] = {}
 
@@ -764,7 +764,7 @@ def test_message_for_another_stage_excludes_sender(rig: Callable[..., Rig]) -> N
     r.stage("share_keys", tamper={late.id: keep})
     # Its share_keys message again, while the round takes masked inputs.
     with pytest.raises(CoordinatorError):
-        r.fed.handle_secure_json(late.id, r.round_id, "share_keys", kept[late.id])
+        r.fed.devices.secure_json(late.id, r.round_id, "share_keys", kept[late.id])
     excluded_for(r, late.id, r"'share_keys' message while the round is in stage 'masked_input'")
     r.stage("masked_input")
     r.stage("unmask")
@@ -988,7 +988,7 @@ def test_plaintext_scan_finds_update_of_a_plain_round(rig: Callable[..., Rig]) -
     first.update = r.rng.normal(0, CLIP / 2, r.n_params).astype(np.float32)
     first.examples = 40
     header = {**masked_header(tk.round_id), "kind": "update", "num_examples": first.examples}
-    r.fed.handle_update(
+    r.fed.devices.update(
         first.id, tk.round_id, codec.encode(header, first.update * np.float32(first.examples))
     )
     hits = scan(r, [needles_of(first)])

@@ -59,7 +59,7 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Any, Held]]:
         port = sock.getsockname()[1]
     app = create_app(ServerSettings(data_dir=tmp_path, port=port, upload_slots=SLOTS), run_ticker=False)
     held = Held()
-    app.state.federation.handle_masked_input = held
+    app.state.federation.devices.masked_input = held
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()

@@ -1,0 +1,157 @@
+"""What every part of the federation engine shares: the database, the blob store, the key, the clock.
+
+The parts (job administration, the device protocol, the round driver, aggregation, the cluster and
+audit hooks) hold one ``EngineContext`` each and keep no state of their own beyond caches of facts
+that never change once written (a job's spec, a version's size), so that a coordinator killed at
+any moment restarts from the database alone.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy.orm import Session, sessionmaker
+
+from coordinator import registry, secure
+from coordinator.blobs import LocalBlobStore
+from coordinator.errors import NotFound
+from coordinator.evaluation import metrics_on
+from coordinator.models import Job, ModelVersion
+from coordinator.queries import get_job
+from coordinator.statements import NUM_PARAMETERS, RoundRow
+from shared.jobspec import JobSpec
+from shared.tabular import read_table_bytes
+
+
+@dataclass
+class EngineSettings:
+    eligibility_window: float = 30.0
+    idle_retry: float = 2.0
+    active_retry: float = 0.5
+    evaluate_after_last_round: bool = True
+
+
+class EngineContext:
+    """Sessions, locks, blobs, signing key, clock, and the caches of facts written once."""
+
+    def __init__(
+        self,
+        factory: sessionmaker[Session],
+        blobs: LocalBlobStore,
+        signing_key: Ed25519PrivateKey,
+        settings: EngineSettings | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.factory = factory
+        self.clock = clock  # simulation mode advances a virtual clock past stage deadlines
+        self.blobs = blobs
+        self.key = signing_key
+        self.settings = settings or EngineSettings()
+        engine = factory.kw["bind"]
+        # SQLite allows one writer: serialise our writers in-process rather than
+        # let a read transaction fail to upgrade. PostgreSQL uses row locks.
+        self.sqlite = engine.dialect.name == "sqlite"
+        self._write_lock: Any = threading.RLock() if self.sqlite else nullcontext()
+        self.reference: dict[str, Any] = {}  # reference data frames by blob hash
+        # The newest version of each job, as registered here: the next round starts from it.
+        self._latest: dict[int, tuple[str, dict[str, Any], np.ndarray]] = {}
+        self._job_info: dict[int, tuple[dict[str, Any], dict[str, Any] | None]] = {}
+        self._specs: dict[int, JobSpec] = {}  # validated job specs: a spec never changes once submitted
+        self._sizes: dict[tuple[int, int | None], int] = {}  # parameters of each (job, version): fixed too
+
+    # -- transactions ------------------------------------------------------
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        with self._write_lock, self.factory() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        with self.factory() as session:
+            yield session
+
+    def lock(self, stmt: Any) -> Any:
+        """``stmt`` selecting its rows for update where the database has row locks (PostgreSQL)."""
+        return stmt if self.sqlite else stmt.with_for_update()
+
+    @contextmanager
+    def device_write(self) -> Iterator[secure.Db]:
+        """A write transaction of a device-message path: Core statements, an ORM session only if needed."""
+        with self._write_lock, self.factory.kw["bind"].begin() as conn:
+            db = secure.Db(conn)
+            try:
+                yield db
+                db.flush()
+            finally:
+                db.close()
+
+    @contextmanager
+    def device_read(self) -> Iterator[secure.Db]:
+        with self.factory.kw["bind"].connect() as conn:
+            db = secure.Db(conn)
+            try:
+                yield db
+            finally:
+                db.close()
+
+    # -- facts written once ------------------------------------------------
+
+    def spec(self, s: Session, job_id: int) -> JobSpec:
+        """A job's validated spec, read once (a spec never changes once submitted)."""
+        spec = self._specs.get(job_id)
+        if spec is None:
+            spec = self._specs[job_id] = JobSpec.model_validate(get_job(s, job_id).spec)
+        return spec
+
+    def job_spec(
+        self, s: Session | secure.Db, job_id: int, need_preprocess: bool
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """A job's spec and preprocessing as sent to devices, cached: both are written once and never change."""
+        cached = self._job_info.get(job_id)
+        if cached is None or (need_preprocess and cached[1] is None):
+            job = get_job(secure.orm(s), job_id)
+            cached = self._job_info[job_id] = (job.spec, job.preprocess)
+        return cached
+
+    def num_parameters(self, s: Session | secure.Db, r: RoundRow) -> int:
+        """The size of the model a training round starts from."""
+        key = (r.job_id, r.model_version_in)
+        if key not in self._sizes:
+            n = secure.run(s, NUM_PARAMETERS, job=r.job_id, version=r.model_version_in).scalar()
+            if n is None:
+                raise NotFound(f"job {r.job_id} has no model version {r.model_version_in}")
+            self._sizes[key] = int(n)
+        return self._sizes[key]
+
+    # -- model versions ----------------------------------------------------
+
+    def remember(self, job_id: int, sha256: str, header: dict[str, Any], vector: np.ndarray) -> None:
+        """Keep the version just registered in memory: the next round starts from it."""
+        self._latest[job_id] = (sha256, header, vector)
+
+    def vector(self, job_id: int, row: ModelVersion) -> tuple[dict[str, Any], np.ndarray]:
+        """A version's header and parameters, from memory when this process made it."""
+        cached = self._latest.get(job_id)
+        if cached is not None and cached[0] == row.sha256:
+            return cached[1], cached[2]
+        return registry.load_vector(self.blobs, row)
+
+    def central(
+        self, job: Job, spec: JobSpec, arch: dict[str, Any], vec: np.ndarray
+    ) -> dict[str, float] | None:
+        """A model's metrics on the job's reference data (central evaluation), if the job has any."""
+        sha = job.reference_sha256
+        if not sha or job.preprocess is None:
+            return None
+        df = self.reference.get(sha)
+        if df is None:
+            df = self.reference[sha] = read_table_bytes(self.blobs.get(sha), spec.data)
+        return metrics_on(df, spec.data, job.preprocess, arch, vec)

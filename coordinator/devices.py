@@ -1,0 +1,359 @@
+"""The device side of the round protocol: one handler per message a device sends.
+
+Devices pull: a check-in tells a device its task; then, stage by stage, it sends its configure
+answer, its input (statistics, evaluation metrics or a plain update), or its SecAgg+ messages
+(advertise_keys, share_keys, masked input, unmask). Each handler checks the device's place in the
+round (``participation``), validates the message, stores it, and drives the round on if the message
+may have completed its stage. A malformed SecAgg+ message excludes its sender from the round; it
+never reaches the arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from sqlalchemy import select, update
+
+from coordinator import participation, registry, secure
+from coordinator.aggregation import Sums
+from coordinator.context import EngineContext
+from coordinator.driver import RoundDriver
+from coordinator.errors import Conflict, Forbidden, Invalid, NotFound
+from coordinator.models import Event, Participant, Round
+from coordinator.participation import one_less
+from coordinator.rounds import ACTIVE, DECLINED, EXCLUDED, stage_index
+from coordinator.statements import ADD_MESSAGE, CHECKIN, DEVICE_SEEN_SET, STAGE_DONE, PartRow, RoundRow
+from coordinator.validation import check_metrics, check_statistics, check_update_header
+from shared import codec
+from shared.wire import (
+    CheckinRequest,
+    CheckinResponse,
+    ConfigureMessage,
+    EvaluateMessage,
+    ModelRef,
+    StatsMessage,
+    Task,
+)
+
+log = logging.getLogger("aicfl.coordinator")
+
+
+class DeviceProtocol:
+    """Check-ins, model downloads and every stage's message, from an authenticated device."""
+
+    def __init__(self, ctx: EngineContext, driver: RoundDriver, sums: Sums):
+        self.ctx = ctx
+        self.driver = driver
+        self.sums = sums
+        self._model_refs: dict[tuple[int, int], ModelRef] = {}  # versions never change once written
+
+    # -- check-in and downloads ----------------------------------------------
+
+    def checkin(self, device_id: str, req: CheckinRequest) -> CheckinResponse:
+        """The device's task in a running round, if it has one, and when to check in again."""
+        now = self.ctx.clock()
+        # Check-ins are the coordinator's most frequent request: one prebuilt statement reads the device and
+        # its running rounds, no ORM objects, and the write lock is taken only to write the device's row.
+        task: Task | None = None
+        with self.ctx.device_read() as s:
+            found = secure.run(s, CHECKIN, device=device_id).all()
+            if not found:  # pragma: no cover - authenticated before
+                raise NotFound("unknown device")
+            last_seen, agent_version, peak_rss_mb = found[0][:3]
+            rows = [row[3:] for row in found if row[3] is not None]  # rounds.id is NULL when there is none
+            for row in rows:
+                r, stage_done = RoundRow(*row[:-1]), row[-1]
+                if (
+                    stage_index(r.kind, stage_done, r.secure) < stage_index(r.kind, r.stage, r.secure)
+                    and now < r.stage_deadline
+                ):
+                    task = self._task(s, r, device_id)
+                    break
+        # Write the device row only when something changed or a second has passed.
+        if (
+            last_seen is None
+            or now - last_seen >= 1.0
+            or (req.agent_version and req.agent_version != agent_version)
+            or (req.peak_rss_mb is not None and req.peak_rss_mb != peak_rss_mb)
+        ):
+            with self.ctx.device_write() as s:
+                secure.run(
+                    s,
+                    DEVICE_SEEN_SET,
+                    device=device_id,
+                    seen=now if last_seen is None or now - last_seen >= 1.0 else last_seen,
+                    version=req.agent_version or agent_version,
+                    rss=peak_rss_mb if req.peak_rss_mb is None else req.peak_rss_mb,
+                )
+        retry = self.ctx.settings.active_retry if rows else self.ctx.settings.idle_retry
+        return CheckinResponse(retry_after=retry, task=task)
+
+    def _task(self, s: secure.Db, r: RoundRow, device_id: str) -> Task:
+        spec, preprocess = self.ctx.job_spec(s, r.job_id, r.kind != "stats")
+        model = None
+        if r.model_version_in is not None:
+            key = (r.job_id, r.model_version_in)
+            model = self._model_refs.get(key)
+            if model is None:
+                mv = registry.get_version(secure.orm(s), r.job_id, r.model_version_in)
+                model = ModelRef(version=mv.version, sha256=mv.sha256, signature=mv.signature, size=mv.size)
+                self._model_refs[key] = model
+        return Task(
+            round_id=r.id,
+            job_id=r.job_id,
+            round=r.number,
+            kind=r.kind,  # type: ignore[arg-type]
+            stage=r.stage,  # type: ignore[arg-type]
+            deadline=r.stage_deadline,
+            seed=(spec.get("seed", 0) * 1_000_003 + r.number) % (2**31),
+            spec=spec,
+            model=model,
+            preprocess=preprocess if r.kind != "stats" else None,
+            secagg=secure.SecureRound(s, r).task(s, device_id) if r.secure and r.secagg else None,
+        )
+
+    def model_blob(self, device_id: str, job_id: int, version: int) -> bytes:
+        """A model's bytes, for a device selected in a running round of that job."""
+        with self.ctx.read() as s:
+            selected = s.scalar(
+                select(Participant.id)
+                .join(Round, Participant.round_id == Round.id)
+                .where(Participant.device_id == device_id, Round.job_id == job_id, Round.status == "running")
+                .limit(1)
+            )
+            if selected is None:
+                raise Forbidden(f"device {device_id} is not selected in a running round of job {job_id}")
+            sha = registry.get_version(s, job_id, version).sha256
+        return self.ctx.blobs.get(sha)
+
+    # -- plain stages --------------------------------------------------------
+
+    def _load(
+        self, s: secure.Db, device_id: str, round_id: int, lock: bool = True
+    ) -> tuple[RoundRow | None, PartRow | None]:
+        return participation.load(s, device_id, round_id, lock, row_locks=not self.ctx.sqlite)
+
+    def _participation(
+        self, s: secure.Db, device_id: str, round_id: int, stage: str, now: float, lock: bool = True
+    ) -> tuple[RoundRow, PartRow]:
+        r, p = self._load(s, device_id, round_id, lock)
+        return participation.check(r, p, device_id, round_id, stage, now)
+
+    def configure(self, device_id: str, round_id: int, msg: ConfigureMessage) -> None:
+        """The device accepts the round, or declines it with its reason (recorded, shown to operators)."""
+        now = self.ctx.clock()
+        with self.ctx.device_write() as s:
+            r, p = self._participation(s, device_id, round_id, "configure", now)
+            if msg.accepted:
+                secure.run(s, STAGE_DONE, pid=p.id, done="configure")
+            else:
+                reason = (msg.reason or "declined without a reason")[:2000]
+                secure.run(
+                    s,
+                    update(Participant).where(Participant.id == p.id).values(status=DECLINED, reason=reason),
+                )
+                log.info("device %s declined round %s of job %s: %s", device_id, r.number, r.job_id, reason)
+            secure.run(
+                s,
+                ADD_MESSAGE,
+                round_id=round_id,
+                device_id=device_id,
+                stage="configure",
+                payload=msg.model_dump(),
+            )
+            self.driver.maybe_drive(s, r, now, one_less(r))
+
+    def input_json(self, device_id: str, round_id: int, body: dict[str, Any]) -> None:
+        """A statistics or evaluation round's input (JSON)."""
+        now = self.ctx.clock()
+        with self.ctx.device_write() as s:
+            r, p = self._participation(s, device_id, round_id, "input", now)
+            try:
+                if r.kind == "stats":
+                    payload = StatsMessage.model_validate(body).model_dump()
+                    check_statistics(payload["statistics"])
+                elif r.kind == "evaluate":
+                    ev = EvaluateMessage.model_validate(body)
+                    check_metrics(ev.metrics)
+                    payload = ev.model_dump()
+                else:
+                    raise Invalid(
+                        f"round {round_id} is a training round: send the update as application/octet-stream"
+                    )
+            except ValueError as err:
+                raise Invalid(f"{r.kind} message: {err}") from None
+            secure.run(s, ADD_MESSAGE, round_id=round_id, device_id=device_id, stage="input", payload=payload)
+            secure.run(s, STAGE_DONE, pid=p.id, done="input")
+            self.driver.maybe_drive(s, r, now, one_less(r))
+
+    def update(self, device_id: str, round_id: int, body: bytes) -> None:
+        """A device's model update in a plain training round: checked, stored, added to the running sum."""
+        now = self.ctx.clock()
+        with self.ctx.device_read() as s:
+            r, _ = self._participation(s, device_id, round_id, "input", now, lock=False)
+            if r.kind != "train":
+                raise Invalid(f"round {round_id} is a {r.kind} round: send a JSON message")
+            numel = self.ctx.num_parameters(s, r)
+        try:
+            header, vec = codec.decode(body, expected_numel=numel)
+        except codec.CodecError as err:
+            raise Invalid(f"update: {err}") from None
+        meta = check_update_header(header, round_id)
+        sha = self.ctx.blobs.put(body)
+        with self.ctx.device_write() as s:
+            r, p = self._participation(s, device_id, round_id, "input", self.ctx.clock())
+            secure.run(
+                s,
+                ADD_MESSAGE,
+                round_id=round_id,
+                device_id=device_id,
+                stage="input",
+                payload=meta,
+                blob_sha256=sha,
+            )
+            secure.run(
+                s,
+                update(Participant)
+                .where(Participant.id == p.id)
+                .values(stage_done="input", num_examples=meta["num_examples"]),
+            )
+        self.sums.add(round_id, device_id, vec, meta["num_examples"])
+        with self.ctx.device_write() as s:
+            r2, _ = self._load(s, device_id, round_id)
+            if r2 is not None and r2.status == "running":
+                self.driver.maybe_drive(s, r2, self.ctx.clock())
+
+    # -- secure stages (SecAgg+) ---------------------------------------------
+
+    def _exclude_in(self, s: secure.Db, r: RoundRow, device_id: str, p: PartRow, reason: str) -> None:
+        """Take a device out of a secure round for a message that cannot be used; the round goes on."""
+        secure.run(
+            s, update(Participant).where(Participant.id == p.id).values(status=EXCLUDED, reason=reason[:2000])
+        )
+        session = secure.orm(s)
+        session.add(
+            Event(
+                actor="coordinator",
+                action="participant.exclude",
+                target=f"{r.job_id}/{r.number}/{device_id}",
+                detail={"reason": reason[:500]},
+            )
+        )
+        log.warning("job %s round %s: excluded %s: %s", r.job_id, r.number, device_id, reason)
+        self.driver.drive(session, self.driver.orm_round(session, r), self.ctx.clock())
+
+    def _exclude(self, device_id: str, round_id: int, reason: str) -> None:
+        with self.ctx.device_write() as s:
+            r, p = self._load(s, device_id, round_id)
+            if r is not None and p is not None and p.status == ACTIVE and r.status == "running":
+                self._exclude_in(s, r, device_id, p, reason)
+
+    def _secure_message(
+        self, s: secure.Db, device_id: str, round_id: int, stage: str, lock: bool = True
+    ) -> tuple[RoundRow, PartRow, str | None]:
+        """The round and participant for a secure-stage message, or the reason to exclude its sender."""
+        r, p = self._load(s, device_id, round_id, lock)
+        if r is not None and not r.secure:
+            raise Invalid(f"round {round_id} does not use secure aggregation")
+        if (
+            r is not None
+            and p is not None
+            and r.status == "running"
+            and p.status == ACTIVE
+            and r.stage != stage
+        ):
+            return r, p, f"sent a {stage!r} message while the round is in stage {r.stage!r}"
+        r, p = participation.check(r, p, device_id, round_id, stage, self.ctx.clock())
+        return r, p, None
+
+    def secure_json(self, device_id: str, round_id: int, stage: str, raw: bytes | dict[str, Any]) -> None:
+        """advertise_keys, share_keys or unmask: checked, stored, and the round driven on.
+
+        A message that is malformed, wrongly signed, addressed wrongly or sent
+        in another stage excludes its sender from the round (reason recorded);
+        it never reaches the arithmetic.
+        """
+        if stage not in secure.JSON_STAGES:
+            raise NotFound(f"no stage {stage!r} takes a JSON message")
+        body: Any = raw
+        if isinstance(raw, bytes | bytearray):
+            try:
+                body = json.loads(raw or b"{}")
+            except (ValueError, RecursionError):
+                body = None
+        problem: str | None = None
+        with self.ctx.device_write() as s:
+            r, p, problem = self._secure_message(s, device_id, round_id, stage)
+            if problem is None and not isinstance(body, dict):
+                problem = f"{stage} message refused: not a JSON object"
+            if problem is None:
+                sr = secure.SecureRound(s, r)
+                try:
+                    if stage == "advertise_keys":
+                        payload = sr.check_advertise(s, device_id, body)
+                    elif stage == "share_keys":
+                        payload = sr.check_share_keys(device_id, body)
+                    else:
+                        payload = sr.check_unmask(device_id, body)
+                except secure.Refused as err:
+                    problem = f"{stage} message refused: {err}"
+                else:
+                    secure.run(
+                        s, ADD_MESSAGE, round_id=round_id, device_id=device_id, stage=stage, payload=payload
+                    )
+                    secure.run(s, STAGE_DONE, pid=p.id, done=stage)
+                    self.driver.maybe_drive(s, r, self.ctx.clock(), one_less(r))
+            if problem is not None:
+                self._exclude_in(s, r, device_id, p, problem)
+        if problem is not None:
+            raise Invalid(f"device excluded from round {round_id}: {problem}")
+
+    def masked_input(self, device_id: str, round_id: int, body: bytes) -> None:
+        """A masked vector: checked, stored (it reveals nothing alone) and added to the running sum."""
+        problem: str | None = None
+        with self.ctx.device_read() as s:
+            r, _, problem = self._secure_message(s, device_id, round_id, "masked_input", lock=False)
+            if r.kind == "stats":
+                numel = len(secure.SecureRound(s, r).layout())
+            else:
+                numel = self.ctx.num_parameters(s, r) + 1
+        if problem is None:
+            try:
+                header, vec = codec.decode(body, expected_numel=numel, dtype="uint64")
+                if header.get("kind") != "masked_input":
+                    raise Invalid("header kind must be 'masked_input'")
+                meta = check_update_header({**header, "kind": "update", "num_examples": 1}, round_id)
+            except (codec.CodecError, Invalid, Conflict) as err:
+                problem = f"masked input refused: {getattr(err, 'detail', str(err))}"
+        if problem is not None:
+            self._exclude(device_id, round_id, problem)
+            raise Invalid(f"device excluded from round {round_id}: {problem}")
+        meta.pop("num_examples")
+        # With replicas (PostgreSQL) whichever one finishes the round needs every vector: each is stored. One
+        # coordinator process (SQLite) keeps the running sum and stores it once, when the stage ends.
+        name = None if self.ctx.sqlite else self.sums.spool(body)
+        added = False
+        try:
+            with self.ctx.device_write() as s:
+                r, p = self._participation(s, device_id, round_id, "masked_input", self.ctx.clock())
+                secure.run(
+                    s,
+                    ADD_MESSAGE,
+                    round_id=round_id,
+                    device_id=device_id,
+                    stage="masked_input",
+                    payload=meta,
+                    blob_sha256=name,
+                )
+                secure.run(s, STAGE_DONE, pid=p.id, done="masked_input")
+                # Into the running sum before the commit, so that this message may end the stage itself.
+                added = self.sums.add(round_id, device_id, vec, 0)
+                self.driver.maybe_drive(s, r, self.ctx.clock(), one_less(r))
+        except BaseException:
+            if name is not None:
+                self.ctx.blobs.delete(name)
+            if added:  # not committed: take the vector out of the running sum again
+                self.sums.take_back(round_id, device_id, vec)
+            raise

@@ -1,0 +1,278 @@
+"""The round driver: open a round, drive it from stage to stage, finish or abandon it.
+
+``coordinator.rounds`` decides (pure functions over a round's rows); this module reads the rows,
+applies the decision in one transaction and records it. It runs on the ticker (deadlines) and after
+each device message that may have completed its stage. Everything it changes is in the database, so
+that a coordinator killed at any moment restarts and goes on from there.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from coordinator import audits, secure
+from coordinator.aggregation import Sums
+from coordinator.context import EngineContext
+from coordinator.errors import Invalid, NotFound
+from coordinator.finish import RoundFinisher
+from coordinator.models import Device, Event, Job, Participant, Round, utcnow
+from coordinator.queries import get_job
+from coordinator.rounds import (
+    ACTIVE,
+    DECLINED,
+    DROPPED,
+    STAGES,
+    Decision,
+    ParticipantView,
+    RoundView,
+    decide,
+    select_cohort,
+)
+from coordinator.statements import DROP, PARTICIPANTS, WAITING, RoundRow
+from shared.jobspec import JobSpec
+from shared.secagg.primitives import SecAggError
+from shared.tabular import DataSchemaError
+
+log = logging.getLogger("aicfl.coordinator")
+
+MAX_CONSECUTIVE_ABANDONED = 20
+
+
+class RoundDriver:
+    """Advances every running job's rounds; opens the next round when none runs."""
+
+    def __init__(self, ctx: EngineContext, sums: Sums, finisher: RoundFinisher):
+        self.ctx = ctx
+        self.sums = sums
+        self.finisher = finisher
+
+    def tick(self) -> None:
+        """One pass over every running job: advance rounds, open new ones."""
+        with self.ctx.read() as s:
+            job_ids = list(s.scalars(select(Job.id).where(Job.status == "running")))
+        for job_id in job_ids:
+            try:
+                self._tick_job(job_id)
+            except Exception:  # noqa: BLE001 - one job's failure must not stop the others
+                log.exception("tick of job %s failed", job_id)
+
+    def _tick_job(self, job_id: int) -> None:
+        now = self.ctx.clock()
+        with self.ctx.write() as s:
+            q = select(Job).where(Job.id == job_id)
+            job = s.scalar(q if self.ctx.sqlite else q.with_for_update(skip_locked=True))
+            if job is None or job.status != "running":
+                return
+            current = s.scalar(select(Round).where(Round.job_id == job_id, Round.status == "running"))
+            if current is not None:
+                self.drive(s, current, now)
+                return
+            self._open(s, job, now)
+
+    def maybe_drive(
+        self, s: Session | secure.Db, r: Round | RoundRow, now: float, waiting: int | None = None
+    ) -> None:
+        """Drive the round only if this message may have completed its stage (the ticker handles deadlines).
+
+        ``waiting``: the active participants yet to send this stage's message, when the caller knows.
+        """
+        if waiting is None:
+            waiting = secure.run(s, WAITING, round=r.id, stage=r.stage).scalar()
+        if not waiting or now >= r.stage_deadline:
+            self.drive(secure.orm(s), self.orm_round(secure.orm(s), r), now)
+        elif r.secure and r.stage == "unmask" and secure.SecureRound(s, r).can_unmask():
+            # Every secret has its t shares: the devices still silent cannot change the sum.
+            self.drive(secure.orm(s), self.orm_round(secure.orm(s), r), now, unmask_ready=True)
+
+    @staticmethod
+    def orm_round(s: Session, r: Round | RoundRow) -> Round:
+        """The round as an ORM object, to change it (its row is already locked by this transaction)."""
+        if isinstance(r, Round):
+            return r
+        row = s.get(Round, r.id)
+        if row is None:  # pragma: no cover - read in this transaction
+            raise NotFound(f"no round {r.id}")
+        return row
+
+    def drive(self, s: Session, r: Round, now: float, unmask_ready: bool = False) -> None:
+        """Apply ``rounds.decide`` to the round: wait, drop the late, advance, finish or abandon."""
+        # The participants as rows, not ORM objects: the device-message paths change them with Core statements.
+        parts = [ParticipantView(*row) for row in secure.run(s, PARTICIPANTS, round=r.id)]
+        view = RoundView(
+            kind=r.kind,
+            stage=r.stage,
+            deadline=r.stage_deadline,
+            minimum=r.minimum,
+            participants=tuple(parts),
+            secure=r.secure,
+        )
+        d = decide(view, now)
+        if (
+            d.action == "wait"
+            and r.secure
+            and r.stage == "unmask"
+            and (unmask_ready or secure.SecureRound(s, r).can_unmask())
+        ):
+            # Every secret has its t shares: the devices still silent cannot change the sum.
+            d = Decision("finish")
+        if d.action == "wait":
+            return
+        if d.drop:
+            reason = f"missed the deadline of stage {r.stage!r}"
+            secure.run(s, DROP, round=r.id, devices=list(d.drop), new_status=DROPPED, why=reason)
+            parts = [replace(p, status=DROPPED) if p.device_id in d.drop else p for p in parts]
+        if d.action == "abandon":
+            self.abandon(s, r, d.reason or "abandoned")
+        elif d.action == "advance":
+            self._advance(s, r, parts, d.next_stage or r.stage, now)
+        else:
+            job = get_job(s, r.job_id)
+            try:
+                self.finisher.finish(s, job, r, [p for p in parts if p.status == ACTIVE])
+            except (Invalid, DataSchemaError, ValueError, SecAggError) as err:
+                self.abandon(s, r, f"aggregation failed: {err}")
+                if r.kind == "stats":
+                    job.status = "failed"
+                    job.reason = f"statistics round failed: {err}"
+
+    def _advance(
+        self, s: Session, r: Round, parts: list[ParticipantView], next_stage: str, now: float
+    ) -> None:
+        spec = self.ctx.spec(s, r.job_id)
+        if r.secure and r.stage == "configure":
+            accepted = sorted(p.device_id for p in parts if p.status == ACTIVE)
+            try:
+                r.secagg = secure.setup(accepted, spec.secagg, r.job_id, r.number)
+                if r.kind == "stats":
+                    r.secagg = {**r.secagg, "vocabulary": secure.merged_vocabulary(s, r, accepted)}
+            except ValueError as err:
+                self.abandon(s, r, f"secure aggregation cannot run with {len(accepted)} devices: {err}")
+                return
+        if r.secure and r.stage == "masked_input" and self.ctx.sqlite:
+            lost = self.sums.store_masked(s, r)
+            if lost is not None:
+                self.abandon(s, r, lost)
+                return
+        r.stage = next_stage
+        r.stage_deadline = now + spec.cohort.stage_timeout
+
+    def abandon(self, s: Session, r: Round, reason: str) -> None:
+        """End the round without a new version (the model stays as it was); fail the job after too many."""
+        r.status = "abandoned"
+        r.reason = reason
+        r.ended_at = utcnow()
+        self.sums.discard(s, r)
+        job = get_job(s, r.job_id)
+        s.add(
+            Event(
+                actor="coordinator",
+                action="round.abandon",
+                target=f"{job.id}/{r.number}",
+                detail={"reason": reason},
+            )
+        )
+        log.warning("job %s round %s abandoned: %s", job.id, r.number, reason)
+        recent = list(
+            s.scalars(
+                select(Round.status)
+                .where(Round.job_id == job.id)
+                .order_by(Round.number.desc())
+                .limit(MAX_CONSECUTIVE_ABANDONED)
+            )
+        )
+        if (
+            len(recent) >= MAX_CONSECUTIVE_ABANDONED
+            and all(x == "abandoned" for x in recent)
+            and job.status == "running"
+        ):
+            job.status = "failed"
+            job.reason = f"{MAX_CONSECUTIVE_ABANDONED} rounds in a row were abandoned; last: {reason}"
+
+    def _eligible(self, s: Session, job: Job, now: float) -> list[str]:
+        busy = (
+            select(Participant.device_id)
+            .join(Round, Participant.round_id == Round.id)
+            .where(Round.status == "running", Participant.status == ACTIVE)
+        )
+        declined = (
+            select(Participant.device_id)
+            .join(Round, Participant.round_id == Round.id)
+            .where(Round.job_id == job.id, Participant.status == DECLINED)
+        )
+        return list(
+            s.scalars(
+                select(Device.id).where(
+                    Device.revoked_at.is_(None),
+                    Device.last_seen >= now - self.ctx.settings.eligibility_window,
+                    Device.id.not_in(busy),
+                    Device.id.not_in(declined),
+                )
+            )
+        )
+
+    def _next_kind(self, job: Job, spec: JobSpec, s: Session) -> str | None:
+        if job.preprocess is None:
+            return "stats"
+        if job.rounds_completed < spec.rounds:
+            return "train"
+        if self.ctx.settings.evaluate_after_last_round and spec.evaluation.federated:
+            evaluated = s.scalar(
+                select(Round.id).where(
+                    Round.job_id == job.id, Round.kind == "evaluate", Round.status == "completed"
+                )
+            )
+            if evaluated is None:
+                return "evaluate"
+        return None
+
+    def _open(self, s: Session, job: Job, now: float) -> None:
+        """Open the job's next round with a cohort of eligible devices, or complete the job."""
+        spec = JobSpec.model_validate(job.spec)
+        kind = self._next_kind(job, spec, s)
+        if kind is None:
+            job.status = "completed"
+            s.add(Event(actor="coordinator", action="job.complete", target=str(job.id)))
+            return
+        if kind == "train" and job.current_version is None:
+            return  # a pretrained job waits for `aicfl cluster pretrain` to upload version 0
+        if kind == "train" and audits.gate_holds(s, job, spec, now):
+            return  # the audit gate: the next round starts from a version whose audit is in
+        eligible = self._eligible(s, job, now)
+        waited = None if job.waiting_since is None else now - job.waiting_since
+        cohort = select_cohort(
+            eligible,
+            target=spec.cohort.target,
+            minimum=spec.cohort.minimum,
+            seed=spec.seed,
+            round_number=job.next_round,
+            waited=waited,
+            selection_timeout=spec.cohort.selection_timeout,
+        )
+        if cohort is None:
+            if len(eligible) >= spec.cohort.minimum and job.waiting_since is None:
+                job.waiting_since = now
+            elif len(eligible) < spec.cohort.minimum:
+                job.waiting_since = None
+            return
+        r = Round(
+            job_id=job.id,
+            number=job.next_round,
+            kind=kind,
+            # SecAgg+ parameters and the neighbour graph are fixed once configure says who takes part.
+            secure=kind in ("train", "stats") and spec.secure,
+            secagg=None,
+            stage=STAGES[kind][0],
+            stage_deadline=now + spec.cohort.stage_timeout,
+            minimum=spec.cohort.minimum,
+            model_version_in=job.current_version if kind != "stats" else None,
+        )
+        s.add(r)
+        s.flush()
+        s.add_all(Participant(round_id=r.id, device_id=d) for d in cohort)
+        job.next_round += 1
+        job.waiting_since = None
+        log.info("job %s round %s (%s) opened with %d devices", job.id, r.number, kind, len(cohort))

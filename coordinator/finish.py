@@ -1,0 +1,226 @@
+"""What a completed round produces.
+
+A statistics round fixes the job's preprocessing and, unless the job waits for a pre-trained one,
+its version 0. A training round turns the aggregate into the job's next version through the job's
+strategy (registered, signed, queued for audit). An evaluation round files the devices' federated
+metrics with the version they evaluated. Any error here abandons the round (see ``driver``): the
+model does not change.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from coordinator import audits, registry, secure
+from coordinator.aggregation import Sums
+from coordinator.context import EngineContext
+from coordinator.errors import Invalid
+from coordinator.evaluation import weighted_mean
+from coordinator.models import Event, Job, ModelVersion, Round, RoundMessage, utcnow
+from coordinator.rounds import ParticipantView
+from coordinator.strategies import apply_strategy
+from shared.jobspec import JobSpec
+from shared.secagg import statistics as secagg_statistics
+from shared.secagg.protocol import finish as secagg_finish
+from shared.secagg.protocol import unmask_total
+from shared.tabular import Preprocessor, merge_statistics
+from shared.zoo import architecture, build_model, flatten_parameters
+
+
+class RoundFinisher:
+    """Turns a round whose last stage is done into its outcome, in the caller's transaction."""
+
+    def __init__(self, ctx: EngineContext, sums: Sums):
+        self.ctx = ctx
+        self.sums = sums
+
+    def finish(self, s: Session, job: Job, r: Round, active: list[ParticipantView]) -> None:
+        """Complete round ``r`` from the inputs of its ``active`` participants."""
+        spec = JobSpec.model_validate(job.spec)
+        msgs = {
+            m.device_id: m
+            for m in s.scalars(
+                select(RoundMessage).where(RoundMessage.round_id == r.id, RoundMessage.stage == "input")
+            )
+        }
+        senders = [p.device_id for p in active if p.device_id in msgs]
+        if r.kind == "stats" and r.secure:
+            sr = secure.SecureRound(s, r)
+            total, _ = self.sums.masked(r, sr, len(sr.layout()))
+            merged = secagg_statistics.decode(
+                unmask_total(total, **sr.reconstruction_inputs()), spec.data, sr.vocabulary
+            )
+            self._stats(s, job, spec, [merged])
+        elif r.kind == "stats":
+            self._stats(s, job, spec, [msgs[d].payload["statistics"] for d in senders])
+        elif r.kind == "train" and r.secure:
+            self._train(s, job, spec, r, [], secure.SecureRound(s, r))
+        elif r.kind == "train":
+            self._train(s, job, spec, r, [msgs[d] for d in senders])
+        else:
+            fed = weighted_mean(
+                [(int(msgs[d].payload["examples"]), msgs[d].payload["metrics"]) for d in senders]
+            )
+            r.metrics = {"federated": fed}
+            self._record_federated(s, job, r.model_version_in, fed)
+        r.status = "completed"
+        r.ended_at = utcnow()
+        s.add(
+            Event(
+                actor="coordinator",
+                action="round.complete",
+                target=f"{job.id}/{r.number}",
+                detail={"participants": len(senders)},
+            )
+        )
+
+    def _stats(self, s: Session, job: Job, spec: JobSpec, stats: list[dict[str, Any]]) -> None:
+        merged = merge_statistics(stats)
+        pre = Preprocessor.from_statistics(merged, spec.data)
+        job.preprocess = pre.to_dict()
+        arch = architecture(spec.model, pre.input_dim, pre.output_dim)
+        existing = s.scalar(
+            select(ModelVersion).where(ModelVersion.job_id == job.id, ModelVersion.version == 0)
+        )
+        if existing is not None:
+            header, _ = registry.load_vector(self.ctx.blobs, existing)
+            if header.get("arch") != arch:
+                raise Invalid(
+                    f"version 0 was built for {header.get('arch')}, but the federation's data needs {arch}"
+                )
+            job.current_version = 0
+            return
+        if spec.model.initial == "pretrained":
+            # `aicfl cluster pretrain` reads this preprocessing, trains exactly this network
+            # centrally and uploads it as version 0; training rounds wait for it.
+            s.add(
+                Event(
+                    actor="coordinator",
+                    action="job.awaiting_pretrain",
+                    target=str(job.id),
+                    detail={"arch": arch},
+                )
+            )
+            return
+        model = build_model(arch, seed=spec.seed)
+        vector = flatten_parameters(model)
+        row = registry.register_version(
+            s,
+            self.ctx.blobs,
+            self.ctx.key,
+            job_id=job.id,
+            version=0,
+            vector=vector,
+            arch=arch,
+            preprocess=job.preprocess,
+            parent=None,
+            round_number=None,
+            provenance={"source": "initialised", "seed": spec.seed, "statistics_rows": merged.get("rows")},
+        )
+        audits.enqueue(s, job, 0, self.ctx.clock())
+        self.ctx.remember(
+            job.id, row.sha256, {"arch": arch, "preprocess": job.preprocess, "version": 0}, vector
+        )
+        job.current_version = 0
+
+    def _train(
+        self,
+        s: Session,
+        job: Job,
+        spec: JobSpec,
+        r: Round,
+        msgs: list[RoundMessage],
+        sr: secure.SecureRound | None = None,
+    ) -> None:
+        t0 = time.perf_counter()
+        current_row = registry.get_version(s, job.id, r.model_version_in)
+        header, current = self.ctx.vector(job.id, current_row)
+        unmask_seconds: float | None = None
+        # What each contributor said beside its vector (example count, loss, metrics), in sender order.
+        payloads = [m.payload for m in msgs]
+        if sr is not None:
+            payloads = [p for _, p in sorted(sr.payloads("masked_input").items())]
+            total, incremental = self.sums.masked(r, sr, current.size + 1)
+            t_unmask = time.perf_counter()
+            mean_delta, examples = secagg_finish(unmask_total(total, **sr.reconstruction_inputs()), sr.params)
+            unmask_seconds = time.perf_counter() - t_unmask
+            mean: np.ndarray = current + mean_delta
+        else:
+            total, examples, incremental = self.sums.plain(r, msgs, current.size)
+            mean = current + total / np.float32(examples)
+        state = self.ctx.blobs.get(job.strategy_state_sha256) if job.strategy_state_sha256 else None
+        new, new_state = apply_strategy(
+            spec.strategy, current, mean, examples, job.rounds_completed + 1, state
+        )
+        version = registry.get_version(s, job.id).version + 1
+        # Under secure aggregation a device's example count stays inside the masked sum.
+        train_loss = weighted_mean(
+            [(int(m.get("num_examples", 1)), {"loss": m["train_loss"]}) for m in payloads]
+        )
+        row = registry.register_version(
+            s,
+            self.ctx.blobs,
+            self.ctx.key,
+            job_id=job.id,
+            version=version,
+            vector=new,
+            arch=header["arch"],
+            preprocess=job.preprocess,
+            parent=current_row.version,
+            round_number=r.number,
+            metrics={"train_loss": train_loss.get("loss")},
+            provenance={
+                "source": "federated",
+                "round": r.number,
+                "participants": len(payloads),
+                "examples": examples,
+            },
+        )
+        if new_state is not None:
+            job.strategy_state_sha256 = self.ctx.blobs.put(new_state)
+        self.ctx.remember(job.id, row.sha256, {**header, "version": row.version}, new)
+        finalize = time.perf_counter() - t0
+        r.aggregation_seconds = incremental + finalize
+        r.model_version_out = row.version
+        audit = audits.enqueue(s, job, row.version, self.ctx.clock())
+        if audit is not None and spec.audit.gate:
+            row.released = False  # released when its audit's verdict is ok
+        else:
+            job.current_version = row.version
+        job.rounds_completed += 1
+        fed = weighted_mean([(int(m.get("holdout_examples", 0)), m.get("metrics", {})) for m in payloads])
+        metrics: dict[str, Any] = {
+            "train_loss": train_loss.get("loss"),
+            "examples": examples,
+            "aggregation": {
+                "accumulate_cpu_seconds": incremental,
+                "finalize_seconds": finalize,
+                "from_store": incremental == 0.0,
+            },
+            "secure": sr is not None,
+        }
+        if unmask_seconds is not None:
+            metrics["unmask_seconds"] = unmask_seconds
+        central = self.ctx.central(job, spec, header["arch"], new)
+        if central:
+            metrics["central"] = central
+            row.metrics = {**row.metrics, "central": central}
+        r.metrics = metrics
+        if fed:
+            self._record_federated(s, job, current_row.version, fed)
+        self.sums.discard(s, r)
+
+    def _record_federated(self, s: Session, job: Job, version: int | None, fed: dict[str, float]) -> None:
+        """Federated metrics describe the model the devices received: file them with its version."""
+        if version is None:
+            return
+        mv = registry.get_version(s, job.id, version)
+        mv.metrics = {**mv.metrics, "federated": fed}
+        producer = s.scalar(select(Round).where(Round.job_id == job.id, Round.model_version_out == version))
+        if producer is not None:
+            producer.metrics = {**producer.metrics, "federated": fed}

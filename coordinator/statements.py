@@ -1,0 +1,123 @@
+"""The prebuilt SQL of the device-message paths, and the rows they read.
+
+Device messages are the coordinator's most frequent requests. Each path runs a few statements built
+once at import: building a statement costs several times what running it costs (see ``secure.run``),
+and plain rows spare the ORM's identity map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, bindparam, func, insert, join, or_, select, update
+from sqlalchemy.orm import aliased
+
+from coordinator.models import Device, ModelVersion, Participant, Round, RoundMessage
+from coordinator.rounds import ACTIVE
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    """A round's row as the device-message paths read it: one Core statement, no ORM object to track."""
+
+    id: int
+    job_id: int
+    number: int
+    kind: str
+    stage: str
+    status: str
+    stage_deadline: float
+    secure: bool
+    secagg: dict[str, Any] | None
+    model_version_in: int | None
+    # Active participants that had not sent the current stage's message when the row was read.
+    waiting: int | None = None
+
+
+@dataclass(frozen=True)
+class PartRow:
+    """A device's participant row in a round, as the device-message paths read it."""
+
+    id: int
+    status: str
+    stage_done: str | None
+    reason: str | None
+
+
+ROUND_COLUMNS = (
+    Round.id,
+    Round.job_id,
+    Round.number,
+    Round.kind,
+    Round.stage,
+    Round.status,
+    Round.stage_deadline,
+    Round.secure,
+    Round.secagg,
+    Round.model_version_in,
+)
+PART_COLUMNS = (Participant.id, Participant.status, Participant.stage_done, Participant.reason)
+_OTHERS = aliased(Participant)
+_WAITING_NOW = (
+    select(func.count())
+    .select_from(_OTHERS)
+    .where(
+        _OTHERS.round_id == Round.id,
+        _OTHERS.status == ACTIVE,
+        or_(_OTHERS.stage_done.is_(None), _OTHERS.stage_done != Round.stage),
+    )
+    .correlate(Round)
+    .scalar_subquery()
+)
+PARTICIPATION = (
+    select(*ROUND_COLUMNS, _WAITING_NOW, *PART_COLUMNS)
+    .outerjoin(
+        Participant,
+        and_(Participant.round_id == Round.id, Participant.device_id == bindparam("device")),
+    )
+    .where(Round.id == bindparam("round"))
+)
+PARTICIPATION_LOCKED = PARTICIPATION.with_for_update(of=Round)
+# The device, and the rounds running with it active in them (none: one row of NULLs after its columns).
+CHECKIN = (
+    select(Device.last_seen, Device.agent_version, Device.peak_rss_mb, *ROUND_COLUMNS, Participant.stage_done)
+    .select_from(Device)
+    .outerjoin(
+        join(Participant, Round, and_(Round.id == Participant.round_id, Round.status == "running")),
+        and_(Participant.device_id == Device.id, Participant.status == ACTIVE),
+    )
+    .where(Device.id == bindparam("device"))
+)
+DEVICE_SEEN_SET = (
+    update(Device)
+    .where(Device.id == bindparam("device"))
+    .values(last_seen=bindparam("seen"), agent_version=bindparam("version"), peak_rss_mb=bindparam("rss"))
+)
+STAGE_DONE = (
+    update(Participant).where(Participant.id == bindparam("pid")).values(stage_done=bindparam("done"))
+)
+ADD_MESSAGE = insert(RoundMessage)
+WAITING = (
+    select(func.count())
+    .select_from(Participant)
+    .where(
+        Participant.round_id == bindparam("round"),
+        Participant.status == ACTIVE,
+        or_(Participant.stage_done.is_(None), Participant.stage_done != bindparam("stage")),
+    )
+)
+PARTICIPANTS = select(Participant.device_id, Participant.status, Participant.stage_done).where(
+    Participant.round_id == bindparam("round")
+)
+DROP = (
+    update(Participant)
+    .where(
+        Participant.round_id == bindparam("round"),
+        Participant.device_id.in_(bindparam("devices", expanding=True)),
+    )
+    .values(status=bindparam("new_status"), reason=bindparam("why"))
+)
+NUM_PARAMETERS = select(ModelVersion.num_parameters).where(
+    ModelVersion.job_id == bindparam("job"), ModelVersion.version == bindparam("version")
+)
