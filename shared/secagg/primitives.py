@@ -1,7 +1,7 @@
 """Cryptographic primitives of SecAgg+ (Bonawitz et al., CCS 2017, section 3; Bell et al., CCS 2020).
 
 X25519, HKDF-SHA256, AES-GCM and AES-CTR come from ``cryptography``. Shamir
-secret sharing is a small prime-field version over Python integers (DESIGN.md
+secret sharing is a small prime-field version over Python integers (docs/architecture.md
 allows it once a benchmark shows the library's version dominates the round:
 pycryptodome's combine took 87-98% of the coordinator's unmask time, see
 BENCHMARKS.md), with its coefficients from ``secrets`` and property tests in

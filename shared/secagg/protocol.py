@@ -30,7 +30,7 @@ device that then cannot decrypt one of them refuses the whole stage, so a
 survivor's pairwise masks are exactly those with its graph neighbours in
 ``shared``.
 
-Security model: the coordinator is honest-but-curious (DESIGN.md). Messages
+Security model: the coordinator is honest-but-curious (docs/secagg.md, "Threat model"). Messages
 carry strings and bytes only; numpy vectors stay with the caller's codec.
 """
 

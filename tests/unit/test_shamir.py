@@ -1,6 +1,6 @@
 """Shamir secret sharing over GF(2**256 + 297) (shared/secagg/primitives.py): the field, known answers, properties.
 
-The implementation replaced pycryptodome's (DESIGN.md, SecAgg+; issue 3), so
+The implementation replaced pycryptodome's (docs/architecture.md, "SecAgg+ rules"; issue 3), so
 these tests check it from outside: the prime by Miller-Rabin, shares of
 polynomials written out by hand, and with hypothesis that any t shares
 rebuild the secret in any order, that t - 1 shares are consistent with every
