@@ -20,6 +20,7 @@ from typing import Any
 
 from rich.console import Console
 
+from server.console import api_client, watch_job
 from shared import codec
 from shared.api_client import ApiClient, CliError
 from shared.datasets import load_dataset, natural_split, test_split
@@ -277,7 +278,7 @@ def run_demo(
             env,
         )
         wait_healthy(url, server)
-        api = ApiClient(url, token)
+        api = api_client(url, token)
         cluster_env = {**env, "AICFL_URL": url, "AICFL_TOKEN": token}
         audit_worker = None
         if spec.audit.enabled:
@@ -352,8 +353,6 @@ def run_demo(
                 "pre-training",
                 timeout=900,
             )  # fmt: skip
-        from server.cli import watch_job
-
         final_job = watch_job(api, job["id"], interval=0.5, out=console)
         if final_job["status"] != "completed":
             raise DemoError(f"job {job_id} ended {final_job['status']}: {final_job['reason']}")

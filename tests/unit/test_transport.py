@@ -5,7 +5,7 @@ from __future__ import annotations
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from client_agent.transport import KEEPALIVE_SECONDS, SignedClient
-from server.cli import SERVER_KEEPALIVE_SECONDS
+from server.cli.server import SERVER_KEEPALIVE_SECONDS
 
 
 def test_agent_drops_idle_connections_well_before_the_coordinator_does() -> None:

@@ -1,0 +1,69 @@
+"""``aicfl demo``: a whole federation on this machine (the work is done by server.demo)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from server.console import console, metrics_text
+from shared.api_client import CliError
+
+
+def demo_cmd(
+    devices: int = typer.Option(6, "--devices", min=2, max=64),
+    rounds: int = typer.Option(10, "--rounds", min=1, max=1000),
+    dataset: str = typer.Option("mlc_churn", "--dataset"),
+    out: Path = typer.Option(Path("demo-out"), "--out"),
+    seed: int = typer.Option(7, "--seed"),
+    pretrain: bool = typer.Option(
+        True, "--pretrain/--no-pretrain", help="Horovod pre-training of version 0 on pooled central rows."
+    ),
+    automl: bool = typer.Option(
+        True, "--automl/--no-automl", help="An H2O AutoML baseline on the central rows."
+    ),
+    automl_secs: int = typer.Option(30, "--automl-secs", min=5, max=3600, help="AutoML's time budget."),
+    pretrain_np: int = typer.Option(2, "--pretrain-np", min=1, max=64),
+    pretrain_epochs: int = typer.Option(10, "--pretrain-epochs", min=1, max=1000),
+    central_share: float = typer.Option(
+        0.1,
+        "--central-share",
+        min=0.01,
+        max=0.9,
+        help="Share of the training rows pooled as central (public/proxy) data; no device holds them.",
+    ),
+) -> None:
+    """Run a whole federation on this machine: server, real agent processes, a real dataset."""
+    from server.demo import DemoError, run_demo
+
+    try:
+        summary = run_demo(
+            devices=devices,
+            rounds=rounds,
+            dataset=dataset,
+            out=out,
+            seed=seed,
+            pretrain=pretrain,
+            automl=automl,
+            automl_seconds=automl_secs,
+            pretrain_np=pretrain_np,
+            pretrain_epochs=pretrain_epochs,
+            central_share=central_share,
+            console=console,
+        )
+    except DemoError as err:
+        raise CliError(str(err)) from None
+    console.print(f"summary written to {out / 'summary.json'}")
+    final, ceiling = summary["final"], summary["ceiling"]
+    console.print(f"final:   {metrics_text(final)}")
+    console.print(f"ceiling: {metrics_text(ceiling)}")
+    if summary.get("baseline"):
+        b = summary["baseline"]
+        console.print(f"AutoML:  {b['leader']}  {metrics_text(b['metrics'])}")
+    if summary.get("pretrain"):
+        console.print(f"version 0 pre-trained: {metrics_text(summary['pretrain']['metrics'].get('central'))}")
+    verdicts = [a["verdict"] for a in summary.get("audits", [])]
+    if verdicts:
+        console.print(
+            f"audits:  {len(verdicts)} versions, {verdicts.count('ok')} ok, {verdicts.count('drift')} drift"
+        )

@@ -1,0 +1,121 @@
+"""``aicfl jobs``: submit, list, show and cancel federated jobs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from server.console import JSON_OPT, client, console, emit_json, fmt, metrics_text
+from shared.api_client import CliError
+from shared.jobspec import JobSpecError, load_spec
+
+app = typer.Typer(help="Federated jobs.", no_args_is_help=True)
+
+
+@app.command("submit")
+def jobs_submit(spec_file: Path, as_json: bool = JSON_OPT) -> None:
+    """Validate a TOML job spec, submit it, and upload its reference data."""
+    try:
+        spec = load_spec(spec_file)
+    except JobSpecError as err:
+        raise CliError(f"{spec_file}: {err}") from None
+    reference = None
+    if spec.evaluation.reference:
+        ref = Path(spec.evaluation.reference)
+        if not ref.is_absolute():
+            ref = spec_file.parent / ref
+        if not ref.is_file():
+            raise CliError(f"{spec_file}: evaluation.reference: no such file {ref}")
+        reference = ref.read_bytes()
+    api = client()
+    job = api.json("POST", "/v1/jobs", json=spec.model_dump(mode="json"))
+    if reference is not None:
+        try:
+            api.request("PUT", f"/v1/jobs/{job['id']}/reference", content=reference)
+        except CliError as err:
+            api.request("POST", f"/v1/jobs/{job['id']}/cancel")
+            raise CliError(f"job {job['id']} cancelled: {err}") from None
+    if as_json:
+        return emit_json(job)
+    print(f"submitted job {job['id']} ({job['name']})")
+    for w in job.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}")
+
+
+@app.command("list")
+def jobs_list(as_json: bool = JSON_OPT) -> None:
+    rows = client().json("GET", "/v1/jobs")
+    if as_json:
+        return emit_json(rows)
+    table = Table("id", "name", "status", "rounds", "version", "created")
+    for j in rows:
+        table.add_row(
+            str(j["id"]),
+            j["name"],
+            j["status"],
+            f"{j['rounds_completed']}/{j['rounds']}",
+            fmt(j["current_version"]),
+            str(j["created_at"])[:19],
+        )
+    console.print(table)
+
+
+@app.command("show")
+def jobs_show(job_id: int, as_json: bool = JSON_OPT) -> None:
+    j = client().json("GET", f"/v1/jobs/{job_id}")
+    if as_json:
+        return emit_json(j)
+    spec = j["spec"]
+    console.print(
+        f"[bold]job {j['id']}[/] {j['name']}  status={j['status']}"
+        + (f"  ({j['reason']})" if j["reason"] else "")
+    )
+    console.print(
+        f"rounds {j['rounds_completed']}/{j['rounds']}  model version {fmt(j['current_version'])}  "
+        f"strategy {spec['strategy']['name']}  model {spec['model']['zoo']} {spec['model']['hidden']}  "
+        f"cohort {spec['cohort']['minimum']}..{spec['cohort']['target']}"
+    )
+    m = j.get("latest_metrics") or {}
+    console.print(f"central:   {metrics_text(m.get('central'))}")
+    console.print(f"federated: {metrics_text(m.get('federated'))}")
+    if j.get("latest_round"):
+        r = j["latest_round"]
+        console.print(
+            f"latest round {r['number']} ({r['kind']}): {r['status']} stage={r['stage']}"
+            + (f" reason: {r['reason']}" if r["reason"] else "")
+        )
+    if j.get("waiting_for"):
+        console.print(f"waiting for {j['waiting_for']}")
+    if j.get("pretrain"):
+        p = j["pretrain"]
+        console.print(
+            f"pretrain:  world size {p['world_size']}, {p['epochs']} epochs  "
+            f"{metrics_text((p.get('metrics') or {}).get('central'))}"
+        )
+    if j.get("baseline"):
+        b = j["baseline"]
+        console.print(f"baseline:  {b['leader']} ({b['algorithm']})  {metrics_text(b['metrics'])}")
+        console.print(f"federated model on the same rows: {metrics_text(m.get('central'))}")
+    if j.get("audit"):
+        a = j["audit"]
+        done = a.get("latest_verdict")
+        verdict = f"version {done['version']}: {done['verdict']}" if done else "no audit finished yet"
+        console.print(f"audit:     {verdict}  (version {a['version']} {a['status']})")
+    for w in j.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}")
+
+
+@app.command("schema")
+def jobs_schema() -> None:
+    """Print the job spec reference (Markdown), generated from the schema."""
+    from shared.jobspec import reference_markdown
+
+    print(reference_markdown())
+
+
+@app.command("cancel")
+def jobs_cancel(job_id: int) -> None:
+    j = client().json("POST", f"/v1/jobs/{job_id}/cancel")
+    print(f"job {j['id']} {j['status']}")

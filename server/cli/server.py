@@ -1,0 +1,114 @@
+"""``aicfl server``: run the coordinator."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+
+from server.console import connection
+from shared.api_client import CliError
+
+app = typer.Typer(help="Run the coordinator.", no_args_is_help=True)
+
+# How long the coordinator keeps an idle connection open. Agents drop theirs
+# sooner (client_agent.transport.KEEPALIVE_SECONDS), so neither side sends on a
+# connection the other is closing.
+SERVER_KEEPALIVE_SECONDS = 5
+
+
+@app.command("start")
+def server_start(
+    db: str | None = typer.Option(
+        None, "--db", envvar="AICFL_DB", help="Database URL (default: SQLite under --data-dir)."
+    ),
+    data_dir: Path = typer.Option(
+        Path("aicfl-data"), "--data-dir", envvar="AICFL_DATA_DIR", help="Blobs, keys and the SQLite file."
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", envvar="AICFL_HOST"),
+    port: int = typer.Option(8080, "--port", envvar="AICFL_PORT"),
+    tls_cert: Path | None = typer.Option(
+        None, "--tls-cert", envvar="AICFL_TLS_CERT", help="PEM certificate; enables HTTPS with --tls-key."
+    ),
+    tls_key: Path | None = typer.Option(None, "--tls-key", envvar="AICFL_TLS_KEY"),
+    signing_key: Path | None = typer.Option(
+        None,
+        "--signing-key",
+        envvar="AICFL_SIGNING_KEY_FILE",
+        help="Model-signing key (PEM); replicas must share one.",
+    ),
+    log_level: str = typer.Option("info", "--log-level", envvar="AICFL_LOG_LEVEL"),
+    with_audit_worker: bool = typer.Option(
+        False,
+        "--with-audit-worker",
+        envvar="AICFL_WITH_AUDIT_WORKER",
+        help="Also run a SHAP audit worker process beside the server (needs an admin token: AICFL_TOKEN).",
+    ),
+) -> None:
+    """Start the coordinator API (migrations are applied first)."""
+    import logging
+
+    import uvicorn
+
+    from server.app import create_app
+    from server.settings import ServerSettings
+
+    if (tls_cert is None) != (tls_key is None):
+        raise CliError("--tls-cert and --tls-key go together")
+    for f in (tls_cert, tls_key):
+        if f is not None and not f.is_file():
+            raise CliError(f"{f}: no such file")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ServerSettings(
+        db=db,
+        data_dir=data_dir,
+        host=host,
+        port=port,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        log_level=log_level,
+    )
+    try:
+        application = create_app(settings)
+    except Exception as err:  # noqa: BLE001 - a bad URL or unreachable database: one line
+        raise CliError(f"cannot start the coordinator: {err}") from None
+    worker = _start_audit_worker(host, port, tls_cert is not None) if with_audit_worker else None
+    try:
+        uvicorn.run(
+            application,
+            host=host,
+            port=port,
+            log_level=log_level,
+            timeout_keep_alive=SERVER_KEEPALIVE_SECONDS,
+            ssl_certfile=str(tls_cert) if tls_cert else None,
+            ssl_keyfile=str(tls_key) if tls_key else None,
+        )
+    finally:
+        if worker is not None:
+            worker.terminate()
+            try:
+                worker.wait(timeout=30)
+            except Exception:  # noqa: BLE001 - it had its chance to finish its audit
+                worker.kill()
+
+
+def _start_audit_worker(host: str, port: int, tls: bool) -> subprocess.Popen[bytes]:
+    """``aicfl audit worker`` as a child process that talks to this server over its API."""
+    token = connection.token or os.environ.get("AICFL_TOKEN")
+    if not token:
+        raise CliError(
+            "--with-audit-worker needs an admin token for the worker (set AICFL_TOKEN or pass --token)"
+        )
+    connect = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    env = {
+        **os.environ,
+        "AICFL_URL": f"{'https' if tls else 'http'}://{connect}:{port}",
+        "AICFL_TOKEN": token,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "server", "audit", "worker", "--wait-for-server", "60", "--exit-with-parent"],
+        env=env,
+    )
