@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
-from coordinator import audits, registry
+from coordinator import audits
 from coordinator.context import EngineContext
 from coordinator.errors import Conflict, Invalid, NotFound
 from coordinator.models import Audit, Baseline, Event, Job, ModelVersion, utcnow
@@ -86,17 +86,11 @@ class ClusterHooks:
             if vec.size != parameter_count(arch):
                 raise Invalid(f"version 0 has {vec.size} parameters; {arch} has {parameter_count(arch)}")
             vector = np.array(vec, dtype=np.float32)
-            row = registry.register_version(
+            row = self.ctx.register(
                 s,
-                self.ctx.blobs,
-                self.ctx.key,
-                job_id=job_id,
-                version=0,
-                vector=vector,
-                arch=arch,
-                preprocess=job.preprocess,
-                parent=None,
-                round_number=None,
+                job,
+                vector,
+                arch,
                 metrics=provenance.get("metrics") if isinstance(provenance.get("metrics"), dict) else {},
                 provenance={**provenance, "source": "pretrain", "uploaded_by": actor},
             )
@@ -112,9 +106,6 @@ class ClusterHooks:
                     target=str(job_id),
                     detail={k: provenance.get(k) for k in ("data_sha256", "world_size", "epochs")},
                 )
-            )
-            self.ctx.remember(
-                job_id, row.sha256, {"arch": arch, "preprocess": job.preprocess, "version": 0}, vector
             )
             return row
 

@@ -133,9 +133,41 @@ class EngineContext:
 
     # -- model versions ----------------------------------------------------
 
-    def remember(self, job_id: int, sha256: str, header: dict[str, Any], vector: np.ndarray) -> None:
-        """Keep the version just registered in memory: the next round starts from it."""
-        self._latest[job_id] = (sha256, header, vector)
+    def register(
+        self,
+        s: Session,
+        job: Job,
+        vector: np.ndarray,
+        arch: dict[str, Any],
+        *,
+        version: int = 0,
+        parent: int | None = None,
+        round_number: int | None = None,
+        metrics: dict[str, Any] | None = None,
+        provenance: dict[str, Any] | None = None,
+    ) -> ModelVersion:
+        """Register a version of ``job`` (content-hashed, signed) and keep it in memory: the next round
+        starts from it."""
+        row = registry.register_version(
+            s,
+            self.blobs,
+            self.key,
+            job_id=job.id,
+            version=version,
+            vector=vector,
+            arch=arch,
+            preprocess=job.preprocess,
+            parent=parent,
+            round_number=round_number,
+            metrics=metrics,
+            provenance=provenance,
+        )
+        self._latest[job.id] = (
+            row.sha256,
+            {"arch": arch, "preprocess": job.preprocess, "version": version},
+            vector,
+        )
+        return row
 
     def vector(self, job_id: int, row: ModelVersion) -> tuple[dict[str, Any], np.ndarray]:
         """A version's header and parameters, from memory when this process made it."""

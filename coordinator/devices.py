@@ -130,6 +130,29 @@ class DeviceProtocol:
 
     # -- plain stages --------------------------------------------------------
 
+    @staticmethod
+    def _store(
+        s: secure.Db,
+        round_id: int,
+        device_id: str,
+        stage: str,
+        payload: dict[str, Any],
+        blob: str | None = None,
+        done: int | None = None,
+    ) -> None:
+        """Record the device's message of ``stage``; with ``done`` (its participant id), mark the stage sent."""
+        secure.run(
+            s,
+            ADD_MESSAGE,
+            round_id=round_id,
+            device_id=device_id,
+            stage=stage,
+            payload=payload,
+            blob_sha256=blob,
+        )
+        if done is not None:
+            secure.run(s, STAGE_DONE, pid=done, done=stage)
+
     def _load(
         self, s: secure.Db, device_id: str, round_id: int, lock: bool = True
     ) -> tuple[RoundRow | None, PartRow | None]:
@@ -155,14 +178,7 @@ class DeviceProtocol:
                     update(Participant).where(Participant.id == p.id).values(status=DECLINED, reason=reason),
                 )
                 log.info("device %s declined round %s of job %s: %s", device_id, r.number, r.job_id, reason)
-            secure.run(
-                s,
-                ADD_MESSAGE,
-                round_id=round_id,
-                device_id=device_id,
-                stage="configure",
-                payload=msg.model_dump(),
-            )
+            self._store(s, round_id, device_id, "configure", msg.model_dump())
             self.driver.maybe_drive(s, r, now, one_less(r))
 
     def input_json(self, device_id: str, round_id: int, body: dict[str, Any]) -> None:
@@ -184,8 +200,7 @@ class DeviceProtocol:
                     )
             except ValueError as err:
                 raise Invalid(f"{r.kind} message: {err}") from None
-            secure.run(s, ADD_MESSAGE, round_id=round_id, device_id=device_id, stage="input", payload=payload)
-            secure.run(s, STAGE_DONE, pid=p.id, done="input")
+            self._store(s, round_id, device_id, "input", payload, done=p.id)
             self.driver.maybe_drive(s, r, now, one_less(r))
 
     def update(self, device_id: str, round_id: int, body: bytes) -> None:
@@ -204,15 +219,7 @@ class DeviceProtocol:
         sha = self.ctx.blobs.put(body)
         with self.ctx.device_write() as s:
             r, p = self._participation(s, device_id, round_id, "input", self.ctx.clock())
-            secure.run(
-                s,
-                ADD_MESSAGE,
-                round_id=round_id,
-                device_id=device_id,
-                stage="input",
-                payload=meta,
-                blob_sha256=sha,
-            )
+            self._store(s, round_id, device_id, "input", meta, blob=sha)
             secure.run(
                 s,
                 update(Participant)
@@ -300,10 +307,7 @@ class DeviceProtocol:
                 except secure.Refused as err:
                     problem = f"{stage} message refused: {err}"
                 else:
-                    secure.run(
-                        s, ADD_MESSAGE, round_id=round_id, device_id=device_id, stage=stage, payload=payload
-                    )
-                    secure.run(s, STAGE_DONE, pid=p.id, done=stage)
+                    self._store(s, round_id, device_id, stage, payload, done=p.id)
                     self.driver.maybe_drive(s, r, self.ctx.clock(), one_less(r))
             if problem is not None:
                 self._exclude_in(s, r, device_id, p, problem)
@@ -338,16 +342,7 @@ class DeviceProtocol:
         try:
             with self.ctx.device_write() as s:
                 r, p = self._participation(s, device_id, round_id, "masked_input", self.ctx.clock())
-                secure.run(
-                    s,
-                    ADD_MESSAGE,
-                    round_id=round_id,
-                    device_id=device_id,
-                    stage="masked_input",
-                    payload=meta,
-                    blob_sha256=name,
-                )
-                secure.run(s, STAGE_DONE, pid=p.id, done="masked_input")
+                self._store(s, round_id, device_id, "masked_input", meta, blob=name, done=p.id)
                 # Into the running sum before the commit, so that this message may end the stage itself.
                 added = self.sums.add(round_id, device_id, vec, 0)
                 self.driver.maybe_drive(s, r, self.ctx.clock(), one_less(r))

@@ -37,8 +37,8 @@ from coordinator.jobs import JobAdmin
 __all__ = ["EngineSettings", "Federation"]
 
 
-class Federation:
-    """The parts of the engine, wired to one context; ``read``/``write`` and the blob store are shared."""
+class Federation(EngineContext):
+    """The engine's context (sessions, blobs, key, clock) with its parts attached, each sharing it."""
 
     def __init__(
         self,
@@ -48,27 +48,13 @@ class Federation:
         settings: EngineSettings | None = None,
         clock: Callable[[], float] = time.time,
     ):
-        self.ctx = ctx = EngineContext(factory, blobs, signing_key, settings, clock)
-        self.sums = Sums(ctx)
-        self.driver = RoundDriver(ctx, self.sums, RoundFinisher(ctx, self.sums))
-        self.jobs = JobAdmin(ctx, self.driver)
-        self.devices = DeviceProtocol(ctx, self.driver, self.sums)
-        self.cluster = ClusterHooks(ctx)
-        self.audits = AuditQueue(ctx)
-        # What the routers and operator queries share with the parts.
-        self.read = ctx.read
-        self.write = ctx.write
-        self.blobs = ctx.blobs
-        self.key = ctx.key
-        self.settings = ctx.settings
-
-    @property
-    def clock(self) -> Callable[[], float]:
-        return self.ctx.clock
-
-    @clock.setter
-    def clock(self, clock: Callable[[], float]) -> None:  # a test or a simulation moves time on
-        self.ctx.clock = clock
+        super().__init__(factory, blobs, signing_key, settings, clock)
+        self.sums = Sums(self)
+        self.driver = RoundDriver(self, self.sums, RoundFinisher(self, self.sums))
+        self.jobs = JobAdmin(self, self.driver)
+        self.devices = DeviceProtocol(self, self.driver, self.sums)
+        self.cluster = ClusterHooks(self)
+        self.audits = AuditQueue(self)
 
     def tick(self) -> None:
         """One pass of the round driver over every running job."""

@@ -109,23 +109,14 @@ class RoundFinisher:
             return
         model = build_model(arch, seed=spec.seed)
         vector = flatten_parameters(model)
-        row = registry.register_version(
+        self.ctx.register(
             s,
-            self.ctx.blobs,
-            self.ctx.key,
-            job_id=job.id,
-            version=0,
-            vector=vector,
-            arch=arch,
-            preprocess=job.preprocess,
-            parent=None,
-            round_number=None,
+            job,
+            vector,
+            arch,
             provenance={"source": "initialised", "seed": spec.seed, "statistics_rows": merged.get("rows")},
         )
         audits.enqueue(s, job, 0, self.ctx.clock())
-        self.ctx.remember(
-            job.id, row.sha256, {"arch": arch, "preprocess": job.preprocess, "version": 0}, vector
-        )
         job.current_version = 0
 
     def _train(
@@ -162,15 +153,12 @@ class RoundFinisher:
         train_loss = weighted_mean(
             [(int(m.get("num_examples", 1)), {"loss": m["train_loss"]}) for m in payloads]
         )
-        row = registry.register_version(
+        row = self.ctx.register(
             s,
-            self.ctx.blobs,
-            self.ctx.key,
-            job_id=job.id,
+            job,
+            new,
+            header["arch"],
             version=version,
-            vector=new,
-            arch=header["arch"],
-            preprocess=job.preprocess,
             parent=current_row.version,
             round_number=r.number,
             metrics={"train_loss": train_loss.get("loss")},
@@ -183,7 +171,6 @@ class RoundFinisher:
         )
         if new_state is not None:
             job.strategy_state_sha256 = self.ctx.blobs.put(new_state)
-        self.ctx.remember(job.id, row.sha256, {**header, "version": row.version}, new)
         finalize = time.perf_counter() - t0
         r.aggregation_seconds = incremental + finalize
         r.model_version_out = row.version
