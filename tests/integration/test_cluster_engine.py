@@ -102,6 +102,25 @@ def test_random_job_refuses_a_pretrained_version0(fed: Federation) -> None:
         fed.cluster.upload_version0(job.id, version0_body(arch, flatten_parameters(build_model(arch))), "op")
 
 
+def test_version0_is_refused_for_an_unknown_or_stopped_job_and_for_wrong_numbers(fed: Federation) -> None:
+    devices = enroll(fed, 3)
+    job = fed.jobs.submit(pretrained_spec(rounds=1), "test")
+    run_stats_round(fed, job.id, devices)
+    arch = job_arch(fed, job.id)
+    vec = flatten_parameters(build_model(arch, seed=1))
+    with pytest.raises(Invalid, match="version 0: unsupported dtype 'uint64'; expected 'float32'"):
+        fed.cluster.upload_version0(job.id, version0_body(arch, vec.view(np.uint32).astype(np.uint64)), "op")
+    with pytest.raises(Invalid, match="needs a 'provenance' object"):
+        fed.cluster.upload_version0(job.id, codec.encode({"arch": arch}, vec), "op")
+    with pytest.raises(NotFound, match=f"no job {job.id + 100}"):
+        fed.cluster.upload_version0(job.id + 100, version0_body(arch, vec), "op")
+    fed.jobs.cancel(job.id, "op")
+    with pytest.raises(Conflict, match=f"job {job.id} is cancelled"):
+        fed.cluster.upload_version0(job.id, version0_body(arch, vec), "op")
+    with fed.read() as s:
+        assert s.scalar(select(ModelVersion.id).where(ModelVersion.job_id == job.id)) is None
+
+
 def test_baseline_is_validated_and_replaced(fed: Federation) -> None:
     job = fed.jobs.submit(spec(), "test")
     good = {
