@@ -22,7 +22,9 @@ from shared.api_client import ApiClient
 if TYPE_CHECKING:
     from training_cluster.api import ClusterApi
 
-console = Console()
+# Job and device names, reasons and warnings come from users and devices: printed as they are,
+# never read as rich markup (a name such as "churn [/] v2" would otherwise raise or lose text).
+console = Console(markup=False)
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 
@@ -90,10 +92,10 @@ def watch_job(
     """Live progress of a job until it ends; returns the final job."""
     out = out or console
     with Progress(
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),
         BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[info]}"),
+        TextColumn("{task.completed}/{task.total}", markup=False),
+        TextColumn("{task.fields[info]}", markup=False),
         TimeElapsedColumn(),
         console=out,
         transient=False,

@@ -217,7 +217,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """The whole federation: coordinator, audit worker, agents; optionally Horovod
     pre-training of version 0 and an H2O AutoML baseline on pooled central rows."""
-    console = console or Console()
+    console = console or Console(markup=False)
     t_start = time.time()
     out = out.resolve()
     for sub in ("server", "devices", "logs"):
@@ -243,7 +243,7 @@ def run_demo(
     reference = data["reference"]
     spec = validate_spec(data["spec"])
     console.print(
-        f"[bold]aicfl demo[/]: {dataset}, {len(df)} rows; {devices} devices split by {group!r} "
+        f"aicfl demo: {dataset}, {len(df)} rows; {devices} devices split by {group!r} "
         f"({', '.join(str(len(p)) for p in parts)} rows); {len(test_df)} test rows; {rounds} rounds"
     )
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from server.console import JSON_OPT, client, cluster_api, console, emit_json, fmt, metrics_text
 from shared.api_client import CliError
@@ -103,8 +104,11 @@ def audit_show(
         return emit_json({**a, "written": written})
     r = a.get("report") or {}
     console.print(
-        f"[bold]audit of job {job_id} version {version}[/]  status={a['status']}  verdict={fmt(a['verdict'])}"
-        f"  attempts={a['attempts']}  seconds={fmt(a['seconds'], 3)}"
+        Text.assemble(
+            (f"audit of job {job_id} version {version}", "bold"),
+            f"  status={a['status']}  verdict={fmt(a['verdict'])}  attempts={a['attempts']}"
+            f"  seconds={fmt(a['seconds'], 3)}",
+        )
     )
     if a.get("error") and a["status"] != "done":
         console.print(f"last error: {a['error']}")
@@ -131,6 +135,6 @@ def audit_show(
             table.add_row(feat, fmt(value, 4), fmt((r.get("shares") or {}).get(feat), 3))
         console.print(table)
         for reason in r.get("reasons") or []:
-            console.print(f"[yellow]{reason}[/]")
+            console.print(reason, style="yellow")
     for w in written:
         console.print(f"wrote {w}")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from server.console import JSON_OPT, client, console, emit_json, fmt, metrics_text
 from shared.api_client import CliError
@@ -19,8 +20,11 @@ def jobs_submit(spec_file: Path, as_json: bool = JSON_OPT) -> None:
     """Validate a TOML job spec, submit it, and upload its reference data."""
     try:
         spec = load_spec(spec_file)
-    except JobSpecError as err:
-        raise CliError(f"{spec_file}: {err}") from None
+    except JobSpecError as err:  # reading and TOML errors already start with the file's name
+        message = str(err)
+        raise CliError(
+            message if message.startswith(f"{spec_file}:") else f"{spec_file}: {message}"
+        ) from None
     reference = None
     if spec.evaluation.reference:
         ref = Path(spec.evaluation.reference)
@@ -37,11 +41,12 @@ def jobs_submit(spec_file: Path, as_json: bool = JSON_OPT) -> None:
         except CliError as err:
             api.request("POST", f"/v1/jobs/{job['id']}/cancel")
             raise CliError(f"job {job['id']} cancelled: {err}") from None
+        job = api.json("GET", f"/v1/jobs/{job['id']}")  # as it is now, with its reference
     if as_json:
         return emit_json(job)
     print(f"submitted job {job['id']} ({job['name']})")
     for w in job.get("warnings", []):
-        console.print(f"[yellow]warning:[/] {w}")
+        console.print(f"warning: {w}", style="yellow")
 
 
 @app.command("list")
@@ -69,8 +74,10 @@ def jobs_show(job_id: int, as_json: bool = JSON_OPT) -> None:
         return emit_json(j)
     spec = j["spec"]
     console.print(
-        f"[bold]job {j['id']}[/] {j['name']}  status={j['status']}"
-        + (f"  ({j['reason']})" if j["reason"] else "")
+        Text.assemble(
+            (f"job {j['id']}", "bold"),
+            f" {j['name']}  status={j['status']}" + (f"  ({j['reason']})" if j["reason"] else ""),
+        )
     )
     console.print(
         f"rounds {j['rounds_completed']}/{j['rounds']}  model version {fmt(j['current_version'])}  "
@@ -104,7 +111,7 @@ def jobs_show(job_id: int, as_json: bool = JSON_OPT) -> None:
         verdict = f"version {done['version']}: {done['verdict']}" if done else "no audit finished yet"
         console.print(f"audit:     {verdict}  (version {a['version']} {a['status']})")
     for w in j.get("warnings", []):
-        console.print(f"[yellow]warning:[/] {w}")
+        console.print(f"warning: {w}", style="yellow")
 
 
 @app.command("schema")
