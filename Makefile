@@ -25,8 +25,10 @@ demo: $(STAMP)
 	rm -rf $(DEMO_OUT)
 	$(BIN)/aicfl demo --devices 6 --rounds 10 --out $(DEMO_OUT)
 
+# With line coverage of the product packages ([tool.coverage] in pyproject.toml): a summary of
+# the files not fully covered here, the whole report in htmlcov/index.html.
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --cov --cov-report=term-missing:skip-covered --cov-report=html
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"
@@ -46,4 +48,4 @@ bench-cluster: $(STAMP)
 	$(BIN)/python bench/audit.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache htmlcov .coverage .coverage.*
