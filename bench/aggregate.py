@@ -114,6 +114,8 @@ def one_round(url: str, admin: str, devices: list[Device], params: int, upload_t
         "model": {"zoo": "mlp", "hidden": hidden_for(params)},
         "cohort": {"target": n_devices, "minimum": n_devices, "stage_timeout": 600, "selection_timeout": 1},
         "evaluation": {"federated": False},
+        # The plaintext path this bench measures; SecAgg+ rounds (the default) are bench/secagg.py's.
+        "secure": False,
     }
     job = op.post("/v1/jobs", json=spec).json()
     pool = ThreadPoolExecutor(max_workers=upload_threads)
