@@ -149,7 +149,7 @@ def test_header_that_is_not_json_is_refused(raw: bytes) -> None:
 # BUG (shared/codec.py, decode_header): json.loads raises RecursionError on a
 # deeply nested header and a plain ValueError on an integer with more than
 # 4300 digits; neither is caught, so a device's bad upload escapes the
-# `except codec.CodecError` in coordinator/engine.py as a 500. Fix: catch
+# `except codec.CodecError` in coordinator/devices.py as a 500. Fix: catch
 # (ValueError, RecursionError) around json.loads and raise CodecError.
 def test_deeply_nested_header_is_refused_with_codec_error() -> None:
     raw = b"[" * 100_000 + b"]" * 100_000
