@@ -3,7 +3,8 @@
 | part | module | what it does |
 |---|---|---|
 | ``jobs`` | ``coordinator.jobs`` | operator actions: submit, reference data, cancel |
-| ``devices`` | ``coordinator.devices`` | check-ins and each stage's device message |
+| ``checkins`` | ``coordinator.checkins`` | a device's next task, and its model download |
+| ``devices`` | ``coordinator.devices`` | each stage's device message |
 | ``driver`` | ``coordinator.driver`` | open, drive, finish (``coordinator.finish``) and abandon rounds |
 | ``sums`` | ``coordinator.aggregation`` | the running plain and masked sums of each round |
 | ``cluster`` | ``coordinator.cluster`` | pre-trained version 0, AutoML baselines |
@@ -27,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.aggregation import Sums
 from coordinator.blobs import LocalBlobStore
+from coordinator.checkins import CheckIns
 from coordinator.cluster import AuditQueue, ClusterHooks
 from coordinator.context import EngineContext, EngineSettings
 from coordinator.devices import DeviceProtocol
@@ -52,6 +54,7 @@ class Federation(EngineContext):
         self.sums = Sums(self)
         self.driver = RoundDriver(self, self.sums, RoundFinisher(self, self.sums))
         self.jobs = JobAdmin(self, self.driver)
+        self.checkins = CheckIns(self)
         self.devices = DeviceProtocol(self, self.driver, self.sums)
         self.cluster = ClusterHooks(self)
         self.audits = AuditQueue(self)

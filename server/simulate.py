@@ -212,7 +212,7 @@ def _run(
             coord_cpu[0] += time.thread_time() - t0
 
     def task(d: SimDevice) -> Task | None:
-        return coord(fed.devices.checkin, d.id, CheckinRequest()).task
+        return coord(fed.checkins.checkin, d.id, CheckinRequest()).task
 
     # The statistics round (secure too), over a few synthetic rows per device; it makes version 0.
     schema = DataSchema.model_validate(SCHEMA)

@@ -57,7 +57,7 @@ async def checkin(request: Request, who: tuple[str, bytes] = Depends(device_requ
     """Report in; the answer says when to come back and what to do now, if anything."""
     device_id, body = who
     req = _json(body, CheckinRequest)
-    return await run_in_threadpool(federation(request).devices.checkin, device_id, req)
+    return await run_in_threadpool(federation(request).checkins.checkin, device_id, req)
 
 
 @router.get("/device/jobs/{job_id}/models/{version}")
@@ -65,7 +65,7 @@ async def device_model(
     job_id: int, version: int, request: Request, who: tuple[str, bytes] = Depends(device_request)
 ) -> Response:
     """A model version's bytes, for a device selected in one of the job's rounds."""
-    data = await run_in_threadpool(federation(request).devices.model_blob, who[0], job_id, version)
+    data = await run_in_threadpool(federation(request).checkins.model_blob, who[0], job_id, version)
     return Response(content=data, media_type="application/octet-stream")
 
 

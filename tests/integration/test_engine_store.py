@@ -96,7 +96,7 @@ def enroll(fed: Federation, n: int) -> list[str]:
 
 
 def checkin_all(fed: Federation, devices: list[str]) -> dict:
-    return {d: fed.devices.checkin(d, CheckinRequest()).task for d in devices}
+    return {d: fed.checkins.checkin(d, CheckinRequest()).task for d in devices}
 
 
 def current_round(fed: Federation, job_id: int) -> Round:

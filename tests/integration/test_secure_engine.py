@@ -186,7 +186,7 @@ class Rig:
     # -- reading state --------------------------------------------------------------------------
 
     def task(self, d: Dev) -> Task | None:
-        return self.fed.devices.checkin(d.id, CheckinRequest()).task
+        return self.fed.checkins.checkin(d.id, CheckinRequest()).task
 
     def state(self) -> tuple[str, str]:
         with self.fed.read() as s:
