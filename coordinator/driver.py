@@ -133,7 +133,9 @@ class RoundDriver:
             job = get_job(s, r.job_id)
             try:
                 self.finisher.finish(s, job, r, [p for p in parts if p.status == ACTIVE])
-            except (Invalid, DataSchemaError, ValueError, SecAggError) as err:
+            # NotFound: a stored vector is gone (a finish that deleted the round's blobs died before its
+            # commit); the round cannot be summed again, so it ends cleanly instead of failing every tick.
+            except (Invalid, NotFound, DataSchemaError, ValueError, SecAggError) as err:
                 self.abandon(s, r, f"aggregation failed: {err}")
                 if r.kind == "stats":
                     job.status = "failed"

@@ -9,9 +9,10 @@ import logging
 import numpy as np
 import pytest
 
+from coordinator import registry
 from coordinator.engine import Federation
 from coordinator.errors import Conflict, Invalid, NotFound
-from coordinator.models import Event, Job, Participant
+from coordinator.models import Event, Job, Participant, RoundMessage
 from coordinator.rounds import DROPPED
 from shared.wire import ConfigureMessage
 
@@ -142,3 +143,34 @@ def test_one_broken_job_does_not_stop_the_others(fed: Federation, caplog: pytest
     assert current_round(fed, broken.id) is None
     r = current_round(fed, healthy.id)
     assert r is not None and (r.kind, r.status) == ("stats", "running")
+
+
+def test_a_round_whose_stored_updates_are_gone_is_abandoned_not_stuck(fed: Federation) -> None:
+    devices = enroll(fed, 3)
+    job = fed.jobs.submit(spec(rounds=2), "op")
+    run_stats_round(fed, job.id, devices)
+    tasks = open_train_round(fed, devices)
+    numel = job_numel(fed, job.id)
+    for i, (d, t) in enumerate(tasks.items()):
+        if i == 2:
+            # What a finish that died between deleting the round's blobs and its commit leaves behind:
+            # the restarted coordinator has no running sum and the stored updates are gone.
+            fed.sums._acc.clear()
+            with fed.read() as s:
+                for m in s.query(RoundMessage).filter(RoundMessage.round_id == t.round_id):
+                    if m.blob_sha256:
+                        fed.blobs.delete(m.blob_sha256)
+        fed.devices.update(d, t.round_id, update(t.round_id, np.full(numel, i + 1, np.float32), 1))
+    r = current_round(fed, job.id)
+    assert r.status == "abandoned" and "is missing from the store" in (r.reason or "")
+    after = job_row(fed, job.id)
+    assert (after.status, after.current_version, after.rounds_completed) == ("running", 0, 0)
+    checkin_all(fed, devices)
+    fed.tick()  # the job goes on with a new training round from the same version
+    nxt = current_round(fed, job.id)
+    assert (nxt.kind, nxt.status, nxt.model_version_in) == ("train", "running", 0)
+
+
+def job_numel(fed: Federation, job_id: int) -> int:
+    with fed.read() as s:
+        return int(registry.get_version(s, job_id, 0).num_parameters)
