@@ -131,7 +131,7 @@ def only_table(out: str) -> list[dict[str, str]]:
 
 
 @dataclass
-class Federation:
+class FinishedJob:
     """The shared coordinator, its job, the job's data schema, the agents' data files and devices."""
 
     coord: Coordinator
@@ -154,7 +154,7 @@ class Federation:
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FinishedJob]:
     """A coordinator, two agents and a job with reference rows and an AutoML baseline, left running."""
     root = tmp_path_factory.mktemp("cli")
     coord = Coordinator(root)
@@ -183,14 +183,14 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
         for home in homes:
             coord.run_agent(home)
         agents = {d["id"]: d["name"] for d in api.json("GET", "/v1/devices")}
-        yield Federation(coord, job_id, schema, paths, agents)
+        yield FinishedJob(coord, job_id, schema, paths, agents)
     finally:
         coord.stop_agents()
         coord.stop()
 
 
 @pytest.fixture(scope="module")
-def finished(federation: Federation) -> Federation:
+def finished(federation: FinishedJob) -> FinishedJob:
     """The job completed; the agents stopped, so that a job submitted later waits for devices."""
     federation.coord.wait_job(federation.job_id, timeout=180)
     federation.coord.stop_agents()
@@ -198,7 +198,7 @@ def finished(federation: Federation) -> Federation:
 
 
 @pytest.fixture(scope="module")
-def audited(finished: Federation) -> Shown:
+def audited(finished: FinishedJob) -> Shown:
     """``aicfl audit worker --once`` run over the finished job's versions: what it showed."""
     shown = aicfl_keeping_signals(
         "audit", "worker", "--once", "--name", "cli-worker", "--poll", "0.2", env=finished.env
@@ -208,7 +208,7 @@ def audited(finished: Federation) -> Shown:
 
 
 @pytest.fixture(scope="module")
-def waiting_job(finished: Federation) -> int:
+def waiting_job(finished: FinishedJob) -> int:
     """A job submitted with no agent running: it waits for devices, with no model version and no audit."""
     spec = small_spec(finished.schema, rounds=1, target=2, minimum=2, name="cli-waiting")
     return int(finished.coord.api().json("POST", "/v1/jobs", json=spec)["id"])
@@ -221,7 +221,7 @@ slow = pytest.mark.slow
 
 
 @slow
-def test_rounds_watch_follows_the_job_until_it_ends(federation: Federation) -> None:
+def test_rounds_watch_follows_the_job_until_it_ends(federation: FinishedJob) -> None:
     shown = federation.run("rounds", "watch", str(federation.job_id), "--interval", "0.2")
     assert shown.code == 0, shown
     # It returned because the job ended, not before.
@@ -235,7 +235,7 @@ def test_rounds_watch_follows_the_job_until_it_ends(federation: Federation) -> N
 
 
 @slow
-def test_jobs_list_shows_the_job_with_its_rounds_and_version(finished: Federation) -> None:
+def test_jobs_list_shows_the_job_with_its_rounds_and_version(finished: FinishedJob) -> None:
     shown = finished.run("jobs", "list")
     assert shown.code == 0, shown
     (row,) = [r for r in only_table(shown.out) if r["id"] == str(finished.job_id)]
@@ -255,7 +255,7 @@ def test_jobs_list_shows_the_job_with_its_rounds_and_version(finished: Federatio
 
 @slow
 def test_jobs_show_gives_status_rounds_metrics_baseline_and_audit(
-    finished: Federation, audited: Shown
+    finished: FinishedJob, audited: Shown
 ) -> None:
     job = json.loads(finished.run("jobs", "show", str(finished.job_id), "--json").out)
     assert job["id"] == finished.job_id and job["name"] == JOB_NAME and job["status"] == "completed"
@@ -283,7 +283,7 @@ def test_jobs_show_gives_status_rounds_metrics_baseline_and_audit(
 
 
 @slow
-def test_unknown_job_id_is_one_error_line_for_every_command(finished: Federation) -> None:
+def test_unknown_job_id_is_one_error_line_for_every_command(finished: FinishedJob) -> None:
     for command in (
         ["jobs", "show", "999"],
         ["jobs", "cancel", "999"],
@@ -299,7 +299,7 @@ def test_unknown_job_id_is_one_error_line_for_every_command(finished: Federation
 
 
 @slow
-def test_jobs_submit_uploads_the_reference_its_spec_names(finished: Federation, tmp_path: Path) -> None:
+def test_jobs_submit_uploads_the_reference_its_spec_names(finished: FinishedJob, tmp_path: Path) -> None:
     # job.toml names reference.csv beside it, not in the working directory.
     assert aicfl("data", "split", "--out", str(tmp_path), "--devices", "2", "--rounds", "1").code == 0
 
@@ -315,20 +315,26 @@ def test_jobs_submit_uploads_the_reference_its_spec_names(finished: Federation, 
 
 
 @slow
-def test_jobs_submit_json_shows_the_uploaded_reference(finished: Federation, tmp_path: Path) -> None:
+def test_jobs_submit_json_shows_the_uploaded_reference(finished: FinishedJob, tmp_path: Path) -> None:
     assert aicfl("data", "split", "--out", str(tmp_path), "--devices", "2", "--rounds", "1").code == 0
     job = json.loads(finished.run("jobs", "submit", str(tmp_path / "job.toml"), "--json").out)
     assert finished.coord.job(job["id"])["reference"] is True
     assert job["reference"] is True
 
 
+def spec_with_reference(finished: FinishedJob, tmp_path: Path, reference: str) -> Path:
+    """A one-round job spec in ``tmp_path/job.toml`` whose reference data is ``reference`` beside it."""
+    spec = small_spec(finished.schema, rounds=1, target=2, minimum=2)
+    spec["evaluation"] = {"reference": reference}
+    (tmp_path / "job.toml").write_text(tomli_w.dumps(spec))
+    return tmp_path / "job.toml"
+
+
 @slow
 def test_jobs_submit_with_a_missing_reference_file_submits_nothing(
-    finished: Federation, tmp_path: Path
+    finished: FinishedJob, tmp_path: Path
 ) -> None:
-    spec = small_spec(finished.schema, rounds=1, target=2, minimum=2)
-    spec["evaluation"] = {"reference": "nope.csv"}
-    (tmp_path / "job.toml").write_text(tomli_w.dumps(spec))
+    spec_with_reference(finished, tmp_path, "nope.csv")
     before = len(finished.api_json("/v1/jobs"))
 
     shown = finished.run("jobs", "submit", str(tmp_path / "job.toml"))
@@ -338,11 +344,9 @@ def test_jobs_submit_with_a_missing_reference_file_submits_nothing(
 
 @slow
 def test_jobs_submit_cancels_the_job_when_its_reference_is_refused(
-    finished: Federation, tmp_path: Path
+    finished: FinishedJob, tmp_path: Path
 ) -> None:
-    spec = small_spec(finished.schema, rounds=1, target=2, minimum=2)
-    spec["evaluation"] = {"reference": "bad.csv"}
-    (tmp_path / "job.toml").write_text(tomli_w.dumps(spec))
+    spec_with_reference(finished, tmp_path, "bad.csv")
     pd.read_csv(finished.data[0]).drop(columns=["total_day_minutes"]).to_csv(
         tmp_path / "bad.csv", index=False
     )
@@ -355,7 +359,7 @@ def test_jobs_submit_cancels_the_job_when_its_reference_is_refused(
 
 @slow
 def test_jobs_submit_prints_the_warnings_and_jobs_cancel_ends_the_job(
-    finished: Federation, tmp_path: Path
+    finished: FinishedJob, tmp_path: Path
 ) -> None:
     spec = small_spec(finished.schema, rounds=1, target=2, minimum=2, secure=False, name="cli-cancel")
     (tmp_path / "job.toml").write_text(tomli_w.dumps(spec))
@@ -378,7 +382,7 @@ def test_jobs_submit_prints_the_warnings_and_jobs_cancel_ends_the_job(
 
 
 @slow
-def test_jobs_list_and_show_print_a_job_name_with_brackets_as_it_is(finished: Federation) -> None:
+def test_jobs_list_and_show_print_a_job_name_with_brackets_as_it_is(finished: FinishedJob) -> None:
     spec = small_spec(finished.schema, rounds=1, target=2, minimum=2, name="churn [v2] [/]")
     job_id = finished.coord.api().json("POST", "/v1/jobs", json=spec)["id"]
     finished.coord.api().request("POST", f"/v1/jobs/{job_id}/cancel")
@@ -417,7 +421,7 @@ def test_jobs_submit_names_a_missing_spec_file_once(tmp_path: Path) -> None:
 
 
 @slow
-def test_rounds_list_shows_every_round_with_its_metrics(finished: Federation) -> None:
+def test_rounds_list_shows_every_round_with_its_metrics(finished: FinishedJob) -> None:
     rounds = json.loads(finished.run("rounds", "list", str(finished.job_id), "--json").out)
     assert [r["number"] for r in rounds] == list(range(ROUNDS + 2))
     assert [r["kind"] for r in rounds] == ["stats"] + ["train"] * ROUNDS + ["evaluate"]
@@ -438,7 +442,7 @@ def test_rounds_list_shows_every_round_with_its_metrics(finished: Federation) ->
 
 
 @slow
-def test_rounds_show_lists_the_devices_of_the_round(finished: Federation) -> None:
+def test_rounds_show_lists_the_devices_of_the_round(finished: FinishedJob) -> None:
     detail = json.loads(finished.run("rounds", "show", str(finished.job_id), "1", "--json").out)
     assert detail["number"] == 1 and detail["kind"] == "train"
     assert {d["device_id"] for d in detail["devices"]} == set(finished.agents)
@@ -459,7 +463,7 @@ def test_rounds_show_lists_the_devices_of_the_round(finished: Federation) -> Non
 # -- models -------------------------------------------------------------------------------------
 
 
-def _version(federation: Federation, version: int) -> tuple[dict[str, Any], np.ndarray]:
+def _version(federation: FinishedJob, version: int) -> tuple[dict[str, Any], np.ndarray]:
     """The header and parameters of a version as the coordinator signed and stored it."""
     blob = (
         federation.coord.api().request("GET", f"/v1/jobs/{federation.job_id}/models/{version}/blob").content
@@ -469,7 +473,7 @@ def _version(federation: Federation, version: int) -> tuple[dict[str, Any], np.n
 
 
 @slow
-def test_models_list_shows_every_version_with_its_hash_and_lineage(finished: Federation) -> None:
+def test_models_list_shows_every_version_with_its_hash_and_lineage(finished: FinishedJob) -> None:
     versions = json.loads(finished.run("models", "list", str(finished.job_id), "--json").out)
     assert [v["version"] for v in versions] == list(range(ROUNDS + 1))
     for v in versions:
@@ -493,7 +497,7 @@ def test_models_list_shows_every_version_with_its_hash_and_lineage(finished: Fed
 
 @slow
 def test_models_export_writes_the_newest_version_as_a_loadable_state_dict(
-    finished: Federation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    finished: FinishedJob, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
     shown = finished.run("models", "export", str(finished.job_id))
@@ -513,7 +517,7 @@ def test_models_export_writes_the_newest_version_as_a_loadable_state_dict(
 @slow
 @pytest.mark.parametrize("export_format", ["torchscript", "onnx"])
 def test_models_export_of_a_version_gives_that_versions_outputs(
-    finished: Federation, tmp_path: Path, export_format: str
+    finished: FinishedJob, tmp_path: Path, export_format: str
 ) -> None:
     target = tmp_path / "model.out"
     shown = finished.run(
@@ -554,7 +558,7 @@ def test_models_export_of_a_version_gives_that_versions_outputs(
 
 
 @slow
-def test_models_export_errors_are_one_line(finished: Federation, waiting_job: int, tmp_path: Path) -> None:
+def test_models_export_errors_are_one_line(finished: FinishedJob, waiting_job: int, tmp_path: Path) -> None:
     assert_one_error_line(
         finished.run("models", "export", str(waiting_job), "--out", str(tmp_path / "m.pt")),
         f"job {waiting_job} has no model version yet",
@@ -586,7 +590,7 @@ class EnrolledByToken:
 
 
 @pytest.fixture(scope="module")
-def enrolled(finished: Federation) -> EnrolledByToken:
+def enrolled(finished: FinishedJob) -> EnrolledByToken:
     """A device enrolled by a real agent with a token from ``aicfl devices token``."""
     shown = finished.run("devices", "token", "--count", "2", "--ttl", "10m", "--json")
     assert shown.code == 0, shown
@@ -618,7 +622,7 @@ def enrolled(finished: Federation) -> EnrolledByToken:
 
 @slow
 def test_devices_token_gives_tokens_an_agent_enrolls_with(
-    finished: Federation, enrolled: EnrolledByToken
+    finished: FinishedJob, enrolled: EnrolledByToken
 ) -> None:
     assert enrolled.tokens["expires_in_seconds"] == 600
     assert len(set(enrolled.tokens["tokens"])) == 2
@@ -641,7 +645,7 @@ def test_devices_token_gives_tokens_an_agent_enrolls_with(
 
 @slow
 def test_devices_revoke_shows_the_device_revoked_in_the_list(
-    finished: Federation, enrolled: EnrolledByToken
+    finished: FinishedJob, enrolled: EnrolledByToken
 ) -> None:
     shown = finished.run("devices", "revoke", enrolled.device_id)
     assert shown.code == 0 and shown.lines == [f"revoked {enrolled.device_id}"], shown
@@ -660,7 +664,7 @@ def test_devices_revoke_shows_the_device_revoked_in_the_list(
 
 
 @slow
-def test_viewer_token_reads_but_admin_commands_are_refused_in_one_line(finished: Federation) -> None:
+def test_viewer_token_reads_but_admin_commands_are_refused_in_one_line(finished: FinishedJob) -> None:
     made = finished.run("admin", "token", "cli-viewer")
     assert made.code == 0 and len(made.lines) == 1 and made.lines[0].startswith("aicfl_op_"), made
     viewer = ["--url", finished.coord.url, "--token", made.lines[0]]
@@ -679,7 +683,7 @@ def test_viewer_token_reads_but_admin_commands_are_refused_in_one_line(finished:
 
 
 @slow
-def test_bad_or_missing_token_is_one_line_that_says_how_to_give_one(finished: Federation) -> None:
+def test_bad_or_missing_token_is_one_line_that_says_how_to_give_one(finished: FinishedJob) -> None:
     # The --token option wins over AICFL_TOKEN.
     bad = aicfl("--token", "aicfl_op_bogus", "jobs", "list", env=finished.env)
     assert_one_error_line(bad, "(set AICFL_TOKEN or pass --token)", "(HTTP 401)")
@@ -706,7 +710,7 @@ def test_audit_worker_waits_for_the_server_then_gives_up_in_one_line() -> None:
 
 
 @slow
-def test_audit_worker_once_audits_every_version_then_exits(finished: Federation, audited: Shown) -> None:
+def test_audit_worker_once_audits_every_version_then_exits(finished: FinishedJob, audited: Shown) -> None:
     assert audited.lines[-1] == "audit worker cli-worker: 3 audit(s) done"
     audits = finished.api_json(f"/v1/jobs/{finished.job_id}/audits")
     assert [(a["version"], a["status"], a["worker"]) for a in audits] == [
@@ -721,7 +725,7 @@ def test_audit_worker_once_audits_every_version_then_exits(finished: Federation,
 
 @slow
 def test_audit_show_gives_the_newest_audit_with_its_features_and_comparisons(
-    finished: Federation, audited: Shown
+    finished: FinishedJob, audited: Shown
 ) -> None:
     audit = json.loads(finished.run("audit", "show", str(finished.job_id), "--json").out)
     assert audit["version"] == ROUNDS and audit["status"] == "done" and audit["written"] == []
@@ -751,7 +755,7 @@ def test_audit_show_gives_the_newest_audit_with_its_features_and_comparisons(
 
 @slow
 def test_audit_show_of_a_version_writes_its_plots(
-    finished: Federation, audited: Shown, tmp_path: Path
+    finished: FinishedJob, audited: Shown, tmp_path: Path
 ) -> None:
     shown = finished.run("audit", "show", str(finished.job_id), "--version", "0", "--plot", str(tmp_path))
     assert shown.code == 0, shown
@@ -767,7 +771,7 @@ def test_audit_show_of_a_version_writes_its_plots(
 
 
 @slow
-def test_audit_show_errors_are_one_line(finished: Federation, audited: Shown, waiting_job: int) -> None:
+def test_audit_show_errors_are_one_line(finished: FinishedJob, audited: Shown, waiting_job: int) -> None:
     assert_one_error_line(
         finished.run("audit", "show", str(finished.job_id), "--version", "9"), "no audit of version 9"
     )
