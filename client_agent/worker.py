@@ -1,35 +1,47 @@
-"""What a device does for each stage of a round: check, compute, answer.
+"""What a device does for each stage of a round: check, compute, answer, through the job's app.
 
-The device's rows never leave it: a statistics round sends sums and counts, a
-training round sends the difference between its locally trained model and the
-global one, an evaluation round sends holdout metrics.
+The device's data never leaves it: a statistics round sends the app's summary (sums and counts),
+a training round sends the difference between the locally trained model and the global one, an
+evaluation round sends holdout metrics. The app (``shared.apps``) is installed on the device by its
+owner; an agent that lacks it, or holds another version, declines the round and says so. Whatever
+the app's code does wrong (raises, returns NaN, returns parameters of another size) becomes one
+reason and this device sits the round out; the agent keeps running.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
+import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
-import pandas as pd
 
 from client_agent.transport import SignedClient
 from shared import codec
+from shared.apps import (
+    App,
+    AppError,
+    DataError,
+    DeviceContext,
+    JobContext,
+    LocalData,
+    Metrics,
+    TrainConfig,
+    checked_metrics,
+    load_app,
+)
 from shared.jobspec import JobSpec
-from shared.secagg import statistics as secagg_statistics
 from shared.secagg.params import SecAggParams
 from shared.secagg.protocol import SecAggClient, weighted_input
 from shared.signing import SignatureError, identity_verifier, load_public_key, verify_model
-from shared.tabular import DataSchemaError, Preprocessor, load_table, local_statistics, validate_table
-from shared.training import evaluate, train_local
 from shared.wire import ConfigureMessage, EvaluateMessage, StatsMessage, Task, masked_input_header
-from shared.zoo import build_model, flatten_parameters, load_flat_parameters
 
 log = logging.getLogger("aicfl.agent")
+T = TypeVar("T")
 
 
 class Declined(Exception):
@@ -45,7 +57,7 @@ class _Model:
 
 
 class Worker:
-    """Holds the device's data and the verified model between a round's stages."""
+    """Holds the device's app, data and the verified model between a round's stages."""
 
     def __init__(
         self,
@@ -54,36 +66,96 @@ class Worker:
         coordinator_public_key: str,
         device_id: str,
         threads: int = 1,
+        node_config: dict[str, bool | int | float | str] | None = None,
     ):
         self.client = client
+        self.node_config = dict(node_config or {})
         self.data_path = data_path
         self.coordinator_key = load_public_key(coordinator_public_key)
         self.device_id = device_id
         self.threads = threads
-        self._table: tuple[float, pd.DataFrame] | None = None
+        self._apps: dict[tuple[str, str | None], App] = {}
+        self._data: tuple[tuple[Any, ...], LocalData] | None = None
         self._model: _Model | None = None
         # SecAgg+ secrets live in memory only: a device that restarts mid-round counts as dropped.
         self._secagg: dict[int, SecAggClient] = {}
 
-    # -- data -------------------------------------------------------------
+    # -- the app and its data ------------------------------------------------
 
-    def _frame(self) -> pd.DataFrame:
-        mtime = os.stat(self.data_path).st_mtime if os.path.exists(self.data_path) else -1.0
-        if self._table is None or self._table[0] != mtime:
-            self._table = (mtime, load_table(self.data_path))
-        return self._table[1]
+    def _app(self, spec: JobSpec) -> App:
+        key = (spec.app_ref, spec.model.app_version)
+        if key not in self._apps:
+            try:
+                self._apps[key] = load_app(*key)
+            except AppError as err:
+                raise Declined(str(err)) from None
+        return self._apps[key]
 
-    def _split(self, spec: JobSpec) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """Training and holdout rows; the split is fixed per device and job, so holdouts stay unseen."""
-        df = self._frame()
-        validate_table(df, spec.data)
-        if spec.training.holdout <= 0 or len(df) < 5:
-            return df, df.iloc[0:0]
-        digest = hashlib.sha256(f"{self.device_id}:{spec.seed}".encode()).digest()
-        rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
-        order = rng.permutation(len(df))
-        n_hold = max(1, int(round(len(df) * spec.training.holdout)))
-        return df.iloc[order[n_hold:]], df.iloc[order[:n_hold]]
+    def _data_stamp(self) -> float:
+        """When the data last changed: a file's mtime, or the newest of a folder's entries."""
+        try:
+            st = os.stat(self.data_path)
+        except OSError:
+            return -1.0
+        if not os.path.isdir(self.data_path):
+            return st.st_mtime
+        with os.scandir(self.data_path) as entries:
+            return max([st.st_mtime, *(e.stat().st_mtime for e in entries)])
+
+    def _local(self, app: App, job: JobContext, task: Task) -> LocalData:
+        """The app's view of the device's data for this job, reloaded when the data changes."""
+        setup = json.dumps(job.setup, sort_keys=True) if job.setup is not None else None
+        key = (task.job_id, job.spec.app_ref, setup, self._data_stamp())
+        if self._data is None or self._data[0] != key:
+            self._data = None
+            device = DeviceContext(job, self.data_path, self.device_id, self.threads, self.node_config)
+            try:
+                data = app.load_data(device)
+            except (DataError, OSError) as err:
+                raise DataError(str(err)) from None
+            except Exception as err:  # the app's own code: any failure is one reason, never a crash
+                raise Declined(f"app could not load the data: {type(err).__name__}: {err}") from None
+            if not isinstance(data, LocalData):
+                raise Declined(f"app load_data returned {type(data).__name__}, not a LocalData")
+            self._data = (key, data)
+        return self._data[1]
+
+    def _context(self, task: Task, model: _Model | None) -> tuple[JobSpec, App, JobContext]:
+        spec = JobSpec.model_validate(task.spec)
+        app = self._app(spec)
+        # The setup comes from the signed model, not from the unsigned task.
+        setup = model.header.get("preprocess") if model is not None else None
+        return spec, app, JobContext(spec, setup)
+
+    @staticmethod
+    def _call(what: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run the app's code; whatever it raises becomes the reason this device sits the round out."""
+        try:
+            return fn(*args)
+        except Declined:
+            raise
+        except Exception as err:
+            raise Declined(f"app {what} failed: {type(err).__name__}: {err}") from None
+
+    def _net(self, app: App, job: JobContext, model: _Model) -> Any:
+        net = self._call("build_model", app.build_model, job)
+        try:
+            app.set_parameters(net, model.vector)
+        except Exception as err:
+            raise Declined(f"the app's model does not take the job's parameters: {err}") from None
+        return net
+
+    def _parameters(self, app: App, net: Any, size: int) -> np.ndarray:
+        vec = self._call("get_parameters", app.get_parameters, net)
+        arr = np.asarray(vec)
+        if arr.dtype != np.float32 or arr.ndim != 1 or arr.size != size:
+            raise Declined(
+                f"app get_parameters returned {arr.dtype} of shape {arr.shape}; the job's model is"
+                f" float32 of shape ({size},)"
+            )
+        if not np.isfinite(arr).all():
+            raise Declined("app training produced non-finite parameters")
+        return arr
 
     # -- the model --------------------------------------------------------
 
@@ -107,52 +179,71 @@ class Worker:
     # -- stages -----------------------------------------------------------
 
     def configure(self, task: Task) -> ConfigureMessage:
-        """Check the data against the job's schema and the model's signature; take part or decline."""
+        """Check the app, the data and the model's signature; take part or decline with the reason."""
+        vocab = None
         try:
-            spec = JobSpec.model_validate(task.spec)
-            train, _ = self._split(spec)
-            if task.kind != "stats":
-                self._verified_model(task)
-        except DataSchemaError as err:
+            model = self._verified_model(task) if task.kind != "stats" else None
+            spec, app, job = self._context(task, model)
+            data = self._local(app, job, task)
+            self._call_check(app, data, job)
+            if task.kind == "stats" and app.statistics is None:
+                raise Declined(f"app {spec.app_ref} gathers no statistics")
+            if task.kind == "stats" and spec.secure:
+                # The value sets (not their counts) fix the layout of the secure statistics vector.
+                assert app.statistics is not None
+                local = self._call("statistics", app.statistics.local, data, job)
+                vocab = self._call("statistics", app.statistics.vocabulary, local, job)
+        except DataError as err:
             return ConfigureMessage(accepted=False, reason=f"data does not match the job's schema: {err}")
         except Declined as err:
-            return ConfigureMessage(accepted=False, reason=str(err))
-        vocab = None
-        if task.kind == "stats" and spec.secure:
-            # The value sets (not their counts) fix the layout of the secure statistics vector.
-            vocab = secagg_statistics.vocabulary(local_statistics(train, spec.data), spec.data)
-        return ConfigureMessage(accepted=True, rows=len(train), vocabulary=vocab)
+            return ConfigureMessage(accepted=False, reason=str(err)[:2000])
+        return ConfigureMessage(accepted=True, rows=data.train_examples, vocabulary=vocab)
+
+    def _call_check(self, app: App, data: LocalData, job: JobContext) -> None:
+        try:
+            app.check_data(data, job)
+        except (DataError, ValueError) as err:
+            raise DataError(str(err)) from None
+        except Exception as err:
+            raise Declined(f"app check_data failed: {type(err).__name__}: {err}") from None
+
+    def _stats_local(self, task: Task) -> tuple[App, JobContext, dict[str, Any]]:
+        spec, app, job = self._context(task, None)
+        if app.statistics is None:
+            raise Declined(f"app {spec.app_ref} gathers no statistics")
+        try:
+            data = self._local(app, job, task)
+        except DataError as err:
+            raise Declined(f"data does not match the job's schema: {err}") from None
+        return app, job, self._call("statistics", app.statistics.local, data, job)
 
     def statistics(self, task: Task) -> StatsMessage:
-        spec = JobSpec.model_validate(task.spec)
-        train, _ = self._split(spec)
-        return StatsMessage(statistics=local_statistics(train, spec.data))
+        _, _, local = self._stats_local(task)
+        return StatsMessage(statistics=local)
 
-    def _prepared(self, task: Task) -> tuple[JobSpec, Preprocessor, _Model, pd.DataFrame, pd.DataFrame]:
-        spec = JobSpec.model_validate(task.spec)
+    def _prepared(self, task: Task) -> tuple[JobSpec, App, JobContext, _Model, LocalData]:
         model = self._verified_model(task)
-        # Preprocessing comes from the signed model, not from the unsigned task.
-        pre = Preprocessor.from_dict(model.header["preprocess"])
-        train, holdout = self._split(spec)
-        return spec, pre, model, train, holdout
+        spec, app, job = self._context(task, model)
+        try:
+            data = self._local(app, job, task)
+        except DataError as err:
+            raise Declined(f"data does not match the job's schema: {err}") from None
+        return spec, app, job, model, data
 
-    def _holdout_metrics(
-        self, spec: JobSpec, pre: Preprocessor, model: _Model, holdout: pd.DataFrame
-    ) -> dict[str, float]:
-        if holdout.empty:
+    def _holdout_metrics(self, app: App, job: JobContext, model: _Model, data: LocalData) -> Metrics:
+        if data.holdout_examples <= 0:
             return {}
-        net = build_model(model.header["arch"])
-        load_flat_parameters(net, model.vector)
-        x, y = pre.transform(holdout)
-        metrics = evaluate(
-            net, x, y, task=spec.data.task, target_mean=pre.target_mean, target_std=pre.target_std
-        )
-        return {k: float(v) for k, v in metrics.items() if k != "examples"}
+        net = self._net(app, job, model)
+        metrics = self._call("evaluate", app.evaluate, net, data)
+        try:
+            return checked_metrics(metrics, "app evaluate")
+        except ValueError as err:
+            raise Declined(str(err)) from None
 
     def evaluate(self, task: Task) -> EvaluateMessage:
-        spec, pre, model, _, holdout = self._prepared(task)
+        _, app, job, model, data = self._prepared(task)
         return EvaluateMessage(
-            metrics=self._holdout_metrics(spec, pre, model, holdout), examples=len(holdout)
+            metrics=self._holdout_metrics(app, job, model, data), examples=data.holdout_examples
         )
 
     # -- secure aggregation (SecAgg+) ----------------------------------------
@@ -180,11 +271,11 @@ class Worker:
     def masked_input(self, task: Task) -> bytes:
         """Stage 3: train, quantise, weight by the example count, mask."""
         client = self._secure_client(task)
-        spec, pre, model, train, holdout = self._prepared(task)
-        metrics = self._holdout_metrics(spec, pre, model, holdout)
-        new, loss = self._train(spec, pre, model, train, task.seed)
+        spec, app, job, model, data = self._prepared(task)
+        metrics = self._holdout_metrics(app, job, model, data)
+        new, loss, examples = self._train(spec, app, job, model, data, task)
         delta = new - model.vector
-        n = min(len(train), client.params.weight_cap)
+        n = min(examples, client.params.weight_cap)
         rng = np.random.Generator(np.random.PCG64(int.from_bytes(os.urandom(16), "little")))
         masked = client.masked_input(
             weighted_input(delta, n, client.params, rng),
@@ -192,19 +283,17 @@ class Worker:
             in_place=True,  # x_u is not needed again: no second vector of the model's size
         )
         header = masked_input_header(
-            task.round_id, train_loss=loss, metrics=metrics, holdout_examples=int(len(holdout))
+            task.round_id, train_loss=loss, metrics=metrics, holdout_examples=int(data.holdout_examples)
         )
         return codec.encode(header, masked)
 
     def masked_statistics(self, task: Task) -> bytes:
-        """Stage 3 of a secure statistics round: the local statistics as a masked integer vector."""
+        """Stage 3 of a secure statistics round: the app's summary as a masked integer vector."""
         client = self._secure_client(task)
-        spec = JobSpec.model_validate(task.spec)
-        train, _ = self._split(spec)
+        app, job, local = self._stats_local(task)
+        assert app.statistics is not None
         info = task.secagg or {}
-        x = secagg_statistics.encode(
-            local_statistics(train, spec.data), spec.data, info.get("vocabulary", {})
-        )
+        x = self._call("statistics", app.statistics.encode, local, info.get("vocabulary", {}), job)
         masked = client.masked_input(x, info.get("ciphertexts", {}))
         return codec.encode(masked_input_header(task.round_id), masked)
 
@@ -218,26 +307,34 @@ class Worker:
         return {"shares": shares}
 
     def _train(
-        self, spec: JobSpec, pre: Preprocessor, model: _Model, train: pd.DataFrame, seed: int
-    ) -> tuple[np.ndarray, float]:
-        net = build_model(model.header["arch"])
-        load_flat_parameters(net, model.vector)
-        x, y = pre.transform(train)
-        mu = spec.strategy.proximal_mu if spec.strategy.name == "fedprox" else 0.0
-        result = train_local(
-            net,
-            x,
-            y,
-            task=spec.data.task,
+        self, spec: JobSpec, app: App, job: JobContext, model: _Model, data: LocalData, task: Task
+    ) -> tuple[np.ndarray, float, int]:
+        """Train from the global model: the new parameters, the training loss and the example count."""
+        if data.train_examples <= 0:
+            raise Declined("no training examples")
+        net = self._net(app, job, model)
+        config = TrainConfig(
+            round=task.round,
             epochs=spec.training.epochs,
             batch_size=spec.training.batch_size,
             learning_rate=spec.training.learning_rate,
             optimizer=spec.training.optimizer,
-            seed=seed,
-            proximal_mu=mu,
+            seed=task.seed,
             threads=min(self.threads, spec.training.threads),
+            proximal_mu=spec.strategy.proximal_mu if spec.strategy.name == "fedprox" else 0.0,
+            options=spec.model.options,
         )
-        return flatten_parameters(net), float(result["loss"])
+        try:
+            metrics = checked_metrics(self._call("train", app.train, net, data, config), "app train")
+        except ValueError as err:
+            raise Declined(str(err)) from None
+        if "loss" not in metrics:
+            raise Declined("app train returned no 'loss' metric")
+        # An app may report how many examples it trained on (a Flower client's fit does).
+        examples = int(metrics.pop("examples", data.train_examples))
+        if examples < 1:
+            raise Declined(f"app train reported {examples} examples")
+        return self._parameters(app, net, model.vector.size), metrics["loss"], examples
 
     def train(self, task: Task) -> bytes:
         """Train from the global model; return the encoded update.
@@ -247,16 +344,16 @@ class Worker:
         aggregation, where only the sum is ever revealed) divided by the total
         of the example counts.
         """
-        spec, pre, model, train, holdout = self._prepared(task)
-        metrics = self._holdout_metrics(spec, pre, model, holdout)
-        new, loss = self._train(spec, pre, model, train, task.seed)
-        delta = (new - model.vector) * np.float32(len(train))
+        spec, app, job, model, data = self._prepared(task)
+        metrics = self._holdout_metrics(app, job, model, data)
+        new, loss, examples = self._train(spec, app, job, model, data, task)
+        delta = (new - model.vector) * np.float32(examples)
         header = {
             "kind": "update",
             "round_id": task.round_id,
-            "num_examples": int(len(train)),
+            "num_examples": int(examples),
             "train_loss": loss,
             "metrics": metrics,
-            "holdout_examples": int(len(holdout)),
+            "holdout_examples": int(data.holdout_examples),
         }
         return codec.encode(header, delta)

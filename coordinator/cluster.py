@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
-from coordinator import audits
+from coordinator import apps, audits
 from coordinator.context import EngineContext
 from coordinator.errors import Conflict, Invalid, NotFound
 from coordinator.models import Audit, Baseline, Event, Job, ModelVersion, utcnow
@@ -18,8 +18,6 @@ from coordinator.queries import get_job
 from coordinator.validation import check_baseline
 from shared import codec
 from shared.jobspec import JobSpec
-from shared.tabular import Preprocessor
-from shared.zoo import architecture, parameter_count
 
 
 class ClusterHooks:
@@ -77,12 +75,14 @@ class ClusterHooks:
                 )
             if s.scalar(select(ModelVersion.id).where(ModelVersion.job_id == job_id)) is not None:
                 raise Conflict(f"job {job_id} already has a version 0")
-            pre = Preprocessor.from_dict(job.preprocess)
-            arch = architecture(spec.model, pre.input_dim, pre.output_dim)
+            app = apps.app_for(spec)
+            job_ctx = apps.context(spec, job.preprocess)
+            arch = apps.describe(app, job_ctx)
             if header.get("arch") != arch:
                 raise Invalid(f"version 0 was built for {header.get('arch')}, but job {job_id} trains {arch}")
-            if vec.size != parameter_count(arch):
-                raise Invalid(f"version 0 has {vec.size} parameters; {arch} has {parameter_count(arch)}")
+            size = apps.initial_vector(app, job_ctx).size
+            if vec.size != size:
+                raise Invalid(f"version 0 has {vec.size} parameters; {arch} has {size}")
             vector = np.array(vec, dtype=np.float32)
             row = self.ctx.register(
                 s,
@@ -114,7 +114,7 @@ class ClusterHooks:
         with self.ctx.write() as s:
             job = get_job(s, job_id)
             spec = JobSpec.model_validate(job.spec)
-            names = {f.name for f in spec.data.features}
+            names = {f.name for f in spec.data.features} if spec.data is not None else set(features)
             strangers = sorted(set(features) - names)
             if strangers:
                 raise Invalid(

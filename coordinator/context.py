@@ -19,15 +19,13 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy.orm import Session, sessionmaker
 
-from coordinator import registry, secure
+from coordinator import apps, registry, secure
 from coordinator.blobs import LocalBlobStore
 from coordinator.errors import NotFound
-from coordinator.evaluation import metrics_on
 from coordinator.models import Job, ModelVersion
 from coordinator.queries import get_job
 from coordinator.statements import NUM_PARAMETERS, RoundRow
 from shared.jobspec import JobSpec
-from shared.tabular import read_table_bytes
 
 
 @dataclass
@@ -59,7 +57,7 @@ class EngineContext:
         # let a read transaction fail to upgrade. PostgreSQL uses row locks.
         self.sqlite = engine.dialect.name == "sqlite"
         self._write_lock: Any = threading.RLock() if self.sqlite else nullcontext()
-        self.reference: dict[str, Any] = {}  # reference data frames by blob hash
+        self.reference: dict[str, Any] = {}  # reference data as the job's app parsed it, by blob hash
         # The newest version of each job, as registered here: the next round starts from it.
         self._latest: dict[int, tuple[str, dict[str, Any], np.ndarray]] = {}
         self._job_info: dict[int, tuple[dict[str, Any], dict[str, Any] | None]] = {}
@@ -179,11 +177,14 @@ class EngineContext:
     def central(
         self, job: Job, spec: JobSpec, arch: dict[str, Any], vec: np.ndarray
     ) -> dict[str, float] | None:
-        """A model's metrics on the job's reference data (central evaluation), if the job has any."""
+        """A model's metrics on the job's reference data (central evaluation by its app), if the job
+        has reference data."""
         sha = job.reference_sha256
         if not sha or job.preprocess is None:
             return None
-        df = self.reference.get(sha)
-        if df is None:
-            df = self.reference[sha] = read_table_bytes(self.blobs.get(sha), spec.data)
-        return metrics_on(df, spec.data, job.preprocess, arch, vec)
+        app = apps.app_for(spec)
+        job_ctx = apps.context(spec, job.preprocess)
+        reference = self.reference.get(sha)
+        if reference is None:
+            reference = self.reference[sha] = app.load_reference(self.blobs.get(sha), job_ctx)
+        return apps.evaluate_central(app, job_ctx, reference, vec)

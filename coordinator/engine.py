@@ -52,8 +52,9 @@ class Federation(EngineContext):
     ):
         super().__init__(factory, blobs, signing_key, settings, clock)
         self.sums = Sums(self)
-        self.driver = RoundDriver(self, self.sums, RoundFinisher(self, self.sums))
-        self.jobs = JobAdmin(self, self.driver)
+        finisher = RoundFinisher(self, self.sums)
+        self.driver = RoundDriver(self, self.sums, finisher)
+        self.jobs = JobAdmin(self, self.driver, finisher)
         self.checkins = CheckIns(self)
         self.devices = DeviceProtocol(self, self.driver, self.sums)
         self.cluster = ClusterHooks(self)

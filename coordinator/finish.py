@@ -16,7 +16,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from coordinator import audits, registry, secure
+from coordinator import apps, audits, registry, secure
 from coordinator.aggregation import Sums
 from coordinator.context import EngineContext
 from coordinator.errors import Invalid
@@ -25,11 +25,8 @@ from coordinator.models import Event, Job, ModelVersion, Round, RoundMessage, ut
 from coordinator.rounds import ParticipantView
 from coordinator.strategies import apply_strategy
 from shared.jobspec import JobSpec
-from shared.secagg import statistics as secagg_statistics
 from shared.secagg.protocol import finish as secagg_finish
 from shared.secagg.protocol import unmask_total
-from shared.tabular import Preprocessor, merge_statistics
-from shared.zoo import architecture, build_model, flatten_parameters
 
 
 class RoundFinisher:
@@ -49,15 +46,18 @@ class RoundFinisher:
             )
         }
         senders = [p.device_id for p in active if p.device_id in msgs]
-        if r.kind == "stats" and r.secure:
-            sr = secure.SecureRound(s, r)
-            total, _ = self.sums.masked(r, sr, len(sr.layout()))
-            merged = secagg_statistics.decode(
-                unmask_total(total, **sr.reconstruction_inputs()), spec.data, sr.vocabulary
-            )
-            self._stats(s, job, spec, [merged])
-        elif r.kind == "stats":
-            self._stats(s, job, spec, [msgs[d].payload["statistics"] for d in senders])
+        if r.kind == "stats":
+            statistics = apps.app_for(spec).statistics
+            if statistics is None:
+                raise Invalid(f"app {spec.app_ref} gathers no statistics")
+            ctx = apps.context(spec, None)
+            if r.secure:
+                sr = secure.SecureRound(s, r)
+                total, _ = self.sums.masked(r, sr, len(sr.layout()))
+                merged = statistics.decode(unmask_total(total, **sr.reconstruction_inputs()), sr.vocabulary, ctx)
+            else:
+                merged = statistics.merge([msgs[d].payload["statistics"] for d in senders], ctx)
+            self.setup(s, job, spec, statistics.setup(merged, ctx), {"statistics_rows": merged.get("rows")})
         elif r.kind == "train" and r.secure:
             self._train(s, job, spec, r, [], secure.SecureRound(s, r))
         elif r.kind == "train":
@@ -79,11 +79,15 @@ class RoundFinisher:
             )
         )
 
-    def _stats(self, s: Session, job: Job, spec: JobSpec, stats: list[dict[str, Any]]) -> None:
-        merged = merge_statistics(stats)
-        pre = Preprocessor.from_statistics(merged, spec.data)
-        job.preprocess = pre.to_dict()
-        arch = architecture(spec.model, pre.input_dim, pre.output_dim)
+    def setup(
+        self, s: Session, job: Job, spec: JobSpec, setup: dict[str, Any], facts: dict[str, Any] | None = None
+    ) -> None:
+        """Fix the job's setup (what its statistics round found, or ``{}``) and, unless the job waits
+        for a pre-trained one, register its version 0: the app's model under the job's seed."""
+        app = apps.app_for(spec)
+        job.preprocess = setup
+        ctx = apps.context(spec, setup)
+        arch = apps.describe(app, ctx)
         existing = s.scalar(
             select(ModelVersion).where(ModelVersion.job_id == job.id, ModelVersion.version == 0)
         )
@@ -107,14 +111,13 @@ class RoundFinisher:
                 )
             )
             return
-        model = build_model(arch, seed=spec.seed)
-        vector = flatten_parameters(model)
+        vector = apps.initial_vector(app, ctx)
         self.ctx.register(
             s,
             job,
             vector,
             arch,
-            provenance={"source": "initialised", "seed": spec.seed, "statistics_rows": merged.get("rows")},
+            provenance={"source": "initialised", "seed": spec.seed, **(facts or {})},
         )
         audits.enqueue(s, job, 0, self.ctx.clock())
         job.current_version = 0

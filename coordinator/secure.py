@@ -242,15 +242,20 @@ class SecureRound:
             _FROZEN[key] = build()
         return _FROZEN[key]  # type: ignore[no-any-return]
 
-    def layout(self) -> list[tuple[str, str, str]]:
+    def layout(self) -> list[Any]:
         """A statistics round's vector layout (from the job's schema and the merged vocabulary)."""
         from coordinator.models import Job
         from shared.jobspec import JobSpec
 
-        def build() -> list[tuple[str, str, str]]:
+        def build() -> list[Any]:
+            from coordinator.apps import app_for, context
+
             job = orm(self.s).get(Job, self.r.job_id)
             assert job is not None
-            return secagg_statistics.layout(JobSpec.model_validate(job.spec).data, self.vocabulary)
+            spec = JobSpec.model_validate(job.spec)
+            statistics = app_for(spec).statistics
+            assert statistics is not None, "a statistics round is opened only for an app that has one"
+            return list(statistics.layout(self.vocabulary, context(spec, None)))
 
         # Fixed once configure is over, as the vocabulary is.
         return self._frozen("layout", "configure", build)

@@ -88,8 +88,23 @@ class DataSchema(_Strict):
 
 
 class ModelSpec(_Strict):
-    """A model from the zoo and its sizes."""
+    """The model: an app's (``app``), or one of the built-in tabular app's zoo models and its sizes."""
 
+    app: str | None = Field(
+        default=None,
+        max_length=300,
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$",
+        description=(
+            "an installed app, 'package.module:attribute' (docs/apps.md); default: the built-in"
+            " tabular app with the zoo model below"
+        ),
+    )
+    app_version: str | None = Field(
+        default=None, max_length=64, description="the app version every device must hold (with app)"
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="the app's own settings, as [model.options] (with app)"
+    )
     zoo: Literal["mlp", "logreg"] = Field(default="mlp", description="the model family from shared/zoo.py")
     hidden: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
         default_factory=lambda: [64, 32], description="hidden layer widths (mlp)"
@@ -245,7 +260,9 @@ class JobSpec(_Strict):
     name: str = Field(min_length=1, max_length=200, description="a name for people")
     rounds: int = Field(ge=1, le=100_000, description="training rounds to complete")
     seed: int = Field(default=0, ge=0, description="seeds the initial model, cohort draws and local shuffles")
-    data: DataSchema
+    data: DataSchema | None = Field(
+        default=None, description="the tabular schema: required by the built-in app, unused by others"
+    )
     model: ModelSpec = Field(default_factory=ModelSpec)
     cohort: CohortSpec = Field(default_factory=CohortSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
@@ -256,6 +273,31 @@ class JobSpec(_Strict):
     )
     secagg: SecAggSpec = Field(default_factory=SecAggSpec)
     audit: AuditSpec = Field(default_factory=AuditSpec)
+
+    @model_validator(mode="after")
+    def _data_for_builtin(self) -> JobSpec:
+        if self.model.app is None and self.data is None:
+            raise ValueError(_MISSING_DATA)
+        if self.model.app is None and (self.model.app_version is not None or self.model.options):
+            raise ValueError("model: app_version and options apply to an app named in [model] app")
+        return self
+
+    @property
+    def app_ref(self) -> str:
+        """The app this job trains: ``[model] app``, or the built-in tabular app."""
+        from shared.apps import BUILTIN
+
+        return self.model.app or BUILTIN
+
+    @property
+    def tabular(self) -> DataSchema:
+        """The tabular schema of a built-in-app job (``ValueError`` for an app job without one)."""
+        if self.data is None:
+            raise ValueError("this job has no [data] schema: its app reads its own data")
+        return self.data
+
+
+_MISSING_DATA = "data: required field is missing (the built-in tabular app reads it; an app names [model] app)"
 
 
 def _format_errors(err: ValidationError) -> list[str]:
@@ -277,10 +319,17 @@ def validate_spec(data: Any) -> JobSpec:
     """Validate a parsed spec (a mapping); raise :class:`JobSpecError` naming each bad field."""
     if not isinstance(data, dict):
         raise JobSpecError(["(spec): expected a table of fields"])
+    model = data.get("model")
+    names_app = isinstance(model, dict) and model.get("app") is not None
+    # The built-in app reads the [data] schema; the check sits beside the field errors, which
+    # pydantic reports before any model validator runs.
+    missing = [] if names_app or "data" in data else [_MISSING_DATA]
     try:
-        return JobSpec.model_validate(data)
+        spec = JobSpec.model_validate(data)
     except ValidationError as err:
-        raise JobSpecError(_format_errors(err)) from None
+        problems = [p for p in _format_errors(err) if not p.endswith(_MISSING_DATA.split(": ", 1)[1])]
+        raise JobSpecError(missing + problems) from None
+    return spec
 
 
 def parse_spec_text(text: str, source: str = "job spec") -> JobSpec:
