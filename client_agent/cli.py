@@ -13,7 +13,6 @@ import typer
 
 from client_agent.config import AgentConfig, AgentConfigError, AgentHome
 from client_agent.identity import create_identity, public_key_b64
-from shared.tabular import DataSchemaError, load_table
 from shared.tls import verify_setting
 
 app = typer.Typer(help="The aicfl edge agent.", no_args_is_help=True, pretty_exceptions_enable=False)
@@ -27,24 +26,66 @@ class AgentCliError(Exception):
     pass
 
 
+_TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
+
+
+def parse_node_config(text: str) -> dict[str, bool | int | float | str]:
+    """``"partition-id=0 num-partitions=4 region='eu'"`` as Flower's ``--node-config`` reads it:
+    space-separated ``key=value`` pairs; numbers and ``true``/``false`` typed, quotes stripped."""
+    out: dict[str, bool | int | float | str] = {}
+    for item in text.split():
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise AgentCliError(f"--node-config: {item!r} is not key=value")
+        value: bool | int | float | str
+        if raw.lower() in ("true", "false"):
+            value = raw.lower() == "true"
+        else:
+            try:
+                value = int(raw)
+            except ValueError:
+                try:
+                    value = float(raw)
+                except ValueError:
+                    value = raw.strip("'\"")
+        out[key] = value
+    return out
+
+
+def _check_data(data: Path) -> None:
+    """The data path exists; a table the built-in app reads is checked to parse now, not mid-round."""
+    if not data.exists():
+        raise AgentCliError(f"--data: {data} does not exist")
+    if data.is_file() and data.suffix.lower() in _TABLE_SUFFIXES:
+        from shared.tabular import DataSchemaError, load_table
+
+        try:
+            load_table(data)
+        except DataSchemaError as err:
+            raise AgentCliError(f"--data: {err}") from None
+
+
 @app.command()
 def enroll(
     coordinator: str = typer.Option(..., "--coordinator", help="Coordinator URL."),
     token: str = typer.Option(..., "--token", help="One-time enrollment token."),
-    data: Path = typer.Option(..., "--data", help="Local CSV or Parquet file."),
+    data: Path = typer.Option(
+        ..., "--data", help="Local data: a file or folder the job's app reads (CSV or Parquet for the built-in app)."
+    ),
     home: Path | None = HOME_OPT,
     name: str = typer.Option("", "--name"),
     threads: int = typer.Option(1, "--threads", min=1, max=256, help="Most CPU threads training may use."),
     ca_cert: Path | None = typer.Option(None, "--ca-cert", help="CA bundle for a TLS coordinator."),
+    node_config: str = typer.Option(
+        "", "--node-config", help="What apps may read of this device, as Flower's: 'partition-id=0 num-partitions=4'."
+    ),
 ) -> None:
     """Make this device's identity key and enroll it with the coordinator."""
     h = AgentHome(home)
     if h.config_path.exists():
         raise AgentCliError(f"{h.root} is already enrolled; use another --home")
-    try:
-        load_table(data)
-    except DataSchemaError as err:
-        raise AgentCliError(f"--data: {err}") from None
+    _check_data(data)
+    node = parse_node_config(node_config)
     key = create_identity(h.key_path) if not h.key_path.exists() else None
     if key is None:
         from client_agent.identity import load_identity
@@ -81,6 +122,7 @@ def enroll(
             threads=threads,
             ca_cert=str(ca_cert.resolve()) if ca_cert else None,
             name=body["name"],
+            node_config=node,
         )
     )
     print(f"enrolled as {out['device_id']}")

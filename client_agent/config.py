@@ -24,6 +24,8 @@ class AgentConfig:
     threads: int = 1
     ca_cert: str | None = None
     name: str = ""
+    #: What the owner says about this device, for its apps (``--node-config``).
+    node_config: dict[str, bool | int | float | str] = field(default_factory=dict)
 
 
 @dataclass

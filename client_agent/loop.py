@@ -56,7 +56,12 @@ class Agent:
         verify: str | bool = self.cfg.ca_cert or True
         self.client = SignedClient(self.cfg.coordinator, self.cfg.device_id, key, verify=verify)
         self.worker = Worker(
-            self.client, self.cfg.data, self.cfg.coordinator_public_key, self.cfg.device_id, self.cfg.threads
+            self.client,
+            self.cfg.data,
+            self.cfg.coordinator_public_key,
+            self.cfg.device_id,
+            self.cfg.threads,
+            self.cfg.node_config,
         )
         self.state = home.load_state()
         self.stop = threading.Event()
