@@ -70,14 +70,18 @@ def enroll(
     coordinator: str = typer.Option(..., "--coordinator", help="Coordinator URL."),
     token: str = typer.Option(..., "--token", help="One-time enrollment token."),
     data: Path = typer.Option(
-        ..., "--data", help="Local data: a file or folder the job's app reads (CSV or Parquet for the built-in app)."
+        ...,
+        "--data",
+        help="Local data: a file or folder the job's app reads (CSV or Parquet for the built-in app).",
     ),
     home: Path | None = HOME_OPT,
     name: str = typer.Option("", "--name"),
     threads: int = typer.Option(1, "--threads", min=1, max=256, help="Most CPU threads training may use."),
     ca_cert: Path | None = typer.Option(None, "--ca-cert", help="CA bundle for a TLS coordinator."),
     node_config: str = typer.Option(
-        "", "--node-config", help="What apps may read of this device, as Flower's: 'partition-id=0 num-partitions=4'."
+        "",
+        "--node-config",
+        help="What apps may read of this device, as Flower's: 'partition-id=0 num-partitions=4'.",
     ),
 ) -> None:
     """Make this device's identity key and enroll it with the coordinator."""

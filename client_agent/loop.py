@@ -102,6 +102,12 @@ class Agent:
         log.info("stopped")
         return 0
 
+    def _withdraw(self, task: Task, reason: str) -> None:
+        try:
+            self.client.post_json(f"/v1/device/rounds/{task.round_id}/withdraw", {"reason": reason[:2000]})
+        except CoordinatorError as err:  # the round ended or moved on meanwhile: nothing to leave
+            log.info("round %s: withdrawal not needed: %s", task.round_id, err.detail)
+
     def handle(self, task: Task) -> None:
         """Do one stage of a round, at most once, and never for a stale round."""
         if task.round_id < self.state.last_round_id:
@@ -149,8 +155,9 @@ class Agent:
             # Dropped, deadline passed, round over: nothing to retry for this stage.
             log.warning("round %s stage %s not accepted: %s", task.round_id, task.stage, err.detail)
         except (Declined, SecAggError) as err:
-            # No secrets for this round (restarted), or a neighbour's message did not check out:
-            # this device sits the round out and is counted dropped.
+            # The app failed, no secrets for this round (restarted), or a neighbour's message did not
+            # check out: this device sits the round out, and says why so the round need not wait.
             log.warning("round %s stage %s: sitting the round out: %s", task.round_id, task.stage, err)
+            self._withdraw(task, f"{task.stage}: {err}")
         self.state.stages_sent.append(task.stage)
         self.home.save_state(self.state)

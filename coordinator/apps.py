@@ -38,7 +38,9 @@ def describe(app: App, job: JobContext) -> dict[str, Any]:
     try:
         return app.describe(job)
     except Exception as err:
-        raise Invalid(f"app {job.spec.app_ref} cannot describe its model: {type(err).__name__}: {err}") from None
+        raise Invalid(
+            f"app {job.spec.app_ref} cannot describe its model: {type(err).__name__}: {err}"
+        ) from None
 
 
 def initial_vector(app: App, job: JobContext) -> np.ndarray:
@@ -63,7 +65,9 @@ def initial_vector(app: App, job: JobContext) -> np.ndarray:
     return np.array(vec, dtype=np.float32)
 
 
-def evaluate_central(app: App, job: JobContext, reference: Any, vector: np.ndarray) -> dict[str, float] | None:
+def evaluate_central(
+    app: App, job: JobContext, reference: Any, vector: np.ndarray
+) -> dict[str, float] | None:
     """The app's metrics of the model ``vector`` on parsed reference data."""
     model = app.build_model(job)
     app.set_parameters(model, vector)

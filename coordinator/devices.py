@@ -21,10 +21,10 @@ from coordinator import participation, secure
 from coordinator.aggregation import Sums
 from coordinator.context import EngineContext
 from coordinator.driver import RoundDriver
-from coordinator.errors import Conflict, Invalid, NotFound
+from coordinator.errors import Conflict, Forbidden, Invalid, NotFound
 from coordinator.models import Event, Participant
 from coordinator.participation import one_less
-from coordinator.rounds import ACTIVE, DECLINED, EXCLUDED
+from coordinator.rounds import ACTIVE, DECLINED, DROPPED, EXCLUDED
 from coordinator.statements import ADD_MESSAGE, STAGE_DONE, PartRow, RoundRow
 from coordinator.validation import check_metrics, check_statistics, check_update_header
 from shared import codec
@@ -167,6 +167,36 @@ class DeviceProtocol:
         )
         log.warning("job %s round %s: excluded %s: %s", r.job_id, r.number, device_id, reason)
         self.driver.drive(session, self.driver.orm_round(session, r), self.ctx.clock())
+
+    def withdraw(self, device_id: str, round_id: int, reason: str) -> None:
+        """The device leaves a round it accepted, saying why; it counts as dropped (under SecAgg+ its
+        masks are recovered as any dropped device's) and the round goes on without waiting for it."""
+        now = self.ctx.clock()
+        with self.ctx.device_write() as s:
+            r, p = self._load(s, device_id, round_id)
+            if r is None:
+                raise NotFound(f"no round {round_id}")
+            if p is None:
+                raise Forbidden(f"device {device_id} was not selected for round {round_id}")
+            if r.status != "running":
+                raise Conflict(f"round {round_id} is {r.status}")
+            if p.status != ACTIVE:
+                raise Conflict(f"device {device_id} is already {p.status} in round {round_id}")
+            reason = f"withdrew: {reason}"[:2000]
+            secure.run(
+                s, update(Participant).where(Participant.id == p.id).values(status=DROPPED, reason=reason)
+            )
+            session = secure.orm(s)
+            session.add(
+                Event(
+                    actor=f"device:{device_id}",
+                    action="participant.withdraw",
+                    target=f"{r.job_id}/{r.number}/{device_id}",
+                    detail={"reason": reason[:500]},
+                )
+            )
+            log.warning("job %s round %s: %s %s", r.job_id, r.number, device_id, reason)
+            self.driver.drive(session, self.driver.orm_round(session, r), now)
 
     def _exclude(self, device_id: str, round_id: int, reason: str) -> None:
         with self.ctx.device_write() as s:

@@ -54,7 +54,9 @@ class RoundFinisher:
             if r.secure:
                 sr = secure.SecureRound(s, r)
                 total, _ = self.sums.masked(r, sr, len(sr.layout()))
-                merged = statistics.decode(unmask_total(total, **sr.reconstruction_inputs()), sr.vocabulary, ctx)
+                merged = statistics.decode(
+                    unmask_total(total, **sr.reconstruction_inputs()), sr.vocabulary, ctx
+                )
             else:
                 merged = statistics.merge([msgs[d].payload["statistics"] for d in senders], ctx)
             self.setup(s, job, spec, statistics.setup(merged, ctx), {"statistics_rows": merged.get("rows")})

@@ -21,7 +21,7 @@ def get_job(s: Session, job_id: int) -> Job:
     return job
 
 
-def round_dict(r: Round, counts: dict[str, int]) -> dict[str, Any]:
+def round_dict(r: Round, counts: dict[str, int], declines: dict[str, int] | None = None) -> dict[str, Any]:
     out = {
         c: getattr(r, c)
         for c in (
@@ -44,6 +44,7 @@ def round_dict(r: Round, counts: dict[str, int]) -> dict[str, Any]:
     out["participants"] = sum(counts.values())
     out["dropped"] = counts.get(DROPPED, 0)
     out["declined"] = counts.get(DECLINED, 0)
+    out["declines"] = declines or {}
     out["completed_by"] = counts.get(ACTIVE, 0) if r.status == "completed" else 0
     return out
 
@@ -62,13 +63,33 @@ def _counts(s: Session, round_ids: list[int]) -> dict[int, dict[str, int]]:
     return out
 
 
+def _declines(s: Session, round_ids: list[int]) -> dict[int, dict[str, int]]:
+    """Why devices declined each round: reason -> how many devices gave it."""
+    if not round_ids:
+        return {}
+    rows = s.execute(
+        select(Participant.round_id, Participant.reason, func.count())
+        .where(Participant.round_id.in_(round_ids), Participant.status == DECLINED)
+        .group_by(Participant.round_id, Participant.reason)
+    ).all()
+    out: dict[int, dict[str, int]] = {}
+    for rid, reason, n in rows:
+        out.setdefault(rid, {})[reason or "(no reason given)"] = n
+    return out
+
+
 def rounds_of(s: Session, job_id: int, include_stats: bool = True) -> list[dict[str, Any]]:
     if s.get(Job, job_id) is None:
         raise NotFound(f"no job {job_id}")
     q = select(Round).where(Round.job_id == job_id).order_by(Round.number)
     rounds = list(s.scalars(q))
-    counts = _counts(s, [r.id for r in rounds])
-    return [round_dict(r, counts.get(r.id, {})) for r in rounds if include_stats or r.kind != "stats"]
+    ids = [r.id for r in rounds]
+    counts, declines = _counts(s, ids), _declines(s, ids)
+    return [
+        round_dict(r, counts.get(r.id, {}), declines.get(r.id))
+        for r in rounds
+        if include_stats or r.kind != "stats"
+    ]
 
 
 def round_detail(s: Session, job_id: int, number: int) -> dict[str, Any]:
@@ -79,9 +100,13 @@ def round_detail(s: Session, job_id: int, number: int) -> dict[str, Any]:
         s.scalars(select(Participant).where(Participant.round_id == r.id).order_by(Participant.device_id))
     )
     counts: dict[str, int] = {}
+    declines: dict[str, int] = {}
     for p in parts:
         counts[p.status] = counts.get(p.status, 0) + 1
-    out = round_dict(r, counts)
+        if p.status == DECLINED:
+            reason = p.reason or "(no reason given)"
+            declines[reason] = declines.get(reason, 0) + 1
+    out = round_dict(r, counts, declines)
     out["devices"] = [
         {
             "device_id": p.device_id,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Out(BaseModel):
@@ -76,6 +76,9 @@ class RoundOut(_Out):
     participants: int = 0
     dropped: int = 0
     declined: int = 0
+    declines: dict[str, int] = Field(
+        default_factory=dict, description="why devices declined the round: each reason and how many gave it"
+    )
     completed_by: int = 0
 
 

@@ -297,7 +297,9 @@ class JobSpec(_Strict):
         return self.data
 
 
-_MISSING_DATA = "data: required field is missing (the built-in tabular app reads it; an app names [model] app)"
+_MISSING_DATA = (
+    "data: required field is missing (the built-in tabular app reads it; an app names [model] app)"
+)
 
 
 def _format_errors(err: ValidationError) -> list[str]:

@@ -90,6 +90,12 @@ class EvaluateMessage(_Msg):
     examples: int = Field(ge=0)
 
 
+class WithdrawMessage(_Msg):
+    """A device leaving a round it accepted, and why (its app failed, its data went away)."""
+
+    reason: str = Field(min_length=1, max_length=2000)
+
+
 class Accepted(_Msg):
     ok: bool = True
     detail: str = ""

@@ -39,9 +39,16 @@ def _rounds_table(rows: list[dict[str, Any]]) -> Table:
             fmt(r["aggregation_seconds"], 3),
             metrics_text(m.get("central")),
             metrics_text(m.get("federated")),
-            r["reason"] or "",
+            _reasons(r),
         )
     return table
+
+
+def _reasons(r: dict[str, Any]) -> str:
+    """The round's own reason (why it was abandoned), then why devices declined it."""
+    parts = [r["reason"]] if r["reason"] else []
+    parts += [f"declined ({n}): {why}" for why, n in (r.get("declines") or {}).items()]
+    return "; ".join(parts)
 
 
 @app.command("list")

@@ -20,6 +20,7 @@ from shared.wire import (
     ConfigureMessage,
     EnrollRequest,
     EnrollResponse,
+    WithdrawMessage,
 )
 
 router = APIRouter(prefix="/v1", tags=["devices (agent)"])
@@ -97,6 +98,18 @@ async def round_input(
         if not isinstance(payload, dict):
             raise Invalid("body must be a JSON object")
         await run_in_threadpool(fed.devices.input_json, device_id, round_id, payload)
+    return Accepted()
+
+
+@router.post("/device/rounds/{round_id}/withdraw", response_model=Accepted)
+async def withdraw(
+    round_id: int, request: Request, who: tuple[str, bytes] = Depends(device_request)
+) -> Accepted:
+    """Leave a round this device accepted, with the reason (its app failed): counted as dropped, and
+    the round goes on without waiting for the stage's deadline."""
+    device_id, body = who
+    msg = _json(body, WithdrawMessage)
+    await run_in_threadpool(federation(request).devices.withdraw, device_id, round_id, msg.reason)
     return Accepted()
 
 

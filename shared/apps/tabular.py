@@ -176,7 +176,12 @@ class TabularApp(App):
         assert rows.pre is not None
         x, y = rows.arrays
         metrics = evaluate(
-            model, x, y, task=rows.schema.task, target_mean=rows.pre.target_mean, target_std=rows.pre.target_std
+            model,
+            x,
+            y,
+            task=rows.schema.task,
+            target_mean=rows.pre.target_mean,
+            target_std=rows.pre.target_std,
         )
         return {k: float(v) for k, v in metrics.items() if examples or k != "examples"}
 
