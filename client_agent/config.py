@@ -35,6 +35,8 @@ class ResumeState:
     round_id: int | None = None
     stages_sent: list[str] = field(default_factory=list)
     last_round_id: int = 0
+    #: The apps this device has worked with: imported at start, before a round needs them.
+    apps: list[str] = field(default_factory=list)
 
 
 class AgentHome:

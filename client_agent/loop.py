@@ -14,6 +14,7 @@ from client_agent.config import AgentHome, ResumeState
 from client_agent.identity import load_identity
 from client_agent.transport import CoordinatorError, SignedClient, TransientError
 from client_agent.worker import Declined, Worker
+from shared.apps import AppError, preload
 from shared.secagg.primitives import SecAggError
 from shared.wire import CheckinRequest, CheckinResponse, Task
 
@@ -25,6 +26,10 @@ def agent_version() -> str:
         return version("aicfl")
     except PackageNotFoundError:
         return "dev"
+
+
+def _env_list(name: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
 
 
 def peak_rss_mb() -> float:
@@ -66,6 +71,17 @@ class Agent:
         self.state = home.load_state()
         self.stop = threading.Event()
 
+    def warm_up(self) -> None:
+        """Import the apps this device will likely run (``AICFL_AGENT_PRELOAD``, and those it worked
+        with before) before its first check-in: on a small device importing torch can take longer
+        than a stage's deadline, and a device that checks in may be selected at once."""
+        for ref in dict.fromkeys([*_env_list("AICFL_AGENT_PRELOAD"), *self.state.apps]):
+            try:
+                preload(ref)
+                log.info("app %s imported ahead of its rounds", ref)
+            except AppError as err:
+                log.warning("cannot import app ahead of its rounds: %s", err)
+
     def install_signal_handlers(self) -> None:
         def _stop(signum: int, _frame: object) -> None:
             log.info("signal %d: stopping after the current step", signum)
@@ -80,6 +96,7 @@ class Agent:
 
     def run(self) -> int:
         backoff = Backoff()
+        self.warm_up()
         log.info("agent %s checking in with %s", self.cfg.device_id, self.cfg.coordinator)
         while not self.stop.is_set():
             try:
@@ -119,7 +136,9 @@ class Agent:
             self.stop.wait(1.0)
             return
         if task.round_id != self.state.round_id:
-            self.state = ResumeState(round_id=task.round_id, stages_sent=[], last_round_id=task.round_id)
+            self.state = ResumeState(
+                round_id=task.round_id, stages_sent=[], last_round_id=task.round_id, apps=self.state.apps
+            )
         if task.stage in self.state.stages_sent:
             self.stop.wait(0.5)
             return
@@ -158,6 +177,7 @@ class Agent:
             # The app failed, no secrets for this round (restarted), or a neighbour's message did not
             # check out: this device sits the round out, and says why so the round need not wait.
             log.warning("round %s stage %s: sitting the round out: %s", task.round_id, task.stage, err)
-            self._withdraw(task, f"{task.stage}: {err}")
+            self._withdraw(task, f"in stage {task.stage!r}: {err}")
         self.state.stages_sent.append(task.stage)
+        self.state.apps = sorted(set(self.state.apps) | self.worker.used_apps)
         self.home.save_state(self.state)

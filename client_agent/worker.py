@@ -75,6 +75,7 @@ class Worker:
         self.device_id = device_id
         self.threads = threads
         self._apps: dict[tuple[str, str | None], App] = {}
+        self.used_apps: set[str] = set()  # app references that loaded here (the agent remembers them)
         self._data: tuple[tuple[Any, ...], LocalData] | None = None
         self._model: _Model | None = None
         # SecAgg+ secrets live in memory only: a device that restarts mid-round counts as dropped.
@@ -89,6 +90,7 @@ class Worker:
                 self._apps[key] = load_app(*key)
             except AppError as err:
                 raise Declined(str(err)) from None
+            self.used_apps.add(spec.app_ref)
         return self._apps[key]
 
     def _data_stamp(self) -> float:

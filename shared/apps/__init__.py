@@ -34,6 +34,7 @@ __all__ = [
     "TrainConfig",
     "checked_metrics",
     "load_app",
+    "preload",
 ]
 
 #: The app of a job spec that names none: the zoo models on a CSV/Parquet table.
@@ -61,12 +62,31 @@ def _import(ref: str) -> object:
     return obj
 
 
+def preload(ref: str) -> None:
+    """Import the module of app ``ref`` now (and the libraries it imports, torch most of all), so that
+    the first round that needs it does not spend its stage deadline importing. Raises :class:`AppError`."""
+    _import(ref)
+
+
 def load_app(ref: str, version: str | None = None) -> App:
     """The app object ``ref`` names (``module:attribute``), checked to be an :class:`App` of
-    ``version`` when one is asked for. Raises :class:`AppError` with the reason."""
+    ``version`` when one is asked for; a Flower ``ClientApp`` or ``client_fn`` is adapted into one
+    (``shared.apps.flower``). Raises :class:`AppError` with the reason."""
     obj = _import(ref)
     if not isinstance(obj, App):
-        raise AppError(f"app {ref!r} is a {type(obj).__name__}, not an aicfl App (shared.apps.App)")
+        # A Flower ClientApp or client_fn runs as it is (shared.apps.flower, which imports flwr).
+        from shared.apps.flower import as_app
+
+        try:
+            adapted = as_app(obj)
+        except Exception as err:  # the user's Flower object, whatever it does wrong, is one reason
+            raise AppError(f"app {ref!r}: {err}") from None
+        if adapted is None:
+            raise AppError(
+                f"app {ref!r} is a {type(obj).__name__}, not an aicfl App (shared.apps.App)"
+                " nor a Flower ClientApp or client_fn"
+            )
+        obj = adapted
     if version is not None and str(obj.version) != version:
         raise AppError(f"app {ref!r} is version {obj.version} here; the job needs {version}")
     return obj

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,9 @@ ENV = {
     "AICFL_ELIGIBILITY_WINDOW": "4",
     "AICFL_IDLE_RETRY": "0.3",
     "AICFL_ACTIVE_RETRY": "0.2",
+    # As an operator of tabular devices would: the built-in app (torch, pandas) imported at start,
+    # not inside the first round's stage deadline.
+    "AICFL_AGENT_PRELOAD": "shared.apps.tabular:app",
 }
 
 
@@ -129,7 +132,8 @@ class Coordinator:
     def api(self) -> ApiClient:
         return ApiClient(self.url, self.token, verify=self.verify)
 
-    def enroll(self, data: Path, name: str) -> Path:
+    def enroll(self, data: Path, name: str, extra_args: Sequence[str] = ()) -> Path:
+        """Enroll an agent home for ``data``; ``extra_args`` go to ``aicfl-agent enroll`` as they are."""
         token = self.api().json("POST", "/v1/enrollment-tokens", json={"count": 1, "ttl_seconds": 600})[
             "tokens"
         ][0]
@@ -149,6 +153,7 @@ class Coordinator:
                 "--name",
                 name,
                 *(["--ca-cert", str(self.tls[0])] if self.tls else []),
+                *extra_args,
             ),
             capture_output=True,
             text=True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,31 @@ def test_a_stage_the_coordinator_refuses_is_recorded_and_never_sent_again(
     assert len(sent) == 1 and sent[0].json()["accepted"] is True and sent[0].json()["rows"] > 0
     # What was sent survives a restart: a new agent on the same home does not send it again.
     again = Agent(agent.home)
-    assert again.state == ResumeState(round_id=7, stages_sent=["configure"], last_round_id=7)
+    # ...and remembers the app it worked with, to import it ahead of the next round.
+    assert again.state == ResumeState(
+        round_id=7, stages_sent=["configure"], last_round_id=7, apps=["shared.apps.tabular:app"]
+    )
     again.stop.set()
     again.handle(task(round_id=7))
     assert len(scripted_coordinator.requests_to("POST", path)) == 1
+
+
+def test_apps_named_in_the_environment_or_worked_with_before_are_imported_before_the_first_checkin(
+    scripted_coordinator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "apps").mkdir()
+    for name in ("preload_env_app", "preload_state_app"):
+        (tmp_path / "apps" / f"{name}.py").write_text("IMPORTED = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "apps"))
+    monkeypatch.setenv("AICFL_AGENT_PRELOAD", "preload_env_app:app, no_such_app_anywhere:app")
+    agent = make_agent(tmp_path, scripted_coordinator.url)
+    agent.home.save_state(ResumeState(apps=["preload_state_app:app"]))
+    agent = Agent(agent.home)
+    assert "preload_env_app" not in sys.modules and "preload_state_app" not in sys.modules
+    agent.stop.set()
+    with caplog.at_level(logging.INFO, logger="aicfl.agent"):
+        assert agent.run() == 0
+    assert {"preload_env_app", "preload_state_app"} <= set(sys.modules)
+    # An app that cannot be imported is logged, not fatal.
+    assert "cannot import app ahead of its rounds: app 'no_such_app_anywhere:app' does not import" in caplog.text
+    assert scripted_coordinator.received == []
