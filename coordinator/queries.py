@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from coordinator.errors import NotFound
 from coordinator.models import Audit, Baseline, Device, Job, ModelVersion, Participant, Round
 from coordinator.rounds import ACTIVE, DECLINED, DROPPED
+from shared.apps import BUILTIN
 
 
 def get_job(s: Session, job_id: int) -> Job:
@@ -134,13 +135,17 @@ def job_dict(s: Session, job: Job, with_latest: bool = True) -> dict[str, Any]:
         "rounds_completed": job.rounds_completed,
         "current_version": job.current_version,
         "reference": job.reference_sha256 is not None,
+        "app": (spec.get("model") or {}).get("app") or BUILTIN,
+        "app_version": (spec.get("model") or {}).get("app_version"),
         "spec": spec,
         "warnings": job_warnings(spec),
     }
     if with_latest:
         latest = s.scalar(select(Round).where(Round.job_id == job.id).order_by(Round.number.desc()).limit(1))
         if latest is not None:
-            out["latest_round"] = round_dict(latest, _counts(s, [latest.id]).get(latest.id, {}))
+            out["latest_round"] = round_dict(
+                latest, _counts(s, [latest.id]).get(latest.id, {}), _declines(s, [latest.id]).get(latest.id)
+            )
         done = s.scalar(
             select(Round)
             .where(Round.job_id == job.id, Round.kind == "train", Round.status == "completed")

@@ -98,6 +98,10 @@ class JobOut(_Out):
     rounds_completed: int
     current_version: int | None
     reference: bool
+    app: str = Field(
+        description="the app the job trains ('module:attribute'; the built-in tabular app by default)"
+    )
+    app_version: str | None = Field(default=None, description="the app version every device must hold")
     spec: dict[str, Any]
     warnings: list[str] = []
     latest_round: RoundOut | None = None

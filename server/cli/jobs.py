@@ -79,9 +79,15 @@ def jobs_show(job_id: int, as_json: bool = JSON_OPT) -> None:
             f" {j['name']}  status={j['status']}" + (f"  ({j['reason']})" if j["reason"] else ""),
         )
     )
+    model = spec["model"]
+    what = (
+        f"app {model['app']} {model.get('app_version') or ''}".rstrip()
+        if model.get("app")
+        else f"model {model['zoo']} {model['hidden']}"
+    )
     console.print(
         f"rounds {j['rounds_completed']}/{j['rounds']}  model version {fmt(j['current_version'])}  "
-        f"strategy {spec['strategy']['name']}  model {spec['model']['zoo']} {spec['model']['hidden']}  "
+        f"strategy {spec['strategy']['name']}  {what}  "
         f"cohort {spec['cohort']['minimum']}..{spec['cohort']['target']}"
     )
     m = j.get("latest_metrics") or {}
@@ -93,6 +99,8 @@ def jobs_show(job_id: int, as_json: bool = JSON_OPT) -> None:
             f"latest round {r['number']} ({r['kind']}): {r['status']} stage={r['stage']}"
             + (f" reason: {r['reason']}" if r["reason"] else "")
         )
+        for why, n in (r.get("declines") or {}).items():
+            console.print(f"  declined by {n}: {why}")
     if j.get("waiting_for"):
         console.print(f"waiting for {j['waiting_for']}")
     if j.get("pretrain"):

@@ -20,6 +20,7 @@ from tests.integration.harness import ENV, Coordinator, py, wait_for
 pytestmark = pytest.mark.slow
 
 APP = "tests.fixtures.toy_app:app"
+AGENT_ENV = {"AICFL_AGENT_PRELOAD": APP}
 
 
 @pytest.fixture
@@ -82,8 +83,9 @@ def test_devices_without_the_app_or_with_failing_app_code_sit_out_with_their_rea
         if env is None:
             agent_outside_the_repository(coord, home, tmp_path)
         else:
-            coord.run_agent(home, env)
+            coord.run_agent(home, {**AGENT_ENV, **env})
     api = coord.api()
+    wait_for(lambda: all(d["online"] for d in api.json("GET", "/v1/devices")), 120, "every agent online")
     job = api.json("POST", "/v1/jobs", json=app_spec(2, target=len(devices), secure=False))
     reference = make_data(tmp_path / "ref.npz", 300, seed=99)
     api.request("PUT", f"/v1/jobs/{job['id']}/reference", content=reference.read_bytes())
@@ -97,7 +99,9 @@ def test_devices_without_the_app_or_with_failing_app_code_sit_out_with_their_rea
     seen = {name_of[d]: v for d, v in why.items()}
     # Declined at configure, with the reason the operator reads in `aicfl rounds list`:
     assert seen["missing"][0] == "declined"
-    assert seen["missing"][1].startswith(f"app '{APP}' does not import here: ModuleNotFoundError: No module named")
+    assert seen["missing"][1].startswith(
+        f"app '{APP}' does not import here: ModuleNotFoundError: No module named"
+    )
     assert seen["other-version"] == ("declined", f"app '{APP}' is version 2.0 here; the job needs 1.0")
     assert seen["load"][0] == "declined" and "RuntimeError: the sensor folder is locked" in seen["load"][1]
     assert seen["check"] == ("declined", "data does not match the job's schema: x must have 4 columns")
@@ -125,6 +129,15 @@ def test_devices_without_the_app_or_with_failing_app_code_sit_out_with_their_rea
     )
     assert out.returncode == 0, out.stderr
     assert f"app '{APP}' is version 2.0 here; the job needs 1.0" in out.stdout
+    assert (done["app"], done["app_version"]) == (APP, "1.0")
+    shown = subprocess.run(
+        py("server", "jobs", "show", str(job["id"])),
+        capture_output=True,
+        text=True,
+        env={**ENV, "AICFL_URL": coord.url, "AICFL_TOKEN": coord.token, "COLUMNS": "200"},
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert f"app {APP} 1.0" in shown.stdout
     wait_for(lambda: all(p.poll() is None for p in coord.agents), 5, "every agent to keep running")
 
 
@@ -134,8 +147,11 @@ def test_a_secure_round_goes_on_when_a_device_s_app_fails_after_sharing_keys(
     data = tmp_path / "data"
     data.mkdir()
     for i, env in enumerate([{}, {}, {}, {"TOY_APP_FAULT": "nan"}]):
-        coord.run_agent(coord.enroll(make_data(data / f"d{i}.npz", 150, seed=i), f"d{i}"), env)
+        coord.run_agent(
+            coord.enroll(make_data(data / f"d{i}.npz", 150, seed=i), f"d{i}"), {**AGENT_ENV, **env}
+        )
     api = coord.api()
+    wait_for(lambda: all(d["online"] for d in api.json("GET", "/v1/devices")), 120, "every agent online")
     job = api.json("POST", "/v1/jobs", json=app_spec(1, target=4, secure=True))
     coord.wait_job(job["id"], timeout=180)
     (r,) = [r for r in coord.rounds(job["id"]) if r["kind"] == "train"]
