@@ -10,6 +10,7 @@ tests call both without any I/O. Targets are those of
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -59,11 +60,11 @@ class LocalOptimizer:
     uses. The functional kernels give the same updates, bit for bit (tested against the classes).
     """
 
-    def __init__(self, name: Optimizer | str, params: list[torch.Tensor], lr: float):
+    def __init__(self, name: Optimizer | str, params: Sequence[torch.Tensor], lr: float):
         if name not in ("sgd", "adam"):
             raise ValueError(f"unknown optimizer {name!r}; expected sgd or adam")
         self.name = name
-        self.params = params
+        self.params = list(params)
         self.lr = lr
         self._exp_avg: list[torch.Tensor] = [torch.zeros_like(p) for p in params] if name == "adam" else []
         self._exp_avg_sq: list[torch.Tensor] = [torch.zeros_like(p) for p in params] if name == "adam" else []
