@@ -38,7 +38,8 @@ class ClusterApi:
         return dict(self.client.json("GET", f"/v1/jobs/{job_id}"))
 
     def wait_for_preprocess(self, job_id: int, timeout: float, poll: float = 1.0) -> dict[str, Any]:
-        """The job once its statistics round has fixed the preprocessing (and so the network's shape)."""
+        """The job once its setup is fixed: the preprocessing its statistics round found (and so the
+        network's shape), or at once ``{}`` for an app without a statistics round."""
         deadline = time.monotonic() + timeout
         while True:
             job = self.job(job_id)
@@ -58,7 +59,8 @@ class ClusterApi:
         return bytes(self.client.request("GET", f"/v1/jobs/{job_id}/reference").content)
 
     def model(self, job_id: int, version: int) -> tuple[dict[str, Any], np.ndarray]:
-        """A model version's header (``arch``, ``preprocess``...) and flat float32 parameters."""
+        """A model version's header (``arch``: the zoo architecture or the app's ``describe``;
+        ``preprocess``: the job's setup...) and flat float32 parameters."""
         data = self.client.request("GET", f"/v1/jobs/{job_id}/models/{version}/blob").content
         header, vec = codec.decode(data)
         return header, np.array(vec, dtype=np.float32)
@@ -74,8 +76,8 @@ class ClusterApi:
         """Register pre-trained weights as the job's version 0 (``PUT /v1/jobs/{id}/models/0``).
 
         ``provenance`` carries at least ``data_sha256``, ``world_size``, ``epochs``
-        and ``metrics``; the coordinator adds ``source = "pretrain"``, checks the
-        architecture against the job's and signs the version.
+        and ``metrics``; the coordinator adds ``source = "pretrain"``, checks ``arch`` against
+        the job's (for an app: its ``describe(job)``) and the vector's size, and signs the version.
         """
         body = codec.encode({"kind": "pretrained", "arch": arch, "provenance": provenance}, vector)
         return dict(

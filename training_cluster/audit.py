@@ -22,6 +22,13 @@ rows; no HTTP (the loop that claims audits and returns reports is
    leader's TreeSHAP contributions; the job's ``[audit]`` thresholds give the
    verdict, ``ok`` or ``drift``.
 
+A job on an app (``[model] app``) is audited through the app
+(:func:`audit_app_version`): its ``audit_inputs`` turn the reference data into
+model inputs with a name per input value (``px_3_4`` for a pixel); every input
+value is a feature, and for images the audit also draws the mean attribution
+towards each class as heatmaps. Rows, explainers, validation, drift and the
+verdict are the tabular audit's.
+
 The DeepLIFT pass is shap's own rule (its module hooks) applied to many rows
 in one batch instead of shap's one-row-at-a-time loop: the same numbers
 (checked against ``DeepExplainer.shap_values`` by the tests), about ten
@@ -45,6 +52,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from shared.apps import App, JobContext
+from shared.apps.base import AuditInputs
 from shared.jobspec import AuditSpec, JobSpec
 from shared.tabular import Preprocessor
 from shared.zoo import build_model, load_flat_parameters
@@ -184,6 +193,7 @@ def _deep_batched(model: nn.Module, inner: Any, x: torch.Tensor, background: tor
     n_out = int(inner.num_outputs)
     values = np.zeros((n, d, n_out), dtype=np.float64)
     per_batch = max(1, _DEEP_BATCH_ROWS // (2 * b))
+    own = {id(m): set(m._parameters) for m in model.modules()}
     handles = inner.add_handles(model, deep_pytorch.add_interim_values, deep_pytorch.deeplift_grad)
     try:
         for start in range(0, n, per_batch):
@@ -202,6 +212,12 @@ def _deep_batched(model: nn.Module, inner: Any, x: torch.Tensor, background: tor
         for handle in handles:
             handle.remove()
         inner.remove_attributes(model)
+        # shap keeps each leaf's input and output as parameters ``x`` and ``y``, and removes them only
+        # below nn.Sequential containers; a model of its own class keeps them otherwise.
+        for module in model.modules():
+            for name in ("x", "y"):
+                if name in module._parameters and name not in own.get(id(module), ()):
+                    delattr(module, name)
     return values
 
 
@@ -281,15 +297,15 @@ def validate(
     x: np.ndarray,
     background: np.ndarray,
     values: np.ndarray,
-    groups: np.ndarray,
+    groups: np.ndarray | None,
     *,
     seed: int,
 ) -> dict[str, Any]:
     """Compare the explainer's values for rows ``x`` with exact Shapley values (or a permutation estimate).
 
     Both are interventional Shapley values over the same background, computed
-    on the input columns and summed into features; ``values`` are the
-    explainer's feature-level values for these rows. Returns
+    on the input columns and summed into features (``groups`` None: each column
+    is a feature); ``values`` are the explainer's feature-level values for these rows. Returns
     ``{"explainer", "rows", "correlation", "max_abs_diff"}``.
     """
     import shap
@@ -310,7 +326,7 @@ def validate(
         explainer = shap.explainers.Permutation(f, masker, seed=seed)
         reference = explainer(x, max_evals=evals, silent=True)
     ref_values = np.asarray(reference.values, dtype=np.float64).reshape(n, columns, -1)
-    ref_features = to_features(ref_values, groups)
+    ref_features = ref_values if groups is None else to_features(ref_values, groups)
     a, b = values.reshape(-1), ref_features.reshape(-1)
     return {
         "explainer": name,
@@ -586,7 +602,7 @@ def audit_version(
 
     importance = _importance(values, features)
     by_class: dict[str, dict[str, float]] | None = None
-    if spec.data.task == "multiclass":
+    if spec.tabular.task == "multiclass":
         per_class = np.abs(values).mean(axis=0)
         by_class = {
             label: {name: float(per_class[i, j]) for i, name in enumerate(features)}
@@ -610,7 +626,7 @@ def audit_version(
         order = _top(importance, len(importance))
         title = f"{spec.name} v{version}: {output_description(pre)}"
         images["importance.png"] = importance_plot(by_class or {"all": importance}, order, title)
-        if spec.data.task == "multiclass":
+        if spec.tabular.task == "multiclass":
             # One value per row: towards the class the model predicts for that row.
             predicted = attributions.outputs.argmax(axis=1)
             swarm = values[np.arange(len(rows)), :, predicted]
@@ -627,6 +643,358 @@ def audit_version(
         "output": output_description(pre),
         "rows": int(len(rows)),
         "background": int(len(background)),
+        "expected_value": [float(v) for v in attributions.expected],
+        "importance": importance,
+        "importance_by_class": by_class,
+        "shares": _shares(importance),
+        "top_features": _top(importance, audit.top),
+        "additivity_max_error": additivity,
+        "validation": validation,
+        "drift": drift,
+        "baseline": compare_with_baseline(importance, baseline, audit.top),
+        "verdict": verdict,
+        "reasons": reasons,
+        "seconds": time.perf_counter() - started,
+    }
+    return AuditResult(report=report, verdict=verdict, plots=images, values=values, features=features)
+
+
+# --------------------------------------------------------------------------- an app's model
+
+# DeepLIFT is exact up to float rounding; a larger gap (beyond this share of the largest output)
+# means a rule was missing (a functional nonlinearity, a module used twice), and expected
+# gradients are used instead.
+_ADDITIVITY_TOLERANCE = 1e-3
+# The class maps: inches per panel (width, height), colour bar and title strips, dots per inch,
+# panels per row. Binary fractions times 80 dpi: the PNG's size is exact (160 x 180 px a panel).
+_MAP_PANEL = (2.0, 2.25)
+_MAP_BAR = 1.0
+_MAP_TITLE = 0.5
+_MAP_DPI = 80
+_MAP_COLUMNS = 5
+
+
+class FlatInput(nn.Module):
+    """An app's model over flat rows ``(n, features)``: the explainers, the validation and the
+    batched DeepLIFT take 2-D inputs; each row is reshaped to the model's input shape."""
+
+    def __init__(self, model: nn.Module, shape: Sequence[int]) -> None:
+        super().__init__()
+        self.model = model
+        self.shape = tuple(int(d) for d in shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.reshape(x.shape[0], *self.shape))
+
+
+@dataclass(frozen=True)
+class AppInputs:
+    """:class:`~shared.apps.base.AuditInputs`, checked: flat float32 rows, names, shapes, labels."""
+
+    x: np.ndarray
+    shape: tuple[int, ...]
+    features: list[str]
+    image_shape: tuple[int, int] | None
+    outputs: list[str] | None
+    output: str
+
+
+def app_inputs(app: App, reference: Any, job: JobContext) -> AppInputs:
+    """The app's audit inputs for the parsed reference data, checked and flattened.
+
+    Raises :class:`AuditError` when the app gives none or they do not fit together.
+    """
+    label = job.spec.app_ref
+    try:
+        given = app.audit_inputs(reference, job)
+    except Exception as err:  # the app's own code: its failure is the audit's, in one line
+        raise AuditError(f"app {label}: audit_inputs failed: {type(err).__name__}: {err}") from None
+    if given is None:
+        raise AuditError(
+            f"app {label} gives no audit inputs (App.audit_inputs), so its versions cannot be audited;"
+            " turn [audit] enabled off for its jobs"
+        )
+    if not isinstance(given, AuditInputs):
+        raise AuditError(f"app {label}: audit_inputs returned {type(given).__name__}, not AuditInputs")
+    try:
+        x = np.asarray(given.x, dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise AuditError(f"app {label}: audit inputs are not a float array: {err}") from None
+    if x.ndim < 2 or x.shape[0] < 1:
+        raise AuditError(f"app {label}: audit inputs need the shape (examples, ...); got {x.shape}")
+    if not np.isfinite(x).all():
+        raise AuditError(f"app {label}: audit inputs hold NaN or infinite values")
+    shape = tuple(int(d) for d in x.shape[1:])
+    size = int(np.prod(shape))
+    features = [str(f) for f in given.features]
+    if len(features) != size:
+        raise AuditError(
+            f"app {label}: {len(features)} feature names for inputs of shape {shape} ({size} values)"
+        )
+    if len(set(features)) != len(features):
+        raise AuditError(f"app {label}: audit feature names must be distinct")
+    image = None
+    if given.image_shape is not None:
+        image = (int(given.image_shape[0]), int(given.image_shape[1]))
+        if image[0] < 1 or image[1] < 1 or size % (image[0] * image[1]) != 0:
+            raise AuditError(f"app {label}: image shape {image} does not divide inputs of shape {shape}")
+    outputs = None if given.outputs is None else [str(o) for o in given.outputs]
+    return AppInputs(
+        x=x.reshape(x.shape[0], size),
+        shape=shape,
+        features=features,
+        image_shape=image,
+        outputs=outputs,
+        output=str(given.output),
+    )
+
+
+def app_model(app: App, job: JobContext, header: dict[str, Any], vector: np.ndarray) -> nn.Module:
+    """The app's model with a version's parameters, in eval mode; its header must describe the
+    model the app here builds (``App.describe``)."""
+    label = job.spec.app_ref
+    try:
+        described = app.describe(job)
+    except Exception as err:
+        raise AuditError(f"app {label} cannot describe its model: {type(err).__name__}: {err}") from None
+    if "arch" in header and header["arch"] != described:
+        raise AuditError(
+            f"version {header.get('version')} was built for {header['arch']}, but app {label} here"
+            f" describes {described}"
+        )
+    try:
+        model = app.build_model(job)
+        app.set_parameters(model, np.asarray(vector, dtype=np.float32))
+    except Exception as err:
+        raise AuditError(f"cannot load the model: {type(err).__name__}: {err}") from None
+    if not isinstance(model, nn.Module):
+        raise AuditError(
+            f"app {label}'s model is a {type(model).__name__}; SHAP's explainers need a torch.nn.Module"
+        )
+    return model.eval()
+
+
+def _app_setup(header: dict[str, Any], job_setup: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The setup a version was trained with (its signed header's), else the job's."""
+    setup = header.get("preprocess")
+    return dict(setup) if isinstance(setup, dict) else job_setup
+
+
+def _explain_app(
+    model: nn.Module,
+    x: np.ndarray,
+    background: np.ndarray,
+    *,
+    explainer: ExplainerName | None,
+    seed: int,
+    threads: int | None,
+) -> tuple[Attributions, float]:
+    """:func:`explain` on flat rows, with expected gradients when DeepLIFT's additivity fails
+    (unless an explainer is asked for); returns the attributions and the additivity error."""
+    attributions = explain(model, x, background, explainer=explainer, seed=seed, threads=threads)
+    error = _additivity(attributions)
+    scale = max(1.0, float(np.max(np.abs(attributions.outputs)))) if attributions.outputs.size else 1.0
+    if explainer is None and attributions.explainer == "deep" and error > _ADDITIVITY_TOLERANCE * scale:
+        attributions = explain(model, x, background, explainer="gradient", seed=seed, threads=threads)
+        error = _additivity(attributions)
+    return attributions, error
+
+
+def _additivity(attributions: Attributions) -> float:
+    if not len(attributions.outputs):
+        return 0.0
+    fitted = attributions.expected[None, :] + attributions.values.sum(axis=1)
+    return float(np.max(np.abs(fitted - attributions.outputs)))
+
+
+def _output_labels(inputs: AppInputs, count: int) -> list[str]:
+    if inputs.outputs is None:
+        return [str(j) for j in range(count)]
+    if len(inputs.outputs) != count:
+        raise AuditError(f"the app names {len(inputs.outputs)} outputs; the model gives {count}")
+    return inputs.outputs
+
+
+def class_maps(
+    values: np.ndarray, outputs: np.ndarray, image_shape: tuple[int, int]
+) -> tuple[np.ndarray, list[int]]:
+    """The mean attribution map towards each output: ``(outputs, height, width)`` and the row counts.
+
+    With several outputs (classes), output ``j``'s map is the mean of ``values[:, :, j]`` over the
+    rows the model predicts as ``j`` (its largest output); with one, over all rows. Channels before
+    the image's last two axes are summed.
+    """
+    rows, features, n_out = values.shape
+    h, w = image_shape
+    per_image = values.reshape(rows, features // (h * w), h, w, n_out).sum(axis=1)
+    maps = np.zeros((n_out, h, w))
+    if n_out == 1:
+        if rows:
+            maps[0] = per_image[..., 0].mean(axis=0)
+        return maps, [rows]
+    predicted = outputs.argmax(axis=1)
+    counts = []
+    for j in range(n_out):
+        chosen = predicted == j
+        counts.append(int(chosen.sum()))
+        if counts[-1]:
+            maps[j] = per_image[chosen, :, :, j].mean(axis=0)
+    return maps, counts
+
+
+def class_map_plot(maps: np.ndarray, labels: Sequence[str], counts: Sequence[int], title: str) -> bytes:
+    """A grid of heatmaps, one per output, on one symmetric colour scale (red: towards the output).
+
+    Five panels a row; the PNG is exactly ``160 * columns + 80`` by ``180 * rows + 40`` pixels.
+    """
+    from matplotlib.figure import Figure
+
+    panels = len(maps)
+    columns = min(_MAP_COLUMNS, panels)
+    rows = math.ceil(panels / columns)
+    pw, ph = _MAP_PANEL
+    width, height = columns * pw + _MAP_BAR, rows * ph + _MAP_TITLE
+    fig = Figure(figsize=(width, height), dpi=_MAP_DPI)
+    limit = float(np.max(np.abs(maps))) if maps.size else 0.0
+    limit = limit if limit > 0 else 1.0
+    image = None
+    for i in range(panels):
+        r, c = divmod(i, columns)
+        bottom = height - _MAP_TITLE - (r + 1) * ph
+        ax = fig.add_axes(
+            ((c * pw + 0.15) / width, (bottom + 0.1) / height, (pw - 0.3) / width, (ph - 0.5) / height)
+        )
+        image = ax.imshow(maps[i], cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+        ax.set_title(f"{labels[i]} (n={counts[i]})", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if image is not None:
+        bar = fig.add_axes(
+            ((columns * pw + 0.1) / width, 0.3 / height, 0.15 / width, (height - _MAP_TITLE - 0.6) / height)
+        )
+        fig.colorbar(image, cax=bar).ax.tick_params(labelsize=7)
+    fig.suptitle(title, fontsize=10, y=1 - 0.1 / height, va="top")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=_MAP_DPI)
+    return buf.getvalue()
+
+
+def app_version_importance(
+    spec: JobSpec,
+    app: App,
+    header: dict[str, Any],
+    vector: np.ndarray,
+    reference: Any,
+    *,
+    version: int,
+    seed: int | None = None,
+    job_setup: dict[str, Any] | None = None,
+    explainer: ExplainerName | None = None,
+    threads: int | None = None,
+) -> dict[str, float]:
+    """An app version's importances exactly as its own audit reports them (no validation, no plots),
+    for drift against a previous version whose report is missing or failed."""
+    job = JobContext(spec, _app_setup(header, job_setup))
+    model = app_model(app, job, header, vector)
+    inputs = app_inputs(app, reference, job)
+    flat = FlatInput(model, inputs.shape)
+    rows, background = draw_rows(len(inputs.x), spec.audit, spec.seed if seed is None else seed, version)
+    attributions, _ = _explain_app(
+        flat, inputs.x[rows], inputs.x[background], explainer=explainer, seed=version, threads=threads
+    )
+    return _importance(attributions.values, inputs.features)
+
+
+def audit_app_version(
+    spec: JobSpec,
+    app: App,
+    header: dict[str, Any],
+    vector: np.ndarray,
+    reference: Any,
+    *,
+    version: int | None = None,
+    previous: dict[str, Any] | None = None,
+    previous_version: int | None = None,
+    baseline: dict[str, Any] | None = None,
+    seed: int | None = None,
+    job_setup: dict[str, Any] | None = None,
+    explainer: ExplainerName | None = None,
+    plots: bool = True,
+    threads: int | None = None,
+) -> AuditResult:
+    """Audit one version of an app's model on the job's reference data (``app.load_reference``'s).
+
+    As :func:`audit_version`, with the app's :class:`~shared.apps.base.AuditInputs` for the rows:
+    each input value is a feature (a pixel), the report's ``output`` is the app's words, and when
+    the inputs are images a third plot, ``class_maps.png``, shows the mean attribution towards each
+    class (:func:`class_maps`). The report adds ``input_shape`` and ``image_shape``.
+    """
+    started = time.perf_counter()
+    audit = spec.audit
+    version = int(header.get("version", 0) if version is None else version)
+    seed = spec.seed if seed is None else seed
+    if previous_version is None and previous is not None:
+        previous_version = previous.get("version")
+    job = JobContext(spec, _app_setup(header, job_setup))
+    model = app_model(app, job, header, vector)
+    inputs = app_inputs(app, reference, job)
+    flat = FlatInput(model, inputs.shape)
+    rows, background = draw_rows(len(inputs.x), audit, seed, version)
+    xr, xb = inputs.x[rows], inputs.x[background]
+    attributions, additivity = _explain_app(flat, xr, xb, explainer=explainer, seed=version, threads=threads)
+    values, features = attributions.values, inputs.features
+    n_out = values.shape[2]
+    labels = _output_labels(inputs, n_out)
+
+    importance = _importance(values, features)
+    by_class: dict[str, dict[str, float]] | None = None
+    if n_out > 1:
+        per_class = np.abs(values).mean(axis=0)
+        by_class = {
+            label: {name: float(per_class[i, j]) for i, name in enumerate(features)}
+            for j, label in enumerate(labels)
+        }
+
+    validation = None
+    if audit.validate_rows > 0:
+        k = min(audit.validate_rows, len(rows))
+        with _torch_threads(threads or _DEFAULT_THREADS):
+            validation = validate(flat, xr[:k], xb, values[:k], None, seed=seed)
+
+    previous_importance = None
+    if previous is not None and previous.get("importance"):
+        previous_importance = {str(k): float(v) for k, v in previous["importance"].items()}
+    drift, reasons = compare_with_previous(importance, previous_importance, audit)
+    verdict = "drift" if reasons else "ok"
+
+    images: dict[str, bytes] = {}
+    if plots:
+        order = _top(importance, len(importance))
+        title = f"{spec.name} v{version}: {inputs.output}"
+        images["importance.png"] = importance_plot(by_class or {"all": importance}, order, title)
+        if n_out > 1:
+            predicted = attributions.outputs.argmax(axis=1)
+            swarm = values[np.arange(len(rows)), :, predicted]
+            swarm_title = f"{spec.name} v{version}: SHAP towards each row's predicted class"
+        else:
+            swarm, swarm_title = values[:, :, 0], title
+        images["beeswarm.png"] = beeswarm_plot(swarm, xr.astype(np.float64), features, swarm_title)
+        if inputs.image_shape is not None:
+            maps, counts = class_maps(values, attributions.outputs, inputs.image_shape)
+            what = "over the rows predicted as each class" if n_out > 1 else "over all rows"
+            images["class_maps.png"] = class_map_plot(
+                maps, labels, counts, f"{spec.name} v{version}: mean SHAP value {what}"
+            )
+
+    report: dict[str, Any] = {
+        "version": version,
+        "previous_version": previous_version if previous_importance is not None else None,
+        "explainer": attributions.explainer,
+        "output": inputs.output,
+        "rows": int(len(rows)),
+        "background": int(len(background)),
+        "input_shape": list(inputs.shape),
+        "image_shape": None if inputs.image_shape is None else list(inputs.image_shape),
         "expected_value": [float(v) for v in attributions.expected],
         "importance": importance,
         "importance_by_class": by_class,

@@ -5,7 +5,9 @@
 a lease, fetches what it needs through :class:`~training_cluster.api.ClusterApi`
 (the job, the version's model, the reference rows, the previous version's
 report, the AutoML baseline), computes the audit
-(:func:`training_cluster.audit.audit_version`) and sends the report back.
+(:func:`training_cluster.audit.audit_version`, or for a job on an app, which
+the worker imports as the coordinator does,
+:func:`training_cluster.audit.audit_app_version`) and sends the report back.
 
 Failures are of two kinds. A problem with the audit itself (a model that does
 not load, reference rows that do not fit the schema, an error inside shap) is
@@ -28,13 +30,20 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
-import pandas as pd
 
 from shared.api_client import CliError
+from shared.apps import BUILTIN, App, JobContext, load_app
 from shared.jobspec import JobSpec
 from shared.tabular import read_table_bytes
 from training_cluster.api import ClusterApi
-from training_cluster.audit import AuditResult, audit_version, version_importance, warm_up
+from training_cluster.audit import (
+    AuditResult,
+    app_version_importance,
+    audit_app_version,
+    audit_version,
+    version_importance,
+    warm_up,
+)
 
 T = TypeVar("T")
 
@@ -69,7 +78,8 @@ def one_line(err: BaseException) -> str:
 class _Job:
     spec: JobSpec
     preprocess: dict[str, Any] | None
-    reference: pd.DataFrame
+    reference: Any  # the rows as a DataFrame, or what the app's load_reference parsed
+    app: App | None = None  # None: the built-in tabular app, audited on its preprocessed columns
 
 
 class _Worker:
@@ -127,7 +137,14 @@ class _Worker:
         job = self.call(f"fetching job {job_id}", lambda: self.api.job(job_id))
         spec = JobSpec.model_validate(job["spec"])
         data = self.call(f"fetching job {job_id}'s reference data", lambda: self.api.reference(job_id))
-        entry = _Job(spec=spec, preprocess=job.get("preprocess"), reference=read_table_bytes(data, spec.data))
+        preprocess = job.get("preprocess")
+        if spec.app_ref == BUILTIN:
+            entry = _Job(spec=spec, preprocess=preprocess, reference=read_table_bytes(data, spec.tabular))
+        else:
+            # AppError, or the app's own parse error: the audit's failure, reported in one line.
+            app = load_app(spec.app_ref, spec.model.app_version)
+            reference = app.load_reference(data, JobContext(spec, preprocess))
+            entry = _Job(spec=spec, preprocess=preprocess, reference=reference, app=app)
         # The reference and the spec never change after submission; the preprocessing is fixed
         # by the statistics round, before any version worth auditing.
         if entry.preprocess is not None:
@@ -150,14 +167,25 @@ class _Worker:
         header, vector = self.call(
             f"fetching job {job_id} v{previous_version}", lambda: self.api.model(job_id, previous_version)
         )
-        importance = version_importance(
-            job.spec,
-            header,
-            vector,
-            job.reference,
-            version=previous_version,
-            job_preprocess=job.preprocess,
-        )
+        if job.app is not None:
+            importance = app_version_importance(
+                job.spec,
+                job.app,
+                header,
+                vector,
+                job.reference,
+                version=previous_version,
+                job_setup=job.preprocess,
+            )
+        else:
+            importance = version_importance(
+                job.spec,
+                header,
+                vector,
+                job.reference,
+                version=previous_version,
+                job_preprocess=job.preprocess,
+            )
         return {"version": previous_version, "importance": importance}
 
     # -- one audit -----------------------------------------------------------
@@ -171,6 +199,19 @@ class _Worker:
         previous_version = claim.get("previous_version")
         previous = self.previous_report(job_id, previous_version, job)
         baseline = self.call(f"fetching job {job_id}'s baseline", lambda: self.api.baseline(job_id))
+        if job.app is not None:
+            return audit_app_version(
+                job.spec,
+                job.app,
+                header,
+                np.asarray(vector, dtype=np.float32),
+                job.reference,
+                version=version,
+                previous=previous,
+                previous_version=previous_version,
+                baseline=baseline,
+                job_setup=job.preprocess,
+            )
         return audit_version(
             job.spec,
             header,

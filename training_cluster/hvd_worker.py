@@ -27,6 +27,18 @@ NCCL (it must have been built with ``HOROVOD_GPU_OPERATIONS=NCCL``).
 The model is the job's zoo network and the loss the federation's
 (:func:`shared.training.task_loss`), so the federation goes on training
 exactly this network from where pre-training left it.
+
+A job on an app (``[model] app``) owns its training loop (``App.train``), so
+gradients cannot be averaged step by step; :func:`run_app` averages the
+models instead, after every epoch (local SGD with periodic averaging: Zhang et
+al., 2016, arXiv:1606.07365; Lin et al., ICLR 2020, arXiv:1808.07217). Rank 0's
+initial parameters are broadcast; each rank loads its shard of the central
+data through the app (``node_config`` ``partition-id`` = rank,
+``num-partitions`` = world size, the Flower convention), trains one epoch with
+the job's local settings, and the ranks' parameter vectors are averaged,
+weighted by their example counts, with one allreduce. It is FedAvg with the
+ranks as devices and one epoch per round, so the base learning rate is not
+scaled.
 """
 
 from __future__ import annotations
@@ -45,6 +57,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from shared.apps import JobContext
 from shared.training import as_tensors, task_loss
 from shared.zoo import build_model, flatten_parameters
 
@@ -116,6 +129,9 @@ def run(config: dict[str, Any]) -> None:
 
     if config.get("format") != CONFIG_FORMAT:
         raise ValueError(f"not a pre-training config (expected format {CONFIG_FORMAT!r})")
+    if config.get("app") is not None:
+        run_app(config)
+        return
     workdir = Path(config["workdir"])
     task = config["task"]
     seed = int(config["seed"])
@@ -307,6 +323,226 @@ def _metrics_across_ranks(
         metrics["train_rmse"] = math.sqrt(float(sums[1]) / count) * abs(target_std)
     else:
         metrics["train_accuracy"] = float(sums[1]) / count
+    return metrics
+
+
+# --------------------------------------------------------------------------- an app's rank
+
+
+def _reduce_sum(hvd: Any, values: np.ndarray, name: str) -> np.ndarray:
+    """The float64 sum of ``values`` over all ranks; the rank sleeps while it waits (see
+    :func:`wait_for_allreduces`: a rank that finished its epoch first must not spin on the core of
+    one still training). Every rank gets the very same bytes back."""
+    handle = hvd.allreduce_async(
+        torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)), op=hvd.Sum, name=name
+    )
+    while not hvd.poll(handle):
+        time.sleep(0.0005)
+    return np.asarray(hvd.synchronize(handle).numpy(), dtype=np.float64)
+
+
+def weighted_average(weighted_sum: np.ndarray, count: float) -> np.ndarray:
+    """The ranks' example-weighted mean parameters, ``sum_r(n_r * v_r) / sum_r(n_r)``, as float32,
+    from the two reduced sums (FedAvg's rule, the ranks as devices)."""
+    if count <= 0:
+        raise ValueError("no rank trained on any example")
+    return (np.asarray(weighted_sum, dtype=np.float64) / float(count)).astype(np.float32)
+
+
+def central_job(job: JobContext) -> JobContext:
+    """``job`` for central pre-training: no examples held out (``training.holdout`` 0), since the
+    central data is not a device's and the model is measured on the job's reference data."""
+    training = job.spec.training.model_copy(update={"holdout": 0.0})
+    return JobContext(job.spec.model_copy(update={"training": training}), job.setup)
+
+
+def rank_train_seed(seed: int, epoch: int, rank: int) -> int:
+    """The ``TrainConfig.seed`` of ``rank`` in ``epoch``: distinct shuffles per rank and epoch,
+    reproducible from the job's seed."""
+    return int(np.random.SeedSequence([int(seed), int(epoch), int(rank)]).generate_state(1)[0])
+
+
+def run_app(config: dict[str, Any]) -> None:
+    """Train one rank of an app job's pre-training by periodic model averaging (module docstring).
+
+    ``config["app"]``: ``ref``, ``version``, ``spec`` (the job spec as JSON), ``setup`` (the
+    job's), ``data_path``. Writes what :func:`run` writes: ``initial.sha256``, a checkpoint per
+    epoch, ``rank-R.sha256``, and on rank 0 ``final.npy`` and ``result.json``.
+    """
+    import horovod
+    import horovod.torch as hvd
+
+    from shared.apps import DeviceContext, LocalData, TrainConfig, checked_metrics, load_app
+    from shared.jobspec import JobSpec
+
+    app_config = config["app"]
+    workdir = Path(config["workdir"])
+    seed = int(config["seed"])
+    epochs = int(config["epochs"])
+    batch_size = int(config["batch_size"])
+    learning_rate = float(config["learning_rate"])
+    threads = max(1, int(config.get("threads", 1)))
+
+    hvd.init()
+    rank, size = hvd.rank(), hvd.size()
+    torch.set_num_threads(threads)
+    app = load_app(str(app_config["ref"]), app_config.get("version"))
+    spec = JobSpec.model_validate(app_config["spec"])
+    job = JobContext(spec, app_config.get("setup"))
+    device = DeviceContext(
+        central_job(job),
+        str(app_config["data_path"]),
+        device_id=f"central-rank-{rank}",
+        threads=threads,
+        node_config={"partition-id": rank, "num-partitions": size},
+    )
+    data = app.load_data(device)
+    if not isinstance(data, LocalData):
+        raise TypeError(f"app load_data returned {type(data).__name__}, not a LocalData")
+
+    # The model as the coordinator builds a version 0: under the job's seed (coordinator/apps.py).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        np_state = np.random.get_state()
+        np.random.seed(seed % 2**32)
+        try:
+            model = app.build_model(job)
+        finally:
+            np.random.set_state(np_state)
+    torch.manual_seed(seed * 1000 + rank)  # dropout masks differ per rank, like different devices'
+    initial = np.asarray(app.get_parameters(model), dtype=np.float32)
+    # Rank 0's parameters for everyone (bit for bit, whatever each rank's build gave).
+    initial = hvd.broadcast(torch.from_numpy(initial.copy()), root_rank=0, name="initial").numpy()
+    app.set_parameters(model, initial)
+    initial_sha = parameter_sha256(np.asarray(app.get_parameters(model), dtype=np.float32))
+    if rank == 0:
+        _atomic_write(workdir / "initial.sha256", initial_sha.encode())
+
+    # How many examples each rank holds: a one-hot sum, so that rank 0 can report the shards.
+    one_hot = np.zeros(size)
+    one_hot[rank] = data.train_examples
+    examples_per_rank = [int(v) for v in _reduce_sum(hvd, one_hot, "examples_per_rank")]
+    if sum(examples_per_rank) == 0:
+        raise ValueError(f"the central data at {device.data_path} gave no training examples")
+
+    checkpoints = workdir / "checkpoints"
+    history: list[dict[str, float]] = []
+    hvd.barrier()
+    started = time.perf_counter()
+    for epoch in range(epochs):
+        epoch_started = time.perf_counter()
+        train_config = TrainConfig(
+            round=epoch + 1,
+            epochs=1,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            optimizer=str(config.get("optimizer", spec.training.optimizer)),
+            seed=rank_train_seed(seed, epoch, rank),
+            threads=threads,
+            options=spec.model.options,
+        )
+        metrics: dict[str, float] = {"loss": 0.0}
+        examples = data.train_examples
+        if examples > 0:
+            metrics = checked_metrics(app.train(model, data, train_config), "app train")
+            if "loss" not in metrics:
+                raise ValueError("app train returned no 'loss' metric")
+            examples = int(metrics.pop("examples", examples))
+        local = np.asarray(app.get_parameters(model), dtype=np.float64)
+        # One allreduce: the example-weighted parameters, the example count and the loss sum.
+        sums = _reduce_sum(
+            hvd,
+            np.concatenate([local * examples, [examples, metrics["loss"] * examples]]),
+            f"average.{epoch}",
+        )
+        count = float(sums[-2])
+        averaged = weighted_average(sums[:-2], count)
+        app.set_parameters(model, averaged)
+        # The slowest rank's time: a one-hot sum gives every rank's.
+        own_seconds = np.zeros(size)
+        own_seconds[rank] = time.perf_counter() - epoch_started
+        seconds = _reduce_sum(hvd, own_seconds, f"epoch_s.{epoch}")
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "loss": float(sums[-1]) / count,
+                "seconds": float(seconds.max()),
+                "samples": count,
+                "learning_rate": learning_rate,
+            }
+        )
+        if rank == 0:
+            checkpoints.mkdir(parents=True, exist_ok=True)
+            path = checkpoints / f"epoch-{epoch + 1:03d}.pt"
+            state: dict[str, Any] = {
+                "format": CONFIG_FORMAT,
+                "app": app_config["ref"],
+                "epoch": epoch + 1,
+                "vector": torch.from_numpy(averaged.copy()),
+                "history": history,
+            }
+            if isinstance(model, torch.nn.Module):
+                state["model"] = model.state_dict()
+            torch.save(state, path.with_name(path.name + ".tmp"))
+            os.replace(path.with_name(path.name + ".tmp"), path)
+    hvd.barrier()
+    seconds_total = time.perf_counter() - started
+
+    final = np.asarray(app.get_parameters(model), dtype=np.float32)
+    final_sha = parameter_sha256(final)
+    _atomic_write(workdir / f"rank-{rank}.sha256", final_sha.encode())
+    metrics_all = _app_metrics_across_ranks(hvd, app, model, data)
+    if rank == 0:
+        np.save(workdir / "final.npy.tmp.npy", final)
+        os.replace(workdir / "final.npy.tmp.npy", workdir / "final.npy")
+        samples = sum(h["samples"] for h in history)
+        result = {
+            "scheme": "model averaging after each epoch",
+            "app": app_config["ref"],
+            "world_size": size,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "examples_per_rank": examples_per_rank,
+            "warmup_steps": 0,
+            "learning_rate": {"base": learning_rate, "scaled": learning_rate},
+            "fp16": False,
+            "gpus": False,
+            "device": "cpu",
+            "nccl": bool(hvd.nccl_built()),
+            "horovod_version": horovod.__version__,
+            "seconds": seconds_total,
+            "samples_per_second": samples / seconds_total if seconds_total > 0 else None,
+            "history": history,
+            "metrics": metrics_all,
+            "initial_sha256": initial_sha,
+            "final_sha256": final_sha,
+        }
+        _atomic_write(workdir / "result.json", json.dumps(result, indent=2).encode())
+
+
+def _app_metrics_across_ranks(hvd: Any, app: Any, model: Any, data: Any) -> dict[str, float]:
+    """The app's metrics (``App.evaluate``) of the final model on every rank's training examples,
+    averaged over all ranks weighted by their counts, each prefixed ``train_``; ``train_examples``
+    is the total."""
+    from shared.apps import LocalData, checked_metrics
+
+    n = int(data.train_examples)
+    own: dict[str, float] = {}
+    if n > 0:
+        on_train = LocalData(train=data.train, holdout=data.train, train_examples=n, holdout_examples=n)
+        own = checked_metrics(app.evaluate(model, on_train), "app evaluate")
+        own.pop("examples", None)
+    # The names of rank 0 (or of the first rank with examples, should rank 0 have none) for all.
+    names = sorted(own)
+    offers = hvd.allgather_object(names, name="metric_names")
+    names = next((offer for offer in offers if offer), [])
+    missing = [name for name in names if n > 0 and name not in own]
+    if missing:
+        raise ValueError(f"app evaluate returned no {', '.join(missing)} on rank {hvd.rank()}")
+    sums = _reduce_sum(hvd, np.array([own.get(k, 0.0) * n for k in names] + [n], dtype=np.float64), "final")
+    count = float(sums[-1])
+    metrics = {f"train_{k}": float(v) / count for k, v in zip(names, sums[:-1], strict=True)}
+    metrics["train_examples"] = count
     return metrics
 
 

@@ -11,6 +11,7 @@ job's first training round starts from it.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -18,21 +19,34 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy
 import pandas as pd
 
 from shared.api_client import CliError
+from shared.apps import (
+    BUILTIN,
+    App,
+    AppError,
+    DataError,
+    DeviceContext,
+    JobContext,
+    LocalData,
+    checked_metrics,
+    load_app,
+)
 from shared.jobspec import JobSpec
 from shared.signing import file_sha256
 from shared.tabular import DataSchemaError, Preprocessor, load_table, validate_table
 from shared.training import evaluate
 from shared.zoo import architecture, build_model, load_flat_parameters
 from training_cluster.api import ClusterApi
-from training_cluster.hvd_worker import CONFIG_FORMAT, parameter_sha256
+from training_cluster.hvd_worker import CONFIG_FORMAT, central_job, parameter_sha256
+
+T = TypeVar("T")
 
 # Milliseconds between Horovod's coordination cycles for CPU ranks (bench/pretrain.py).
 CPU_CYCLE_TIME_MS = "3"
@@ -85,8 +99,8 @@ def check_horovod(horovodrun: Path, *, gpus: bool = False) -> str:
 
 def _load_central(data: Path, spec: JobSpec) -> pd.DataFrame:
     try:
-        df = load_table(data, spec.data)
-        validate_table(df, spec.data)
+        df = load_table(data, spec.tabular)
+        validate_table(df, spec.tabular)
     except DataSchemaError as err:
         raise CliError(f"central data {data}: {err}") from None
     return df
@@ -104,13 +118,15 @@ def _reference_metrics(
         path = Path(tmp) / f"reference{suffix}"
         path.write_bytes(raw)
         try:
-            df = load_table(path, spec.data)
+            df = load_table(path, spec.tabular)
             x, y = pre.transform(df)
         except (DataSchemaError, ValueError) as err:
             raise CliError(f"job {job['id']}'s reference data: {err}") from None
     model = build_model(arch)
     load_flat_parameters(model, vector)
-    return evaluate(model, x, y, task=spec.data.task, target_mean=pre.target_mean, target_std=pre.target_std)
+    return evaluate(
+        model, x, y, task=spec.tabular.task, target_mean=pre.target_mean, target_std=pre.target_std
+    )
 
 
 def _tail(text: str, lines: int = _ERROR_TAIL_LINES) -> str:
@@ -204,17 +220,8 @@ def train_ranks(
     Raises :class:`CliError` when a rank fails (with the tail of its traceback)
     or when the ranks do not all end with bit-identical parameters.
     """
-    run = horovodrun or horovodrun_path()
     threads = threads or max(1, (os.cpu_count() or 1) // world)
     workdir.mkdir(parents=True, exist_ok=True)
-    for stale in [
-        *workdir.glob("rank-*.sha256"),
-        *workdir.glob("rank-*.err"),
-        workdir / "result.json",
-        workdir / "final.npy",
-        workdir / "initial.sha256",
-    ]:
-        stale.unlink(missing_ok=True)
     numpy.save(workdir / "x.npy", x)
     numpy.save(workdir / "y.npy", y)
     config = {
@@ -235,6 +242,96 @@ def train_ranks(
         "target_std": target_std,
         "workdir": str(workdir),
     }
+    return _run_ranks(config, world=world, workdir=workdir, horovodrun=horovodrun, threads=threads, gpus=gpus)
+
+
+def train_app_ranks(
+    spec: JobSpec,
+    setup: Mapping[str, Any] | None,
+    data: Path,
+    *,
+    world: int,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    workdir: Path,
+    optimizer: str = "sgd",
+    seed: int = 0,
+    horovodrun: Path | None = None,
+    threads: int | None = None,
+) -> tuple[numpy.ndarray, dict[str, Any]]:
+    """Train the model of job ``spec``'s app on the central ``data`` (a file or folder its ``load_data``
+    reads) with ``world`` Horovod ranks, averaging the ranks' models after every epoch
+    (:func:`training_cluster.hvd_worker.run_app`); return the final parameters and rank 0's result.
+
+    The ranks import the app themselves: the folder this process imported it from is put on their
+    ``PYTHONPATH``. Raises :class:`CliError` as :func:`train_ranks` does.
+    """
+    threads = threads or max(1, (os.cpu_count() or 1) // world)
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = {
+        "format": CONFIG_FORMAT,
+        "app": {
+            "ref": spec.app_ref,
+            "version": spec.model.app_version,
+            "spec": spec.model_dump(mode="json"),
+            "setup": None if setup is None else dict(setup),
+            "data_path": str(Path(data).resolve()),
+        },
+        "seed": seed,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "optimizer": optimizer,
+        "threads": threads,
+        "workdir": str(workdir),
+    }
+    root = _import_root(spec.app_ref)
+    env = {}
+    if root is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    return _run_ranks(
+        config, world=world, workdir=workdir, horovodrun=horovodrun, threads=threads, gpus=False, env=env
+    )
+
+
+def _import_root(app_ref: str) -> str | None:
+    """The folder ``app_ref``'s top-level package was imported from in this process, unless it is
+    part of this Python's installation (which every rank sees anyway)."""
+    module_name = app_ref.partition(":")[0]
+    file = getattr(sys.modules.get(module_name), "__file__", None)
+    if not file:
+        return None
+    path = Path(file).resolve()
+    root = path.parent
+    for _ in range(module_name.count(".") + (path.name == "__init__.py")):
+        root = root.parent
+    for prefix in {sys.prefix, sys.base_prefix, sys.exec_prefix}:
+        if root.is_relative_to(Path(prefix).resolve()):
+            return None
+    return str(root)
+
+
+def _run_ranks(
+    config: dict[str, Any],
+    *,
+    world: int,
+    workdir: Path,
+    horovodrun: Path | None,
+    threads: int,
+    gpus: bool,
+    env: dict[str, str] | None = None,
+) -> tuple[numpy.ndarray, dict[str, Any]]:
+    """Write ``config``, run the ranks, and check that they all ended with the same parameters."""
+    run = horovodrun or horovodrun_path()
+    for stale in [
+        *workdir.glob("rank-*.sha256"),
+        *workdir.glob("rank-*.err"),
+        workdir / "result.json",
+        workdir / "final.npy",
+        workdir / "initial.sha256",
+    ]:
+        stale.unlink(missing_ok=True)
     config_path = workdir / "config.json"
     config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
     log_path = workdir / "horovodrun.log"
@@ -242,7 +339,7 @@ def train_ranks(
     # its 1 ms default that preempts a CPU rank's compute about 1,000 times a second
     # (bench/pretrain_phases.py). A HOROVOD_CYCLE_TIME in the environment wins.
     cycle = {} if gpus or "HOROVOD_CYCLE_TIME" in os.environ else {"HOROVOD_CYCLE_TIME": CPU_CYCLE_TIME_MS}
-    rc = launch(run, world, config_path, log_path, threads=threads, extra_env=cycle)
+    rc = launch(run, world, config_path, log_path, threads=threads, extra_env={**cycle, **(env or {})})
     if rc != 0:
         raise _rank_failure(workdir, world, rc, log_path)
 
@@ -292,6 +389,12 @@ def pretrain(
     on the job's reference rows), ``data_sha256``, ``rows``, ``seconds``,
     ``samples_per_second``, ``sha256`` (the registered version's), ``workdir``.
     Every expected failure raises :class:`CliError` with one clear line.
+
+    A job on an app (``[model] app``) is pre-trained by the app's own code:
+    ``data`` is whatever its ``load_data`` reads (a file or a folder), each rank
+    trains its shard with ``App.train`` and the ranks' models are averaged after
+    every epoch (:func:`train_app_ranks`); the learning rate is not scaled, and
+    ``fp16`` and ``gpus`` do not apply.
     """
     started = time.monotonic()
     if np < 1:
@@ -315,6 +418,26 @@ def pretrain(
             f"job {job_id} already has a model version {job['current_version']}; nothing to pre-train"
         )
     data = Path(data)
+    if spec.app_ref != BUILTIN:
+        if gpus or fp16:
+            raise CliError(
+                f"{'--gpus' if gpus else '--fp16'} applies to the built-in tabular app's gradient allreduce;"
+                f" job {job_id}'s app ({spec.app_ref}) trains in its own loop on CPU ranks"
+            )
+        return _pretrain_app(
+            api,
+            job,
+            spec,
+            data,
+            np=np,
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            wait=wait,
+            workdir=workdir,
+            log=log,
+            started=started,
+        )
     df = _load_central(data, spec)
     data_sha256 = file_sha256(data)
     if len(df) < np:
@@ -337,8 +460,8 @@ def pretrain(
     job = api.wait_for_preprocess(job_id, wait)
     pre = Preprocessor.from_dict(job["preprocess"])
     try:
-        if spec.data.task != "regression":
-            validate_table(df, spec.data, classes=pre.classes)
+        if spec.tabular.task != "regression":
+            validate_table(df, spec.tabular, classes=pre.classes)
         x, y = pre.transform(df)
     except DataSchemaError as err:
         raise CliError(f"central data {data}: {err}") from None
@@ -358,7 +481,7 @@ def pretrain(
         x,
         y,
         arch,
-        task=spec.data.task,
+        task=spec.tabular.task,
         world=np,
         epochs=epochs,
         batch_size=per_rank_batch,
@@ -416,6 +539,181 @@ def pretrain(
         "learning_rate": result["learning_rate"],
         "metrics": metrics,
         "data_sha256": data_sha256,
+        "seconds": seconds,
+        "training_seconds": result["seconds"],
+        "samples_per_second": result["samples_per_second"],
+        "horovod_version": provenance["horovod_version"],
+        "parameters_sha256": parameters_sha256,
+        "workdir": str(work),
+    }
+
+
+# --------------------------------------------------------------------------- an app's model
+
+
+def _load_job_app(spec: JobSpec) -> App:
+    try:
+        return load_app(spec.app_ref, spec.model.app_version)
+    except AppError as err:
+        raise CliError(str(err)) from None
+
+
+def _app_call(what: str, fn: Callable[..., T], *args: Any) -> T:
+    """The app's code, with whatever it raises as one line: its own errors are the user's to read."""
+    try:
+        return fn(*args)
+    except CliError:
+        raise
+    except (DataError, ValueError, OSError) as err:
+        raise CliError(f"{what}: {err}") from None
+    except Exception as err:
+        raise CliError(f"{what}: {type(err).__name__}: {err}") from None
+
+
+def data_sha256(path: Path) -> str:
+    """SHA-256 of a central data file, or of a folder: its files' relative paths and SHA-256s, sorted."""
+    if path.is_file():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for item in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{item.relative_to(path).as_posix()}\0{file_sha256(item)}\n".encode())
+    return digest.hexdigest()
+
+
+def _app_reference_metrics(
+    api: ClusterApi, job: dict[str, Any], app: App, job_ctx: JobContext, vector: numpy.ndarray
+) -> dict[str, float]:
+    """The app's central metrics of the model on the job's reference data, as the coordinator
+    measures each version (``App.evaluate_central``); empty without reference data."""
+    if not job.get("reference"):
+        return {}
+    job_id = int(job["id"])
+    raw = api.reference(job_id)
+    what = f"job {job_id}'s reference data"
+    reference = _app_call(what, app.load_reference, raw, job_ctx)
+    model = _app_call(f"app {job_ctx.spec.app_ref} cannot build its model", app.build_model, job_ctx)
+    _app_call(f"app {job_ctx.spec.app_ref} cannot load the parameters", app.set_parameters, model, vector)
+    metrics = _app_call(what, app.evaluate_central, model, reference, job_ctx)
+    if metrics is None:
+        return {}
+    try:
+        return checked_metrics(metrics, "app evaluate_central")
+    except ValueError as err:
+        raise CliError(str(err)) from None
+
+
+def _pretrain_app(
+    api: ClusterApi,
+    job: dict[str, Any],
+    spec: JobSpec,
+    data: Path,
+    *,
+    np: int,
+    epochs: int,
+    batch_size: int | None,
+    learning_rate: float | None,
+    wait: float,
+    workdir: Path | None,
+    log: Callable[[str], None],
+    started: float,
+) -> dict[str, Any]:
+    """:func:`pretrain` of a job whose model is an app's."""
+    job_id = int(job["id"])
+    app = _load_job_app(spec)
+    if not data.exists():
+        raise CliError(f"central data {data} does not exist")
+    horovodrun = horovodrun_path()
+    horovod_version = check_horovod(horovodrun)
+
+    if job.get("preprocess") is None:
+        log(f"waiting up to {wait:.0f} s for job {job_id}'s statistics round (it fixes the app's setup)")
+    job = api.wait_for_preprocess(job_id, wait)
+    job_ctx = JobContext(spec, job["preprocess"])
+    arch = _app_call(f"app {spec.app_ref} cannot describe its model", app.describe, job_ctx)
+
+    # The whole central data once, through the app, before any rank starts: a file the app cannot
+    # read is one line here rather than a traceback from every rank.
+    what = f"central data {data}"
+    local = _app_call(
+        what, app.load_data, DeviceContext(central_job(job_ctx), str(data), device_id="central")
+    )
+    if not isinstance(local, LocalData):
+        raise CliError(f"app {spec.app_ref}: load_data returned {type(local).__name__}, not a LocalData")
+    _app_call(what, app.check_data, local, job_ctx)
+    rows = int(local.train_examples)
+    del local
+    if rows < np:
+        raise CliError(f"central data {data} has {rows} examples, fewer than the {np} ranks")
+    data_hash = data_sha256(data)
+
+    per_rank_batch = batch_size or spec.training.batch_size
+    base_lr = learning_rate or spec.training.learning_rate
+    work = (
+        Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix=f"aicfl-pretrain-{job_id}-"))
+    )
+    log(
+        f"pre-training job {job_id}'s app {spec.app_ref} on {rows} examples of {data.name}:"
+        f" {np} rank(s), {epochs} epoch(s), batch {per_rank_batch}/rank, lr {base_lr:g},"
+        f" models averaged after each epoch; log: {work / 'horovodrun.log'}"
+    )
+    vector, result = train_app_ranks(
+        spec,
+        job_ctx.setup,
+        data,
+        world=np,
+        epochs=epochs,
+        batch_size=per_rank_batch,
+        learning_rate=base_lr,
+        workdir=work,
+        optimizer=spec.training.optimizer,
+        seed=spec.seed,
+        horovodrun=horovodrun,
+    )
+    parameters_sha256 = result["final_sha256"]
+    metrics: dict[str, Any] = dict(result["metrics"])
+    central = _app_reference_metrics(api, job, app, job_ctx, vector)
+    if central:
+        metrics["central"] = central
+    provenance = {
+        "data_file": data.name,
+        "data_sha256": data_hash,
+        "rows": rows,
+        "app": spec.app_ref,
+        "app_version": app.version,
+        "scheme": result["scheme"],
+        "world_size": np,
+        "examples_per_rank": result["examples_per_rank"],
+        "epochs": epochs,
+        "batch_size": per_rank_batch,
+        "learning_rate": result["learning_rate"],
+        "optimizer": spec.training.optimizer,
+        "metrics": metrics,
+        "history": result["history"],
+        "horovod_version": result.get("horovod_version", horovod_version),
+        "seconds": round(result["seconds"], 3),
+        "samples_per_second": result["samples_per_second"],
+        "parameters_sha256": parameters_sha256,
+    }
+    version = api.upload_version0(job_id, arch, vector, provenance)
+    seconds = time.monotonic() - started
+    log(
+        f"job {job_id} version {version['version']} registered from pre-training:"
+        f" train loss {metrics.get('train_loss', result['history'][-1]['loss']):.4f}"
+        + "".join(f", reference {k} {v:.4f}" for k, v in central.items() if k != "examples")
+        + f" ({result['samples_per_second']:.0f} samples/s, {seconds:.1f} s in all)"
+    )
+    return {
+        "job_id": job_id,
+        "version": int(version["version"]),
+        "sha256": version["sha256"],
+        "app": spec.app_ref,
+        "world_size": np,
+        "epochs": epochs,
+        "rows": rows,
+        "batch_size": per_rank_batch,
+        "learning_rate": result["learning_rate"],
+        "metrics": metrics,
+        "data_sha256": data_hash,
         "seconds": seconds,
         "training_seconds": result["seconds"],
         "samples_per_second": result["samples_per_second"],

@@ -115,6 +115,9 @@ def audit_show(
     if r:
         drift = r.get("drift") or {}
         console.print(f"explainer {r.get('explainer')} on {r.get('rows')} rows; output: {r.get('output')}")
+        if r.get("input_shape"):
+            shape = "x".join(str(d) for d in r["input_shape"])
+            console.print(f"inputs of shape {shape}: {len(r.get('importance') or {})} features")
         console.print(f"top features: {', '.join(r.get('top_features') or [])}")
         console.print(
             f"additivity max error {fmt(r.get('additivity_max_error'), 3)}; "

@@ -30,15 +30,23 @@ def _with_cluster_api(run: Callable[[ClusterApi, Callable[[str], None]], Any], q
 @app.command("pretrain")
 def cluster_pretrain(
     job: int = typer.Option(..., "--job", help="The job whose version 0 to pre-train."),
-    data: Path = typer.Option(..., "--data", help="Central (public or proxy) data, CSV or Parquet."),
+    data: Path = typer.Option(
+        ...,
+        "--data",
+        help="Central (public or proxy) data: a CSV or Parquet table, or for an app's job what its load_data reads.",
+    ),
     np_: int = typer.Option(2, "--np", min=1, max=1024, help="Horovod processes (horovodrun -np)."),
     epochs: int = typer.Option(5, "--epochs", min=1, max=10_000),
-    gpus: bool = typer.Option(False, "--gpus", help="One GPU per rank, NCCL (default: CPU, Gloo)."),
+    gpus: bool = typer.Option(
+        False, "--gpus", help="One GPU per rank, NCCL (default: CPU, Gloo); built-in tabular app only."
+    ),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Per rank; default: the job's."),
     learning_rate: float | None = typer.Option(
         None, "--learning-rate", min=0.0, help="Base rate before scaling by the world size."
     ),
-    fp16: bool = typer.Option(False, "--fp16", help="fp16 compression of the allreduced gradients."),
+    fp16: bool = typer.Option(
+        False, "--fp16", help="fp16 compression of the allreduced gradients; built-in tabular app only."
+    ),
     wait: float = typer.Option(
         600.0, "--wait", min=0.0, help="Seconds to wait for the job's statistics round (its preprocessing)."
     ),
@@ -49,7 +57,8 @@ def cluster_pretrain(
     ),
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Horovod data-parallel pre-training of the job's network; uploaded as its version 0."""
+    """Horovod data-parallel pre-training of the job's model (the zoo network, or its app's); uploaded as
+    its version 0."""
     from training_cluster.pretrain import pretrain
 
     out = _with_cluster_api(

@@ -11,6 +11,7 @@ import re
 
 from shared.apps.base import (
     App,
+    AuditInputs,
     DataError,
     DeviceContext,
     JobContext,
@@ -25,6 +26,7 @@ __all__ = [
     "BUILTIN",
     "App",
     "AppError",
+    "AuditInputs",
     "DataError",
     "DeviceContext",
     "JobContext",

@@ -4,9 +4,9 @@ An app is one Python object (``module:attribute``) installed beside ``aicfl[agen
 device, and beside the coordinator and the cluster where they need the model. Four verbs are
 required: build the model, load the device's data, train, evaluate. The rest is optional and has
 defaults: how parameters become the one flat float32 vector that travels (masked, under SecAgg+),
-a data check, central evaluation on reference data, and a statistics round that fixes a setup (the
-built-in tabular app's preprocessing) before the first model exists. ``docs/apps.md`` has a
-complete example.
+a data check, central evaluation on reference data, the reference examples a SHAP audit explains
+(:class:`AuditInputs`), and a statistics round that fixes a setup (the built-in tabular app's
+preprocessing) before the first model exists. ``docs/apps.md`` has a complete example.
 
 The coordinator never ships code: an agent that lacks the app, or holds another version,
 declines the round and says so.
@@ -103,6 +103,27 @@ class TrainConfig:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class AuditInputs:
+    """Reference examples as the app's model takes them, for the SHAP audit of each version
+    (:meth:`App.audit_inputs`).
+
+    ``x``: a float array ``(examples, *input shape)``; ``model(torch.from_numpy(x[a:b]))`` gives the
+    raw outputs explained, ``(rows, outputs)``. ``features``: one name per input value of an example,
+    in C (row-major) order over the input shape, e.g. ``"px_3_4"`` for the pixel in row 3, column 4.
+    ``image_shape``: ``(height, width)`` when the inputs are images whose last two axes are those
+    (channels before them are summed in the plots): the audit then draws the mean attribution
+    towards each class as heatmaps. ``outputs``: a name per model output (class labels; default
+    ``"0"``, ``"1"``...). ``output``: what the outputs are, in words (the report's ``output``).
+    """
+
+    x: np.ndarray
+    features: Sequence[str]
+    image_shape: tuple[int, int] | None = None
+    outputs: Sequence[str] | None = None
+    output: str = "the model's raw outputs"
+
+
 class App(ABC):
     """A federated app. Subclass it and create one instance; name it in the job spec as
     ``[model] app = "package.module:instance"`` with ``app_version``."""
@@ -166,6 +187,16 @@ class App(ABC):
 
     def evaluate_central(self, model: Any, reference: Any, job: JobContext) -> Metrics | None:
         """Metrics of ``model`` on the reference data :meth:`load_reference` parsed (default: none)."""
+        return None
+
+    def audit_inputs(self, reference: Any, job: JobContext) -> AuditInputs | None:
+        """The reference data :meth:`load_reference` parsed, as model inputs for the SHAP audit of
+        each version (``aicfl audit worker``, docs/audit.md): per-input attributions, importances,
+        drift between versions. The model must then be a ``torch.nn.Module``.
+
+        Default ``None``: the app's versions cannot be audited (each audit fails, saying so; turn
+        ``[audit] enabled`` off for such a job).
+        """
         return None
 
 
