@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from server.cli.admin import app as admin_app
+from server.cli.app import app as apps_app
 from server.cli.audit import app as audit_app
 from server.cli.cluster import app as cluster_app
 from server.cli.data import app as data_app
@@ -24,6 +25,7 @@ from shared.api_client import CliError
 app = typer.Typer(help="Operate an aicfl federation.", no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(server_app, name="server")
 app.add_typer(admin_app, name="admin")
+app.add_typer(apps_app, name="app")
 app.add_typer(devices_app, name="devices")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(rounds_app, name="rounds")
