@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import update
 
-from coordinator import participation, secure
+from coordinator import apps, participation, secure
 from coordinator.aggregation import Sums
 from coordinator.context import EngineContext
 from coordinator.driver import RoundDriver
@@ -26,7 +26,7 @@ from coordinator.models import Event, Participant
 from coordinator.participation import one_less
 from coordinator.rounds import ACTIVE, DECLINED, DROPPED, EXCLUDED
 from coordinator.statements import ADD_MESSAGE, STAGE_DONE, PartRow, RoundRow
-from coordinator.validation import check_metrics, check_statistics, check_update_header
+from coordinator.validation import check_metrics, check_update_header
 from shared import codec
 from shared.wire import (
     ConfigureMessage,
@@ -106,7 +106,11 @@ class DeviceProtocol:
             try:
                 if r.kind == "stats":
                     payload = StatsMessage.model_validate(body).model_dump()
-                    check_statistics(payload["statistics"])
+                    spec = self.ctx.spec(secure.orm(s), r.job_id)
+                    statistics = apps.app_for(spec).statistics
+                    if statistics is None:
+                        raise Invalid(f"job {r.job_id}'s app gathers no statistics")
+                    statistics.check(payload["statistics"], apps.context(spec, None))
                 elif r.kind == "evaluate":
                     ev = EvaluateMessage.model_validate(body)
                     check_metrics(ev.metrics)

@@ -35,7 +35,6 @@ from coordinator.rounds import (
 from coordinator.statements import DROP, PARTICIPANTS, WAITING, RoundRow
 from shared.jobspec import JobSpec
 from shared.secagg.primitives import SecAggError
-from shared.tabular import DataSchemaError
 
 log = logging.getLogger("aicfl.coordinator")
 
@@ -135,7 +134,7 @@ class RoundDriver:
                 self.finisher.finish(s, job, r, [p for p in parts if p.status == ACTIVE])
             # NotFound: a stored vector is gone (a finish that deleted the round's blobs died before its
             # commit); the round cannot be summed again, so it ends cleanly instead of failing every tick.
-            except (Invalid, NotFound, DataSchemaError, ValueError, SecAggError) as err:
+            except (Invalid, NotFound, ValueError, SecAggError) as err:
                 self.abandon(s, r, f"aggregation failed: {err}")
                 if r.kind == "stats":
                     job.status = "failed"

@@ -26,17 +26,6 @@ def check_metrics(metrics: dict[str, Any]) -> None:
             raise ValueError(f"metric {name!r} must be a finite number")
 
 
-def check_statistics(stats: dict[str, Any]) -> None:
-    if not isinstance(stats.get("rows"), int) or stats["rows"] < 0:
-        raise ValueError("statistics.rows must be a non-negative integer")
-    for section in ("numeric", "categorical"):
-        if not isinstance(stats.get(section, {}), dict):
-            raise ValueError(f"statistics.{section} must be a table")
-    for col, v in stats.get("numeric", {}).items():
-        if not isinstance(v, dict) or not all(finite(v.get(k)) for k in ("count", "sum", "sum_sq")):
-            raise ValueError(f"statistics.numeric.{col} needs finite count, sum and sum_sq")
-
-
 def check_update_header(header: dict[str, Any], round_id: int) -> dict[str, Any]:
     if header.get("kind") != "update":
         raise Invalid("update: header kind must be 'update'")

@@ -213,6 +213,11 @@ class Statistics(ABC):
     def local(self, data: LocalData, job: JobContext) -> dict[str, Any]:
         """This device's summary of ``data.train`` (sums and counts, never rows)."""
 
+    def check(self, summary: Mapping[str, Any], job: JobContext) -> None:
+        """Raise ``ValueError`` naming what is wrong with a device's plaintext summary (the coordinator
+        checks every one before it merges them); default: any JSON object."""
+        return None
+
     @abstractmethod
     def merge(self, summaries: Sequence[Mapping[str, Any]], job: JobContext) -> dict[str, Any]:
         """The cohort's summary from the devices' (plaintext rounds)."""

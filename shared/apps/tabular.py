@@ -8,6 +8,7 @@ pandas and pyarrow are imported here, when a table is read, not by the agent its
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -32,6 +33,10 @@ if TYPE_CHECKING:
 
     from shared.jobspec import DataSchema
     from shared.tabular import Preprocessor
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _schema(job: JobContext) -> DataSchema:
@@ -70,6 +75,18 @@ class TabularStatistics(Statistics):
         from shared.tabular import local_statistics
 
         return local_statistics(data.train.frame, _schema(job))
+
+    def check(self, summary: Mapping[str, Any], job: JobContext) -> None:
+        """Row count and finite moments: what ``merge`` divides by and squares."""
+        rows = summary.get("rows")
+        if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
+            raise ValueError("statistics.rows must be a non-negative integer")
+        for section in ("numeric", "categorical"):
+            if not isinstance(summary.get(section, {}), dict):
+                raise ValueError(f"statistics.{section} must be a table")
+        for col, v in summary.get("numeric", {}).items():
+            if not isinstance(v, dict) or not all(_finite(v.get(k)) for k in ("count", "sum", "sum_sq")):
+                raise ValueError(f"statistics.numeric.{col} needs finite count, sum and sum_sq")
 
     def merge(self, summaries: Sequence[Mapping[str, Any]], job: JobContext) -> dict[str, Any]:
         from shared.tabular import merge_statistics

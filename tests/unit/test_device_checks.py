@@ -14,7 +14,6 @@ from coordinator.validation import (
     MAX_EXAMPLES,
     check_baseline,
     check_metrics,
-    check_statistics,
     check_update_header,
     finite,
 )
@@ -37,6 +36,23 @@ def test_metrics_must_be_few_and_finite() -> None:
         check_metrics({"loss": math.nan})
     with pytest.raises(ValueError, match="at most 64"):
         check_metrics({f"m{i}": 1.0 for i in range(65)})
+
+
+def check_statistics(stats: dict) -> None:
+    """The built-in tabular app's check of a device's plaintext statistics (the coordinator runs it)."""
+    from shared.apps import JobContext
+    from shared.apps.tabular import app
+    from shared.jobspec import validate_spec
+
+    spec = validate_spec(
+        {
+            "name": "t",
+            "rounds": 1,
+            "data": {"features": [{"name": "x", "type": "numeric"}], "target": "y", "task": "binary"},
+        }
+    )
+    assert app.statistics is not None
+    app.statistics.check(stats, JobContext(spec))
 
 
 def test_statistics_need_rows_and_finite_moments() -> None:
