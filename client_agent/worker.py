@@ -232,21 +232,25 @@ class Worker:
             raise Declined(f"data does not match the job's schema: {err}") from None
         return spec, app, job, model, data
 
-    def _holdout_metrics(self, app: App, job: JobContext, model: _Model, data: LocalData) -> Metrics:
+    def _holdout_metrics(
+        self, app: App, job: JobContext, model: _Model, data: LocalData
+    ) -> tuple[Metrics, int]:
+        """The global model's metrics on the holdout, and how many examples they cover (an app may
+        report the count as an ``examples`` metric, as a Flower client's evaluate does)."""
         if data.holdout_examples <= 0:
-            return {}
+            return {}, 0
         net = self._net(app, job, model)
-        metrics = self._call("evaluate", app.evaluate, net, data)
         try:
-            return checked_metrics(metrics, "app evaluate")
+            metrics = checked_metrics(self._call("evaluate", app.evaluate, net, data), "app evaluate")
         except ValueError as err:
             raise Declined(str(err)) from None
+        examples = int(metrics.pop("examples", data.holdout_examples))
+        return metrics, max(0, examples)
 
     def evaluate(self, task: Task) -> EvaluateMessage:
         _, app, job, model, data = self._prepared(task)
-        return EvaluateMessage(
-            metrics=self._holdout_metrics(app, job, model, data), examples=data.holdout_examples
-        )
+        metrics, examples = self._holdout_metrics(app, job, model, data)
+        return EvaluateMessage(metrics=metrics, examples=examples)
 
     # -- secure aggregation (SecAgg+) ----------------------------------------
 
@@ -274,7 +278,7 @@ class Worker:
         """Stage 3: train, quantise, weight by the example count, mask."""
         client = self._secure_client(task)
         spec, app, job, model, data = self._prepared(task)
-        metrics = self._holdout_metrics(app, job, model, data)
+        metrics, holdout = self._holdout_metrics(app, job, model, data)
         new, loss, examples = self._train(spec, app, job, model, data, task)
         delta = new - model.vector
         n = min(examples, client.params.weight_cap)
@@ -285,7 +289,7 @@ class Worker:
             in_place=True,  # x_u is not needed again: no second vector of the model's size
         )
         header = masked_input_header(
-            task.round_id, train_loss=loss, metrics=metrics, holdout_examples=int(data.holdout_examples)
+            task.round_id, train_loss=loss, metrics=metrics, holdout_examples=holdout
         )
         return codec.encode(header, masked)
 
@@ -347,7 +351,7 @@ class Worker:
         of the example counts.
         """
         spec, app, job, model, data = self._prepared(task)
-        metrics = self._holdout_metrics(app, job, model, data)
+        metrics, holdout = self._holdout_metrics(app, job, model, data)
         new, loss, examples = self._train(spec, app, job, model, data, task)
         delta = (new - model.vector) * np.float32(examples)
         header = {
@@ -356,6 +360,6 @@ class Worker:
             "num_examples": int(examples),
             "train_loss": loss,
             "metrics": metrics,
-            "holdout_examples": int(data.holdout_examples),
+            "holdout_examples": holdout,
         }
         return codec.encode(header, delta)
