@@ -8,12 +8,14 @@ DEMO_OUT ?= demo-out
 
 .PHONY: setup demo test test-fast lint bench bench-cluster clean
 
-$(STAMP): pyproject.toml scripts/install_horovod.sh
+$(STAMP): pyproject.toml scripts/install_horovod.sh examples/digits_cnn/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch that this machine serves; a looser pin downloads a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev]"
+	# The example app `aicfl demo --dataset digits` trains (examples/digits_cnn), as a device's owner installs it.
+	$(BIN)/pip install -q -e examples/digits_cnn
 	# Horovod for `aicfl cluster pretrain`: built once from its patched sdist (about 10 minutes
 	# on 2 cores), then installed from the cached wheel in seconds.
 	bash scripts/install_horovod.sh $(BIN)/python

@@ -6,21 +6,39 @@ from pathlib import Path
 
 import typer
 
-from server.console import console, metrics_text
+from server.console import console, fmt, metrics_text
 from shared.api_client import CliError
 
 
 def demo_cmd(
     devices: int = typer.Option(6, "--devices", min=2, max=64),
-    rounds: int = typer.Option(10, "--rounds", min=1, max=1000),
-    dataset: str = typer.Option("mlc_churn", "--dataset"),
+    rounds: int | None = typer.Option(
+        None, "--rounds", min=1, max=1000, help="Training rounds (default: 10; 30 for digits)."
+    ),
+    dataset: str = typer.Option(
+        "mlc_churn",
+        "--dataset",
+        help="mlc_churn (tabular, split by state) or digits (the examples/digits_cnn app, label skew).",
+    ),
     out: Path = typer.Option(Path("demo-out"), "--out"),
     seed: int = typer.Option(7, "--seed"),
-    pretrain: bool = typer.Option(
-        True, "--pretrain/--no-pretrain", help="Horovod pre-training of version 0 on pooled central rows."
+    pretrain: bool | None = typer.Option(
+        None,
+        "--pretrain/--no-pretrain",
+        help="Horovod pre-training of version 0 on pooled central rows (default: on; tabular sets only).",
+        show_default=False,
     ),
-    automl: bool = typer.Option(
-        True, "--automl/--no-automl", help="An H2O AutoML baseline on the central rows."
+    automl: bool | None = typer.Option(
+        None,
+        "--automl/--no-automl",
+        help="An H2O AutoML baseline on the central rows (default: on; tabular sets only).",
+        show_default=False,
+    ),
+    audit: bool | None = typer.Option(
+        None,
+        "--audit/--no-audit",
+        help="A SHAP audit worker beside the rounds (default: on; off for digits).",
+        show_default=False,
     ),
     automl_secs: int = typer.Option(30, "--automl-secs", min=5, max=3600, help="AutoML's time budget."),
     pretrain_np: int = typer.Option(2, "--pretrain-np", min=1, max=64),
@@ -45,6 +63,7 @@ def demo_cmd(
             seed=seed,
             pretrain=pretrain,
             automl=automl,
+            audit=audit,
             automl_seconds=automl_secs,
             pretrain_np=pretrain_np,
             pretrain_epochs=pretrain_epochs,
@@ -57,6 +76,12 @@ def demo_cmd(
     final, ceiling = summary["final"], summary["ceiling"]
     console.print(f"final:   {metrics_text(final)}")
     console.print(f"ceiling: {metrics_text(ceiling)}")
+    name = summary["headline"]
+    if name in final and name in ceiling:
+        console.print(
+            f"{name}: final {fmt(final[name])} against the ceiling's {fmt(ceiling[name])}"
+            f" (gap {final[name] - ceiling[name]:+.4f})"
+        )
     if summary.get("baseline"):
         b = summary["baseline"]
         console.print(f"AutoML:  {b['leader']}  {metrics_text(b['metrics'])}")
@@ -66,4 +91,7 @@ def demo_cmd(
     if verdicts:
         console.print(
             f"audits:  {len(verdicts)} versions, {verdicts.count('ok')} ok, {verdicts.count('drift')} drift"
+            + (f", {verdicts.count('failed')} failed" if "failed" in verdicts else "")
         )
+    for step, why in summary.get("skipped", {}).items():
+        console.print(f"skipped {step}: {why}")
