@@ -7,6 +7,7 @@ import os
 import random
 import resource
 import signal
+import sys
 import threading
 from importlib.metadata import PackageNotFoundError, version
 
@@ -33,8 +34,21 @@ def _env_list(name: str) -> list[str]:
 
 
 def peak_rss_mb() -> float:
-    # ru_maxrss is in KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """This process's peak resident memory, in MB.
+
+    Linux's ``VmHWM`` where there is one: ``ru_maxrss`` survives ``execve``, so an agent started
+    by a large process (the demo, a test runner) would report its parent's size as its own peak.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    # ru_maxrss is in KiB on Linux, in bytes on macOS.
+    scale = 1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
 class Backoff:

@@ -126,5 +126,24 @@ def test_apps_named_in_the_environment_or_worked_with_before_are_imported_before
         assert agent.run() == 0
     assert {"preload_env_app", "preload_state_app"} <= set(sys.modules)
     # An app that cannot be imported is logged, not fatal.
-    assert "cannot import app ahead of its rounds: app 'no_such_app_anywhere:app' does not import" in caplog.text
+    assert (
+        "cannot import app ahead of its rounds: app 'no_such_app_anywhere:app' does not import" in caplog.text
+    )
     assert scripted_coordinator.received == []
+
+
+def test_the_peak_memory_reported_is_this_process_s_not_the_parent_s_it_was_started_from() -> None:
+    # ru_maxrss survives execve: a small agent started by a large parent would report the parent's
+    # size. This parent grows to ~200 MB first; the child must report its own few tens of MB.
+    import subprocess
+
+    ballast = bytearray(200 * 1024 * 1024)
+    ballast[::4096] = b"x" * len(ballast[::4096])  # touch every page
+    out = subprocess.run(
+        [sys.executable, "-c", "from client_agent.loop import peak_rss_mb; print(peak_rss_mb())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    del ballast
+    assert float(out.stdout) < 150, out.stdout
