@@ -21,7 +21,7 @@ from coordinator import apps, participation, secure
 from coordinator.aggregation import Sums
 from coordinator.context import EngineContext
 from coordinator.driver import RoundDriver
-from coordinator.errors import Conflict, Forbidden, Invalid, NotFound
+from coordinator.errors import Conflict, Invalid, NotFound
 from coordinator.models import Event, Participant
 from coordinator.participation import one_less
 from coordinator.rounds import ACTIVE, DECLINED, DROPPED, EXCLUDED
@@ -177,15 +177,7 @@ class DeviceProtocol:
         masks are recovered as any dropped device's) and the round goes on without waiting for it."""
         now = self.ctx.clock()
         with self.ctx.device_write() as s:
-            r, p = self._load(s, device_id, round_id)
-            if r is None:
-                raise NotFound(f"no round {round_id}")
-            if p is None:
-                raise Forbidden(f"device {device_id} was not selected for round {round_id}")
-            if r.status != "running":
-                raise Conflict(f"round {round_id} is {r.status}")
-            if p.status != ACTIVE:
-                raise Conflict(f"device {device_id} is already {p.status} in round {round_id}")
+            r, p = participation.member(*self._load(s, device_id, round_id), device_id, round_id)
             reason = f"withdrew: {reason}"[:2000]
             secure.run(
                 s, update(Participant).where(Participant.id == p.id).values(status=DROPPED, reason=reason)

@@ -29,15 +29,9 @@ def load(
     return r, (None if row[n + 1] is None else PartRow(*row[n + 1 :]))
 
 
-def check(
-    r: RoundRow | None,
-    p: PartRow | None,
-    device_id: str,
-    round_id: int,
-    stage: str,
-    now: float,
-) -> tuple[RoundRow, PartRow]:
-    """The round and the device's row, if the device may send its ``stage`` message now."""
+def member(r: RoundRow | None, p: PartRow | None, device_id: str, round_id: int) -> tuple[RoundRow, PartRow]:
+    """The round and the device's row, if the device is still active in that running round (in
+    whatever stage: what a withdrawal needs; :func:`check` adds the stage's rules)."""
     if r is None:
         raise NotFound(f"no round {round_id}")
     if p is None:
@@ -48,6 +42,19 @@ def check(
         raise Conflict(
             f"device {device_id} is {p.status} in round {round_id}" + (f": {p.reason}" if p.reason else "")
         )
+    return r, p
+
+
+def check(
+    r: RoundRow | None,
+    p: PartRow | None,
+    device_id: str,
+    round_id: int,
+    stage: str,
+    now: float,
+) -> tuple[RoundRow, PartRow]:
+    """The round and the device's row, if the device may send its ``stage`` message now."""
+    r, p = member(r, p, device_id, round_id)
     if r.stage != stage:
         raise Conflict(f"round {round_id} is in stage {r.stage!r}, not {stage!r}")
     if stage_index(r.kind, p.stage_done, r.secure) >= stage_index(r.kind, stage, r.secure):

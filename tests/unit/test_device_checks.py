@@ -7,7 +7,7 @@ import math
 import pytest
 
 from coordinator.errors import Conflict, Forbidden, Invalid, NotFound
-from coordinator.participation import check, one_less
+from coordinator.participation import check, member, one_less
 from coordinator.rounds import ACTIVE, DROPPED
 from coordinator.statements import PartRow, RoundRow
 from coordinator.validation import (
@@ -175,3 +175,21 @@ def test_each_broken_rule_is_named(
 ) -> None:
     with pytest.raises(error, match=message):
         check(r, p, "dev", 7, stage, NOW)
+
+
+def test_a_withdrawal_needs_an_active_device_in_a_running_round_whatever_the_stage() -> None:
+    r, p = rnd(stage_deadline=NOW), part(stage_done="input")  # past the deadline, stage sent: still a member
+    assert member(r, p, "dev", 7) == (r, p)
+    for bad_r, bad_p, error, message in [
+        (None, None, NotFound, "no round 7"),
+        (rnd(), None, Forbidden, "dev was not selected for round 7"),
+        (rnd(status="completed"), part(), Conflict, "round 7 is completed"),
+        (
+            rnd(),
+            part(status=DROPPED, reason="withdrew: x"),
+            Conflict,
+            "dev is dropped in round 7: withdrew: x",
+        ),
+    ]:
+        with pytest.raises(error, match=message):
+            member(bad_r, bad_p, "dev", 7)
