@@ -1,4 +1,5 @@
-"""Shared fixtures: a fresh database of each kind (SQLite file, PostgreSQL on 127.0.0.1:5432)."""
+"""Shared fixtures: a fresh database of each kind (SQLite file, PostgreSQL on 127.0.0.1:5432), and a
+real coordinator process on loopback."""
 
 from __future__ import annotations
 
@@ -42,3 +43,17 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'coordinator.db'}"
     return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def coord(tmp_path: Path) -> Iterator[object]:
+    """A real coordinator (``tests.integration.harness.Coordinator``) on a free loopback port, with its
+    first admin token; its agents and itself are stopped afterwards."""
+    from tests.integration.harness import Coordinator
+
+    c = Coordinator(tmp_path)
+    c.bootstrap()
+    c.start()
+    yield c
+    c.stop_agents()
+    c.stop()

@@ -23,16 +23,6 @@ APP = "tests.fixtures.toy_app:app"
 AGENT_ENV = {"AICFL_AGENT_PRELOAD": APP}
 
 
-@pytest.fixture
-def coord(tmp_path: Path):
-    c = Coordinator(tmp_path)
-    c.bootstrap()
-    c.start()
-    yield c
-    c.stop_agents()
-    c.stop()
-
-
 def app_spec(rounds: int, target: int, *, secure: bool, version: str = "1.0", **model: Any) -> dict[str, Any]:
     return {
         "name": "toy",

@@ -21,16 +21,6 @@ from .harness import ENV, Coordinator, churn_slices, py, small_spec, wait_for
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def coord(tmp_path: Path):  # type: ignore[no-untyped-def]
-    c = Coordinator(tmp_path)
-    c.bootstrap()
-    c.start()
-    yield c
-    c.stop_agents()
-    c.stop()
-
-
 def _worker(coord: Coordinator, name: str, log: Path) -> subprocess.Popen[bytes]:
     env = {**ENV, "AICFL_URL": coord.url, "AICFL_TOKEN": coord.token}
     with open(log, "ab") as fh:

@@ -15,16 +15,6 @@ from .harness import ENV, Coordinator, churn_slices, drop_column, py, small_spec
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def coord(tmp_path: Path):
-    c = Coordinator(tmp_path)
-    c.bootstrap()
-    c.start()
-    yield c
-    c.stop_agents()
-    c.stop()
-
-
 def submit(coord: Coordinator, spec: dict, reference: Path | None = None) -> int:
     api = coord.api()
     job = api.json("POST", "/v1/jobs", json=spec)

@@ -31,16 +31,6 @@ pytestmark = pytest.mark.slow
 CRASHES = {0: "1:advertise_keys", 1: "2:share_keys", 2: "3:masked_input", 3: "4:unmask"}
 
 
-@pytest.fixture
-def coord(tmp_path: Path):
-    c = Coordinator(tmp_path)
-    c.bootstrap()
-    c.start()
-    yield c
-    c.stop_agents()
-    c.stop()
-
-
 def test_dropouts_at_every_stage_with_real_agents(coord: Coordinator, tmp_path: Path) -> None:
     """Agent i dies abruptly at the stage in CRASHES[i]; each secure round still completes."""
     paths, ref, schema = churn_slices(tmp_path / "data", 5)
