@@ -5,9 +5,9 @@
 a lease, fetches what it needs through :class:`~training_cluster.api.ClusterApi`
 (the job, the version's model, the reference rows, the previous version's
 report, the AutoML baseline), computes the audit
-(:func:`training_cluster.audit.audit_version`, or for a job on an app, which
+(:func:`training_cluster.audit_tabular.audit_version`, or for a job on an app, which
 the worker imports as the coordinator does,
-:func:`training_cluster.audit.audit_app_version`) and sends the report back.
+:func:`training_cluster.audit_app.audit_app_version`) and sends the report back.
 
 Failures are of two kinds. A problem with the audit itself (a model that does
 not load, reference rows that do not fit the schema, an error inside shap) is
@@ -36,14 +36,9 @@ from shared.apps import BUILTIN, App, JobContext, load_app
 from shared.jobspec import JobSpec
 from shared.tabular import read_table_bytes
 from training_cluster.api import ClusterApi
-from training_cluster.audit import (
-    AuditResult,
-    app_version_importance,
-    audit_app_version,
-    audit_version,
-    version_importance,
-    warm_up,
-)
+from training_cluster.audit import AuditResult, warm_up
+from training_cluster.audit_app import app_version_importance, audit_app_version
+from training_cluster.audit_tabular import audit_version, version_importance
 
 T = TypeVar("T")
 
@@ -199,29 +194,19 @@ class _Worker:
         previous_version = claim.get("previous_version")
         previous = self.previous_report(job_id, previous_version, job)
         baseline = self.call(f"fetching job {job_id}'s baseline", lambda: self.api.baseline(job_id))
+        vector32 = np.asarray(vector, dtype=np.float32)
+        given: dict[str, Any] = {
+            "version": version,
+            "previous": previous,
+            "previous_version": previous_version,
+            "baseline": baseline,
+        }
         if job.app is not None:
             return audit_app_version(
-                job.spec,
-                job.app,
-                header,
-                np.asarray(vector, dtype=np.float32),
-                job.reference,
-                version=version,
-                previous=previous,
-                previous_version=previous_version,
-                baseline=baseline,
-                job_setup=job.preprocess,
+                job.spec, job.app, header, vector32, job.reference, job_setup=job.preprocess, **given
             )
         return audit_version(
-            job.spec,
-            header,
-            np.asarray(vector, dtype=np.float32),
-            job.reference,
-            version=version,
-            previous=previous,
-            previous_version=previous_version,
-            baseline=baseline,
-            job_preprocess=job.preprocess,
+            job.spec, header, vector32, job.reference, job_preprocess=job.preprocess, **given
         )
 
     def process(self, claim: dict[str, Any]) -> bool:
