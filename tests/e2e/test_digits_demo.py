@@ -12,7 +12,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-# The churn demo's summary fields (server/demo.py `_summary`), which the digits demo keeps.
+# The churn demo's summary fields (server/demo_summary.py `summarize`), which the digits demo keeps.
 FIELDS = {
     "devices",
     "dataset",
