@@ -7,7 +7,7 @@ to the same network trained centrally on the pooled training rows and to the
 AutoML leader (same test rows), the per-round aggregation time, the audit time
 against the round time, and the agents' peak RSS.
 
-    python bench/demo_quality.py [--devices 6] [--rounds 10] [--no-pretrain] [--no-automl]
+    python bench/demo_quality.py [--dataset mlc_churn|digits] [--devices 6] [--rounds N] [--no-pretrain] [--no-automl]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--devices", type=int, default=6)
-    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=None, help="default: the demo's for the dataset")
     ap.add_argument("--dataset", default="mlc_churn")
     ap.add_argument("--no-pretrain", action="store_true")
     ap.add_argument("--no-automl", action="store_true")
@@ -45,8 +45,7 @@ def main() -> None:
                 "demo",
                 "--devices",
                 str(args.devices),
-                "--rounds",
-                str(args.rounds),
+                *(["--rounds", str(args.rounds)] if args.rounds else []),
                 "--dataset",
                 args.dataset,
                 "--out",
@@ -63,7 +62,8 @@ def main() -> None:
         wall = time.time() - t0
     final, ceiling = summary["final"], summary["ceiling"]
     print(f"machine: {platform.node()} ({os.cpu_count()} cpus), python {platform.python_version()}")
-    print(f"demo: {args.dataset}, {args.devices} devices, {args.rounds} rounds, {wall:.0f} s wall")
+    rounds = sum(1 for r in summary["rounds"] if r.get("kind", "train") == "train")
+    print(f"demo: {args.dataset}, {args.devices} devices, {rounds} rounds, {wall:.0f} s wall")
     for name in [k for k in final if k != "examples"]:
         gap = final[name] - ceiling[name]
         print(f"  {name:10s} federated {final[name]:.4f}   ceiling {ceiling[name]:.4f}   gap {gap:+.4f}")
