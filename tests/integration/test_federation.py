@@ -70,7 +70,10 @@ def test_three_rounds_complete_with_real_agents(coord: Coordinator, tmp_path: Pa
 
 def test_device_killed_mid_round_is_dropped_and_round_completes(coord: Coordinator, tmp_path: Path) -> None:
     paths, _, schema = churn_slices(tmp_path / "data", 3)
-    procs = [coord.run_agent(coord.enroll(p, f"a{i}")) for i, p in enumerate(paths)]
+    # Agent 0 dies abruptly when it reaches the training round's input (the kill below may come
+    # after a fast round has already ended).
+    crash = [{"AICFL_AGENT_CRASH_AT": "1:input"}, None, None]
+    procs = [coord.run_agent(coord.enroll(p, f"a{i}"), crash[i]) for i, p in enumerate(paths)]
     # Plain aggregation: with 3 devices SecAgg+ has k = t = 2 and cannot lose one after sharing keys.
     job_id = submit(coord, small_spec(schema, rounds=1, target=3, minimum=2, stage_timeout=6, secure=False))
 
@@ -89,7 +92,10 @@ def test_device_killed_mid_round_is_dropped_and_round_completes(coord: Coordinat
 
 def test_below_minimum_round_is_abandoned_and_model_unchanged(coord: Coordinator, tmp_path: Path) -> None:
     paths, _, schema = churn_slices(tmp_path / "data", 2)
-    procs = [coord.run_agent(coord.enroll(p, f"a{i}")) for i, p in enumerate(paths)]
+    # Agent 1 dies abruptly when it reaches the training round's input: a fast round cannot end
+    # before the kill below.
+    crash = [None, {"AICFL_AGENT_CRASH_AT": "1:input"}]
+    procs = [coord.run_agent(coord.enroll(p, f"a{i}"), crash[i]) for i, p in enumerate(paths)]
     job_id = submit(coord, small_spec(schema, rounds=2, target=2, minimum=2, stage_timeout=5, secure=False))
 
     wait_for(lambda: any(r["kind"] == "train" for r in coord.rounds(job_id)), 60, "the training round")
