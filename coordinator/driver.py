@@ -11,15 +11,16 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from coordinator import audits, secure
+from coordinator import audits, secure, timeline
 from coordinator.aggregation import Sums
 from coordinator.context import EngineContext
 from coordinator.errors import Invalid, NotFound
 from coordinator.finish import RoundFinisher
 from coordinator.models import Device, Event, Job, Participant, Round, utcnow
+from coordinator.observers import RoundEnded, RoundObserver, StageEnded, on_commit
 from coordinator.queries import get_job
 from coordinator.rounds import (
     ACTIVE,
@@ -31,6 +32,7 @@ from coordinator.rounds import (
     RoundView,
     decide,
     select_cohort,
+    stages_of,
 )
 from coordinator.statements import DROP, PARTICIPANTS, WAITING, RoundRow
 from shared.jobspec import JobSpec
@@ -42,12 +44,17 @@ MAX_CONSECUTIVE_ABANDONED = 20
 
 
 class RoundDriver:
-    """Advances every running job's rounds; opens the next round when none runs."""
+    """Advances every running job's rounds; opens the next round when none runs.
+
+    Each round's timeline (``Round.stages``, see ``coordinator.timeline``) records when it entered and
+    left each stage; ``observers`` hear of every stage and round that ends (``coordinator.observers``).
+    """
 
     def __init__(self, ctx: EngineContext, sums: Sums, finisher: RoundFinisher):
         self.ctx = ctx
         self.sums = sums
         self.finisher = finisher
+        self.observers: list[RoundObserver] = []
 
     def tick(self) -> None:
         """One pass over every running job: advance rounds, open new ones."""
@@ -125,7 +132,7 @@ class RoundDriver:
             secure.run(s, DROP, round=r.id, devices=list(d.drop), new_status=DROPPED, why=reason)
             parts = [replace(p, status=DROPPED) if p.device_id in d.drop else p for p in parts]
         if d.action == "abandon":
-            self.abandon(s, r, d.reason or "abandoned")
+            self.abandon(s, r, d.reason or "abandoned", now)
         elif d.action == "advance":
             self._advance(s, r, parts, d.next_stage or r.stage, now)
         else:
@@ -135,10 +142,20 @@ class RoundDriver:
             # NotFound: a stored vector is gone (a finish that deleted the round's blobs died before its
             # commit); the round cannot be summed again, so it ends cleanly instead of failing every tick.
             except (Invalid, NotFound, ValueError, SecAggError) as err:
-                self.abandon(s, r, f"aggregation failed: {err}")
+                self.abandon(s, r, f"aggregation failed: {err}", now)
                 if r.kind == "stats":
                     job.status = "failed"
                     job.reason = f"statistics round failed: {err}"
+                    s.add(
+                        Event(
+                            actor="coordinator",
+                            action="job.fail",
+                            target=str(job.id),
+                            detail={"reason": job.reason},
+                        )
+                    )
+            else:
+                self._ended(s, r, now)
 
     def _advance(
         self, s: Session, r: Round, parts: list[ParticipantView], next_stage: str, now: float
@@ -151,21 +168,29 @@ class RoundDriver:
                 if r.kind == "stats":
                     r.secagg = {**r.secagg, "vocabulary": secure.merged_vocabulary(s, r, accepted)}
             except ValueError as err:
-                self.abandon(s, r, f"secure aggregation cannot run with {len(accepted)} devices: {err}")
+                self.abandon(s, r, f"secure aggregation cannot run with {len(accepted)} devices: {err}", now)
                 return
         if r.secure and r.stage == "masked_input" and self.ctx.sqlite:
             lost = self.sums.store_masked(s, r)
             if lost is not None:
-                self.abandon(s, r, lost)
+                self.abandon(s, r, lost, now)
                 return
+        left = timeline.current(r.stages)
         r.stage = next_stage
         r.stage_deadline = now + spec.cohort.stage_timeout
+        r.stages = timeline.begin(r.stages, next_stage, now)
+        if left is not None:
+            self._observe(s, [StageEnded(r.kind, left["stage"], now - left["started"])])
 
-    def abandon(self, s: Session, r: Round, reason: str) -> None:
-        """End the round without a new version (the model stays as it was); fail the job after too many."""
+    def abandon(self, s: Session, r: Round, reason: str, now: float | None = None) -> None:
+        """End the round without a new version (the model stays as it was); fail the job after too many.
+
+        ``now``: the engine's clock when the decision was taken (read here when the caller has none).
+        """
         r.status = "abandoned"
         r.reason = reason
         r.ended_at = utcnow()
+        self._ended(s, r, self.ctx.clock() if now is None else now)
         self.sums.discard(s, r)
         job = get_job(s, r.job_id)
         s.add(
@@ -192,6 +217,52 @@ class RoundDriver:
         ):
             job.status = "failed"
             job.reason = f"{MAX_CONSECUTIVE_ABANDONED} rounds in a row were abandoned; last: {reason}"
+            s.add(
+                Event(
+                    actor="coordinator", action="job.fail", target=str(job.id), detail={"reason": job.reason}
+                )
+            )
+
+    def _ended(self, s: Session, r: Round, now: float) -> None:
+        """Close the timeline of a round that just ended (completed or abandoned), and tell the observers."""
+        left = timeline.current(r.stages)
+        r.stages = timeline.close(r.stages, now)
+        if not self.observers:
+            return
+        events: list[StageEnded | RoundEnded] = []
+        if left is not None:
+            events.append(StageEnded(r.kind, left["stage"], now - left["started"]))
+        devices = s.execute(
+            select(Participant.status, func.count())
+            .where(Participant.round_id == r.id)
+            .group_by(Participant.status)
+        ).all()
+        events.append(
+            RoundEnded(
+                kind=r.kind,
+                status=r.status,
+                seconds=timeline.duration(r.stages, stages_of(r.kind, r.secure)[0]),
+                aggregation_seconds=r.aggregation_seconds,
+                devices={status: n for status, n in devices},
+            )
+        )
+        self._observe(s, events)
+
+    def _observe(self, s: Session, events: list[StageEnded | RoundEnded]) -> None:
+        """Tell the observers of ``events`` once this transaction commits."""
+        if not self.observers:
+            return
+        observers = list(self.observers)
+
+        def tell() -> None:
+            for o in observers:
+                for e in events:
+                    if isinstance(e, StageEnded):
+                        o.stage_ended(e)
+                    else:
+                        o.round_ended(e)
+
+        on_commit(s, tell)
 
     def _eligible(self, s: Session, job: Job, now: float) -> list[str]:
         busy = (
@@ -267,6 +338,7 @@ class RoundDriver:
             secure=kind in ("train", "stats") and spec.secure,
             secagg=None,
             stage=STAGES[kind][0],
+            stages=timeline.begin([], STAGES[kind][0], now),
             stage_deadline=now + spec.cohort.stage_timeout,
             minimum=spec.cohort.minimum,
             model_version_in=job.current_version if kind != "stats" else None,

@@ -97,6 +97,9 @@ class Job(Base):
     next_round: Mapped[int] = mapped_column(Integer, default=0)
     waiting_since: Mapped[float | None] = mapped_column(Float, default=None)
     strategy_state_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    # Lines the job's metric is read against, recorded by an operator (the demo's centrally trained
+    # ceiling): name -> {"metrics": {metric: value}, "description": str}.
+    benchmarks: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
 
 class Round(Base):
@@ -119,6 +122,9 @@ class Round(Base):
     # Secure aggregation: the round's parameters (k, t, quantisation), graph seed and context.
     secure: Mapped[bool] = mapped_column(Boolean, default=False)
     secagg: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    # The round's timeline: [{"stage", "started", "ended"}] on the engine's clock (coordinator.timeline);
+    # NULL for rounds from before it was recorded.
+    stages: Mapped[list[Any] | None] = mapped_column(JSON, default=list)
     __table_args__ = (
         UniqueConstraint("job_id", "number", name="uq_round_job_number"),
         Index("ix_rounds_status", "status"),

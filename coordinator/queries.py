@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from coordinator import timeline
 from coordinator.errors import NotFound
 from coordinator.models import Audit, Baseline, Device, Job, ModelVersion, Participant, Round
 from coordinator.rounds import ACTIVE, DECLINED, DROPPED
@@ -47,6 +48,7 @@ def round_dict(r: Round, counts: dict[str, int], declines: dict[str, int] | None
     out["declined"] = counts.get(DECLINED, 0)
     out["declines"] = declines or {}
     out["completed_by"] = counts.get(ACTIVE, 0) if r.status == "completed" else 0
+    out["stages"] = timeline.described(r.stages)
     return out
 
 
@@ -139,6 +141,7 @@ def job_dict(s: Session, job: Job, with_latest: bool = True) -> dict[str, Any]:
         "app_version": (spec.get("model") or {}).get("app_version"),
         "spec": spec,
         "warnings": job_warnings(spec),
+        "benchmarks": job.benchmarks or {},
     }
     if with_latest:
         latest = s.scalar(select(Round).where(Round.job_id == job.id).order_by(Round.number.desc()).limit(1))

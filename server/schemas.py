@@ -80,6 +80,11 @@ class RoundOut(_Out):
         default_factory=dict, description="why devices declined the round: each reason and how many gave it"
     )
     completed_by: int = 0
+    stages: list[dict[str, Any]] = Field(
+        default=[],
+        description="the stages the round went through, in order: stage, started and ended (epoch seconds; "
+        "ended is null while the stage runs) and seconds",
+    )
 
 
 class RoundDetailOut(RoundOut):
@@ -111,6 +116,10 @@ class JobOut(_Out):
     pretrain: dict[str, Any] | None = None
     baseline: dict[str, Any] | None = None
     audit: dict[str, Any] | None = None
+    benchmarks: dict[str, Any] = Field(
+        default_factory=dict,
+        description="lines the job's metric is read against: name -> {metrics, description}",
+    )
 
 
 class BaselineOut(_Out):

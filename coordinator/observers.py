@@ -1,0 +1,61 @@
+"""Hooks on what the round driver decides (a stage ended, a round ended), so that the server can count
+them (Prometheus histograms in ``server/metrics.py``) without the coordinator importing a metrics library.
+
+An observer hears of a decision once the transaction that made it commits, never if it rolls back: a
+round that is decided again after a rollback is counted once. With several coordinator replicas on one
+database, each replica hears of the rounds it drove itself, so the counts of all replicas add up.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+
+log = logging.getLogger("aicfl.coordinator")
+
+
+@dataclass(frozen=True)
+class StageEnded:
+    """A round left a stage after ``seconds`` (engine clock)."""
+
+    kind: str
+    stage: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class RoundEnded:
+    """A round ended (``completed`` or ``abandoned``) ``seconds`` after it opened (None when unknown: a round
+    opened before timelines were recorded); ``devices``: its participants by status."""
+
+    kind: str
+    status: str
+    seconds: float | None
+    aggregation_seconds: float | None
+    devices: dict[str, int] = field(default_factory=dict)
+
+
+class RoundObserver(Protocol):
+    """What the round driver tells an observer."""
+
+    def stage_ended(self, event: StageEnded) -> None: ...
+
+    def round_ended(self, event: RoundEnded) -> None: ...
+
+
+def on_commit(s: Session, fn: Callable[[], None]) -> None:
+    """Call ``fn`` when the transaction of ``s`` commits (never if it rolls back); an observer's failure is
+    logged, and never fails the commit."""
+
+    def fire(_: object) -> None:
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - counting must not undo the round's decision
+            log.exception("a round observer failed")
+
+    event.listen(s.connection(), "commit", fire, once=True)
