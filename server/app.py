@@ -12,10 +12,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
-from sqlalchemy import func, select
+from fastapi.responses import JSONResponse
+from sqlalchemy import select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from coordinator import auth
@@ -23,8 +21,8 @@ from coordinator.blobs import LocalBlobStore
 from coordinator.engine import EngineSettings, Federation
 from coordinator.errors import CoordinatorError
 from coordinator.keys import load_or_create_signing_key
-from coordinator.models import Audit, Device, Job, Round
 from coordinator.store import make_engine, migrate, session_factory
+from server import metrics
 from server.routers import audits, device_api, jobs, operators
 from server.settings import ServerSettings
 from shared.jobspec import JobSpecError
@@ -87,39 +85,6 @@ class _Ticker:
                 log.exception("coordinator tick failed")
 
 
-class _StateCollector:
-    def __init__(self, fed: Federation, window: float):
-        self.fed, self.window = fed, window
-
-    def collect(self) -> Any:
-        jobs_g = GaugeMetricFamily("aicfl_jobs", "Jobs by status", labels=["status"])
-        rounds_g = GaugeMetricFamily("aicfl_rounds", "Rounds by status", labels=["status"])
-        online = GaugeMetricFamily("aicfl_devices_online", "Devices checked in within the eligibility window")
-        audits_g = GaugeMetricFamily(
-            "aicfl_audits",
-            "SHAP audits by status (queued + running: what audit workers scale on)",
-            labels=["status"],
-        )
-        with self.fed.read() as s:
-            counts = dict(s.execute(select(Audit.status, func.count()).group_by(Audit.status)).all())
-            for status in ("queued", "running", "done", "failed"):
-                audits_g.add_metric([status], counts.get(status, 0))
-            for status, n in s.execute(select(Job.status, func.count()).group_by(Job.status)):
-                jobs_g.add_metric([status], n)
-            for status, n in s.execute(select(Round.status, func.count()).group_by(Round.status)):
-                rounds_g.add_metric([status], n)
-            online.add_metric(
-                [],
-                s.scalar(
-                    select(func.count())
-                    .select_from(Device)
-                    .where(Device.revoked_at.is_(None), Device.last_seen >= time.time() - self.window)
-                )
-                or 0,
-            )
-        yield from (jobs_g, rounds_g, online, audits_g)
-
-
 def create_app(settings: ServerSettings | None = None, *, run_ticker: bool = True) -> FastAPI:
     settings = settings or ServerSettings()
     fed = build_federation(settings)
@@ -143,20 +108,7 @@ def create_app(settings: ServerSettings | None = None, *, run_ticker: bool = Tru
     app.state.settings = settings
     app.state.upload_slots = asyncio.Semaphore(settings.upload_slots)
 
-    registry = CollectorRegistry()
-    requests = Counter("aicfl_http_requests", "HTTP requests", ["route", "status"], registry=registry)
-    latency = Histogram("aicfl_http_request_seconds", "HTTP request latency", ["route"], registry=registry)
-    registry.register(_StateCollector(fed, settings.eligibility_window))  # type: ignore[arg-type]
-
-    @app.middleware("http")
-    async def _metrics(request: Request, call_next: Any) -> Any:
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        name = getattr(route, "path", "unmatched")
-        requests.labels(name, str(response.status_code)).inc()
-        latency.labels(name).observe(time.perf_counter() - t0)
-        return response
+    metrics.install(app, fed, settings.eligibility_window)
 
     @app.exception_handler(CoordinatorError)
     async def _coordinator_error(_: Request, err: CoordinatorError) -> JSONResponse:
@@ -195,10 +147,6 @@ def create_app(settings: ServerSettings | None = None, *, run_ticker: bool = Tru
     def coordinator_key() -> dict[str, str]:
         """The public key that signs every model version."""
         return {"algorithm": "Ed25519", "public_key": b64e(public_key_bytes(fed.key))}
-
-    @app.get("/metrics", tags=["meta"], include_in_schema=False)
-    def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(operators.router)
     app.include_router(jobs.router)

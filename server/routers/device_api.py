@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from coordinator import auth
 from coordinator.errors import Invalid
+from server.metrics import count_received
 from server.security import device_request, federation, read_body
 from shared.signing import b64e, public_key_bytes
 from shared.wire import (
@@ -38,7 +39,9 @@ def _json(body: bytes, model: Any) -> Any:
 @router.post("/enroll", response_model=EnrollResponse)
 async def enroll(request: Request) -> EnrollResponse:
     """Enroll a device with a one-time token and the Ed25519 public key it generated."""
-    req = _json(await read_body(request), EnrollRequest)
+    body = await read_body(request)
+    count_received(request, "enroll", body)
+    req = _json(body, EnrollRequest)
     fed = federation(request)
 
     def run() -> EnrollResponse:
@@ -57,6 +60,7 @@ async def enroll(request: Request) -> EnrollResponse:
 async def checkin(request: Request, who: tuple[str, bytes] = Depends(device_request)) -> CheckinResponse:
     """Report in; the answer says when to come back and what to do now, if anything."""
     device_id, body = who
+    count_received(request, "checkin", body)
     req = _json(body, CheckinRequest)
     return await run_in_threadpool(federation(request).checkins.checkin, device_id, req)
 
@@ -76,6 +80,7 @@ async def configure(
 ) -> Accepted:
     """Take part in a round (model verified, data checked), or decline with a reason."""
     device_id, body = who
+    count_received(request, "configure", body)
     msg = _json(body, ConfigureMessage)
     await run_in_threadpool(federation(request).devices.configure, device_id, round_id, msg)
     return Accepted()
@@ -87,6 +92,7 @@ async def round_input(
 ) -> Accepted:
     """The round's input: a binary update (training) or a JSON message (statistics, evaluation)."""
     device_id, body = who
+    count_received(request, "input", body)
     fed = federation(request)
     if request.headers.get("content-type", "").startswith("application/octet-stream"):
         await run_in_threadpool(fed.devices.update, device_id, round_id, body)
@@ -108,6 +114,7 @@ async def withdraw(
     """Leave a round this device accepted, with the reason (its app failed): counted as dropped, and
     the round goes on without waiting for the stage's deadline."""
     device_id, body = who
+    count_received(request, "withdraw", body)
     msg = _json(body, WithdrawMessage)
     await run_in_threadpool(federation(request).devices.withdraw, device_id, round_id, msg.reason)
     return Accepted()
@@ -119,6 +126,7 @@ async def secure_stage(
 ) -> Accepted:
     """A secure-aggregation stage: advertise_keys, share_keys, unmask (JSON) or masked_input (binary)."""
     device_id, body = who
+    count_received(request, stage, body)  # an unknown stage is counted as "other"
     fed = federation(request)
     if stage == "masked_input":
         await run_in_threadpool(fed.devices.masked_input, device_id, round_id, body)
