@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo-out
 
-.PHONY: setup demo test test-fast lint bench bench-cluster clean
+.PHONY: setup test-tools demo test test-fast lint bench bench-cluster clean
 
 $(STAMP): pyproject.toml scripts/install_horovod.sh examples/digits_cnn/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,16 +23,20 @@ $(STAMP): pyproject.toml scripts/install_horovod.sh examples/digits_cnn/pyprojec
 
 setup: $(STAMP)
 
+# Beyond Python: chromium (the dashboard's browser test) and promtool (the alert rules), from apt if missing.
+test-tools:
+	bash scripts/install_test_tools.sh
+
 demo: $(STAMP)
 	rm -rf $(DEMO_OUT)
 	$(BIN)/aicfl demo --devices 6 --rounds 10 --out $(DEMO_OUT)
 
 # With line coverage of the product packages ([tool.coverage] in pyproject.toml): a summary of
 # the files not fully covered here, the whole report in htmlcov/index.html.
-test: $(STAMP)
+test: $(STAMP) test-tools
 	$(BIN)/pytest -q --cov --cov-report=term-missing:skip-covered --cov-report=html
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) test-tools
 	$(BIN)/pytest -q -m "not slow"
 
 lint: $(STAMP)
@@ -50,4 +54,4 @@ bench-cluster: $(STAMP)
 	$(BIN)/python bench/audit.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache htmlcov .coverage .coverage.*
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache htmlcov .coverage .coverage.* test-artifacts

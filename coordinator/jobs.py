@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
 
 from sqlalchemy import select
@@ -75,6 +77,26 @@ class JobAdmin:
         self.ctx.reference[sha] = df
         return sha
 
+    def set_benchmark(self, job_id: int, name: str, body: dict[str, Any], actor: str) -> dict[str, Any]:
+        """Record a line the job's metric is read against (a centrally trained ceiling, a model in
+        production); the same name replaces it. Returns the job's benchmarks."""
+        bench = check_benchmark(name, body)
+        with self.ctx.write() as s:
+            job = s.scalar(self.ctx.lock(select(Job).where(Job.id == job_id)))
+            if job is None:
+                raise NotFound(f"no job {job_id}")
+            current = dict(job.benchmarks or {})
+            if name not in current and len(current) >= MAX_BENCHMARKS:
+                raise Invalid(
+                    f"job {job_id} already has {MAX_BENCHMARKS} benchmarks; replace one by its name"
+                )
+            current[name] = bench
+            job.benchmarks = current
+            s.add(
+                Event(actor=actor, action="job.benchmark", target=str(job_id), detail={"name": name, **bench})
+            )
+            return current
+
     def cancel(self, job_id: int, actor: str) -> Job:
         """Stop a running job: its running round is abandoned, its versions stay."""
         with self.ctx.write() as s:
@@ -89,6 +111,36 @@ class JobAdmin:
             job.reason = f"cancelled by {actor}"
             s.add(Event(actor=actor, action="job.cancel", target=str(job_id)))
             return job
+
+
+MAX_BENCHMARKS = 16
+BENCHMARK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.()-]{0,63}")
+
+
+def check_benchmark(name: str, body: dict[str, Any]) -> dict[str, Any]:
+    """A benchmark as stored: up to 32 finite metrics and a short description, or Invalid naming the fault."""
+    if not BENCHMARK_NAME.fullmatch(name):
+        raise Invalid(
+            "benchmark name: 1 to 64 letters, digits, spaces or ._()- starting with a letter or digit; "
+            f"got {name[:80]!r}"
+        )
+    unknown = set(body) - {"metrics", "description"}
+    if unknown:
+        raise Invalid(
+            f"benchmark: unknown field(s) {', '.join(sorted(unknown))}; expected metrics, description"
+        )
+    metrics = body.get("metrics")
+    if not isinstance(metrics, dict) or not metrics or len(metrics) > 32:
+        raise Invalid("benchmark: metrics must be an object of 1 to 32 metric names and numbers")
+    for k, v in metrics.items():
+        if not isinstance(k, str) or not 0 < len(k) <= 64:
+            raise Invalid(f"benchmark: metric names must be 1 to 64 characters; got {str(k)[:80]!r}")
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise Invalid(f"benchmark: metric {k!r} must be a finite number; got {v!r}")
+    description = body.get("description", "")
+    if not isinstance(description, str) or len(description) > 500:
+        raise Invalid("benchmark: description must be a string of at most 500 characters")
+    return {"metrics": {k: float(v) for k, v in metrics.items()}, "description": description}
 
 
 def _rows(reference: Any) -> int | None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -22,7 +22,7 @@ from coordinator.engine import EngineSettings, Federation
 from coordinator.errors import CoordinatorError
 from coordinator.keys import load_or_create_signing_key
 from coordinator.store import make_engine, migrate, session_factory
-from server import metrics
+from server import metrics, ui
 from server.routers import audits, device_api, jobs, operators
 from server.settings import ServerSettings
 from shared.jobspec import JobSpecError
@@ -111,7 +111,9 @@ def create_app(settings: ServerSettings | None = None, *, run_ticker: bool = Tru
     metrics.install(app, fed, settings.eligibility_window)
 
     @app.exception_handler(CoordinatorError)
-    async def _coordinator_error(_: Request, err: CoordinatorError) -> JSONResponse:
+    async def _coordinator_error(request: Request, err: CoordinatorError) -> Response:
+        if ui.is_ui_path(request.url.path):
+            return ui.coordinator_error_page(request, err)
         return problem(err.status, err.title, err.detail)
 
     @app.exception_handler(JobSpecError)
@@ -127,12 +129,16 @@ def create_app(settings: ServerSettings | None = None, *, run_ticker: bool = Tru
         return problem(422, "Invalid request", "; ".join(parts))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, err: StarletteHTTPException) -> Response:
+        if ui.is_ui_path(request.url.path):
+            return ui.error_page(request, err.status_code, str(err.detail))
         return problem(err.status_code, "HTTP error", str(err.detail))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, err: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, err: Exception) -> Response:
         log.exception("unhandled error")
+        if ui.is_ui_path(request.url.path):
+            return ui.unexpected_error_page(request)
         return problem(
             500, "Internal error", f"the coordinator failed to handle this request ({type(err).__name__})"
         )
@@ -152,4 +158,5 @@ def create_app(settings: ServerSettings | None = None, *, run_ticker: bool = Tru
     app.include_router(jobs.router)
     app.include_router(audits.router)
     app.include_router(device_api.router)
+    ui.mount(app)
     return app

@@ -76,6 +76,13 @@ def server_start(
     except Exception as err:  # noqa: BLE001 - a bad URL or unreachable database: one line
         raise CliError(f"cannot start the coordinator: {err}") from None
     worker = _start_audit_worker(host, port, tls_cert is not None) if with_audit_worker else None
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    logging.getLogger("aicfl.server").info(
+        "dashboard at %s://%s:%s/ui/ (sign in with an operator token)",
+        "https" if tls_cert else "http",
+        shown,
+        port,
+    )
     try:
         uvicorn.run(
             application,

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 
 from coordinator import queries, registry
 from coordinator.auth import Operator
+from coordinator.engine import Federation
 from coordinator.errors import Invalid
 from server.schemas import BaselineOut, JobOut, ModelVersionOut, RoundDetailOut, RoundOut
 from server.security import admin, federation, operator, read_body
@@ -108,6 +109,15 @@ def get_baseline(job_id: int, request: Request, op: Operator = Depends(operator)
         return BaselineOut.model_validate(queries.baseline_dict(row))
 
 
+@router.put("/{job_id}/benchmarks/{name}")
+def put_benchmark(
+    job_id: int, name: str, body: dict[str, Any], request: Request, op: Operator = Depends(admin)
+) -> dict[str, Any]:
+    """Record a line the job's metric is read against (``{"metrics": {"auc": 0.94}, "description": ...}``),
+    such as the demo's centrally trained ceiling; the dashboard and `aicfl rounds plot` draw it."""
+    return federation(request).jobs.set_benchmark(job_id, name, body, op.name)
+
+
 @router.get("/{job_id}/rounds", response_model=list[RoundOut])
 def list_rounds(job_id: int, request: Request, op: Operator = Depends(operator)) -> list[RoundOut]:
     with federation(request).read() as s:
@@ -150,14 +160,17 @@ def export(
     """A model version in a standard format, with its preprocessing (state_dict)."""
     if format not in EXPORT_TYPES:
         raise Invalid(f"format must be one of {', '.join(EXPORT_TYPES)}; got {format!r}")
-    fed = federation(request)
+    data, media, filename = export_version(federation(request), job_id, version, format)
+    return Response(
+        content=data, media_type=media, headers={"Content-Disposition": f'attachment; filename="{filename}"'}
+    )
+
+
+def export_version(fed: Federation, job_id: int, version: int, format: str) -> tuple[bytes, str, str]:
+    """A version in one of ``EXPORT_TYPES``: its bytes, media type and file name."""
     with fed.read() as s:
         row = registry.get_version(s, job_id, version)
         header, vec = registry.load_vector(fed.blobs, row)
     data = export_model(header["arch"], vec, header.get("preprocess"), format)
     media, ext = EXPORT_TYPES[format]
-    return Response(
-        content=data,
-        media_type=media,
-        headers={"Content-Disposition": f'attachment; filename="job{job_id}-v{version}.{ext}"'},
-    )
+    return data, media, f"job{job_id}-v{version}.{ext}"
