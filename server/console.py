@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Column
 
 from shared.api_client import ApiClient
 
@@ -91,12 +92,13 @@ def watch_job(
 ) -> dict[str, Any]:
     """Live progress of a job until it ends; returns the final job."""
     out = out or console
+    # At 80 columns (or piped) the round's metrics wrap; the job, the count and the time stay whole.
     with Progress(
-        TextColumn("{task.description}", style="bold", markup=False),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}", markup=False),
-        TextColumn("{task.fields[info]}", markup=False),
-        TimeElapsedColumn(),
+        TextColumn("{task.description}", style="bold", markup=False, table_column=Column(no_wrap=True)),
+        BarColumn(bar_width=20),
+        TextColumn("{task.completed}/{task.total}", markup=False, table_column=Column(no_wrap=True)),
+        TextColumn("{task.fields[info]}", markup=False, table_column=Column(overflow="fold")),
+        TimeElapsedColumn(table_column=Column(no_wrap=True)),
         console=out,
         transient=False,
     ) as progress:

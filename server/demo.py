@@ -11,7 +11,8 @@ pooled central rows), and ``digits`` (the example app ``digits_cnn`` from
 devices with Dirichlet(0.5) label skew). The summary has the same fields for
 both; its ``headline`` names the metric the final model is judged on next to
 the ceiling (AUC for churn, accuracy for digits), and ``skipped`` says why a
-step did not run.
+step did not run. Beside ``summary.json``, ``learning_curve.png`` draws that
+metric per round against the AutoML leader, version 0 and the ceiling.
 
 This module runs the demo (coordinator, agents, the cluster's steps); its parts live beside it:
 ``server.demo_data`` (the device slices, reference rows and job spec), ``server.demo_metrics``
@@ -47,6 +48,7 @@ from server.demo_data import (
 from server.demo_errors import DemoError
 from server.demo_metrics import ceiling_metrics, digits_ceiling, final_metrics, headline
 from server.demo_summary import summarize
+from server.plots import CEILING, PlotError, draw, learning_curve, write_png
 from shared.api_client import ApiClient, CliError
 from shared.jobspec import validate_spec
 
@@ -55,6 +57,7 @@ __all__ = [
     "DIGITS",
     "DIGITS_ALPHA",
     "DIGITS_APP",
+    "LEARNING_CURVE",
     "NO_AUDIT_BY_DEFAULT",
     "NO_CLUSTER_STEPS",
     "DemoError",
@@ -75,6 +78,8 @@ __all__ = [
     "wait_healthy",
 ]
 
+#: The demo's learning curve, written beside summary.json.
+LEARNING_CURVE = "learning_curve.png"
 #: Rounds when ``--rounds`` is not given.
 DEFAULT_ROUNDS = {DIGITS: 30}
 #: Why a dataset cannot run the central cluster's steps (they read a [data] table schema).
@@ -91,6 +96,26 @@ NO_AUDIT_BY_DEFAULT = {
         " small machine and shares its cores with the agents; --audit runs the audit worker"
     )
 }
+
+
+def _record_ceiling(api: ApiClient, job_id: int, ceiling: dict[str, float]) -> None:
+    """The ceiling as one of the job's benchmarks, which the dashboard and ``aicfl rounds plot`` draw."""
+    api.json(
+        "PUT",
+        f"/v1/jobs/{job_id}/benchmarks/{CEILING}",
+        json={
+            "metrics": {k: v for k, v in ceiling.items() if k != "examples"},
+            "description": "the same model trained centrally on every device's rows pooled, measured on the same test rows",
+        },
+    )
+
+
+def _draw_learning_curve(api: ApiClient, job_id: int, path: Path, summary: dict[str, Any]) -> None:
+    """The headline metric per round, centrally and on the devices, against the AutoML leader,
+    the pre-trained version 0 and the ceiling, as a PNG."""
+    job = api.json("GET", f"/v1/jobs/{job_id}")
+    rounds = api.json("GET", f"/v1/jobs/{job_id}/rounds")
+    write_png(draw(learning_curve(job, rounds, summary["headline"], summary["ceiling"])), path)
 
 
 def free_port() -> int:
@@ -358,6 +383,15 @@ def run_demo(
             else:
                 _wait_for_audits(api, job["id"], audit_worker, timeout=600)
         summary = summarize(api, job["id"], spec, dataset, devices, data, rounds, reference.read_bytes())
+        try:
+            _record_ceiling(api, job["id"], summary["ceiling"])
+        except CliError as err:
+            skipped["ceiling_benchmark"] = f"the ceiling is not recorded with the job: {err}"
+        try:
+            _draw_learning_curve(api, job["id"], out / LEARNING_CURVE, summary)
+            console.print(f"learning curve written to {out / LEARNING_CURVE}", soft_wrap=True)
+        except PlotError as err:
+            skipped["learning_curve"] = str(err)
     except CliError as err:
         raise DemoError(str(err)) from None
     finally:

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.table import Table
 from rich.text import Text
 
 from server.console import JSON_OPT, client, cluster_api, console, emit_json, fmt, metrics_text
+from server.tables import Column, print_table
 from shared.api_client import CliError
 
 app = typer.Typer(help="SHAP audits of model versions.", no_args_is_help=True)
@@ -77,6 +77,18 @@ def audit_worker(
     console.print(f"audit worker {worker}: {done} audit(s) done")
 
 
+#: A feature of an audit's report; its name, from the job's data, wraps.
+FEATURE_COLUMNS = (Column("feature", wrap=True), Column("mean |SHAP|"), Column("share"))
+
+
+def feature_rows(report: dict[str, Any], top: int = 15) -> list[list[str]]:
+    """The ``top`` features of an audit report by mean |SHAP|, as the cells of :data:`FEATURE_COLUMNS`."""
+    importance = report.get("importance") or {}
+    shares = report.get("shares") or {}
+    ranked = sorted(importance.items(), key=lambda kv: -kv[1])[:top]
+    return [[feat, fmt(value, 4), fmt(shares.get(feat), 3)] for feat, value in ranked]
+
+
 @app.command("show")
 def audit_show(
     job_id: int,
@@ -132,11 +144,7 @@ def audit_show(
         )
         if r.get("baseline"):
             console.print(f"vs AutoML leader: {metrics_text(r['baseline'])}")
-        importance = r.get("importance") or {}
-        table = Table("feature", "mean |SHAP|", "share")
-        for feat, value in sorted(importance.items(), key=lambda kv: -kv[1])[:15]:
-            table.add_row(feat, fmt(value, 4), fmt((r.get("shares") or {}).get(feat), 3))
-        console.print(table)
+        print_table(console, FEATURE_COLUMNS, feature_rows(r))
         for reason in r.get("reasons") or []:
             console.print(reason, style="yellow")
     for w in written:

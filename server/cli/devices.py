@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import typer
-from rich.table import Table
 
 from server.console import JSON_OPT, client, console, emit_json, fmt
+from server.tables import Column, print_table
 from shared.api_client import CliError
 from shared.jobspec import parse_duration
 
@@ -33,25 +34,38 @@ def devices_token(
             print(t)
 
 
+#: A device in the list; its name, chosen at enrollment, wraps.
+DEVICE_COLUMNS = (
+    Column("id"),
+    Column("name", wrap=True),
+    Column("online"),
+    Column("last seen", priority=1),
+    Column("agent", priority=3),
+    Column("peak RSS (MB)", priority=4),
+    Column("revoked", priority=2),
+)
+
+
+def device_row(d: dict[str, Any], now: float) -> list[str]:
+    """A device as the cells of :data:`DEVICE_COLUMNS`, its last check-in counted back from ``now``."""
+    return [
+        d["id"],
+        d["name"],
+        "yes" if d["online"] else "no",
+        f"{now - d['last_seen']:.0f}s ago" if d["last_seen"] else "never",
+        d["agent_version"],
+        fmt(d["peak_rss_mb"]),
+        str(d["revoked_at"])[:19] if d["revoked_at"] else "-",
+    ]
+
+
 @app.command("list")
 def devices_list(as_json: bool = JSON_OPT) -> None:
     rows = client().json("GET", "/v1/devices")
     if as_json:
         return emit_json(rows)
-    table = Table("id", "name", "online", "last seen", "agent", "peak RSS (MB)", "revoked")
     now = time.time()
-    for d in rows:
-        seen = f"{now - d['last_seen']:.0f}s ago" if d["last_seen"] else "never"
-        table.add_row(
-            d["id"],
-            d["name"],
-            "yes" if d["online"] else "no",
-            seen,
-            d["agent_version"],
-            fmt(d["peak_rss_mb"]),
-            fmt(d["revoked_at"]),
-        )
-    console.print(table)
+    print_table(console, DEVICE_COLUMNS, [device_row(d, now) for d in rows])
 
 
 @app.command("revoke")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
-from rich.table import Table
 from rich.text import Text
 
 from server.console import JSON_OPT, client, console, emit_json, fmt, metrics_text
+from server.tables import Column, print_table
 from shared.api_client import CliError
 from shared.jobspec import JobSpecError, load_spec
 
@@ -49,22 +50,35 @@ def jobs_submit(spec_file: Path, as_json: bool = JSON_OPT) -> None:
         console.print(f"warning: {w}", style="yellow")
 
 
+#: A job in the list; its name, chosen by whoever submitted it, wraps.
+JOB_COLUMNS = (
+    Column("id"),
+    Column("name", wrap=True),
+    Column("status"),
+    Column("rounds"),
+    Column("version", priority=1),
+    Column("created", priority=2),
+)
+
+
+def job_row(j: dict[str, Any]) -> list[str]:
+    """A job as the cells of :data:`JOB_COLUMNS`."""
+    return [
+        str(j["id"]),
+        j["name"],
+        j["status"],
+        f"{j['rounds_completed']}/{j['rounds']}",
+        fmt(j["current_version"]),
+        str(j["created_at"])[:19],
+    ]
+
+
 @app.command("list")
 def jobs_list(as_json: bool = JSON_OPT) -> None:
     rows = client().json("GET", "/v1/jobs")
     if as_json:
         return emit_json(rows)
-    table = Table("id", "name", "status", "rounds", "version", "created")
-    for j in rows:
-        table.add_row(
-            str(j["id"]),
-            j["name"],
-            j["status"],
-            f"{j['rounds_completed']}/{j['rounds']}",
-            fmt(j["current_version"]),
-            str(j["created_at"])[:19],
-        )
-    console.print(table)
+    print_table(console, JOB_COLUMNS, [job_row(j) for j in rows])
 
 
 @app.command("show")

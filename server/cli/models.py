@@ -3,14 +3,43 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
-from rich.table import Table
 
 from server.console import JSON_OPT, client, console, emit_json, fmt, metrics_text
+from server.tables import Column, print_table
 from shared.api_client import CliError
 
 app = typer.Typer(help="The model registry.", no_args_is_help=True)
+
+
+#: A model version: which it is and how it measures always show; its lineage as the width allows.
+VERSION_COLUMNS = (
+    Column("version"),
+    Column("parent", priority=4),
+    Column("round", priority=2),
+    Column("sha256", priority=3),
+    Column("params", priority=5),
+    Column("central", wrap=True),
+    Column("federated", wrap=True, priority=1),
+    Column("source", priority=2),
+)
+
+
+def version_row(v: dict[str, Any]) -> list[str]:
+    """A model version as the cells of :data:`VERSION_COLUMNS`."""
+    m = v["metrics"]
+    return [
+        str(v["version"]),
+        fmt(v["parent"]),
+        fmt(v["round_number"]),
+        v["sha256"][:12],
+        str(v["num_parameters"]),
+        metrics_text(m.get("central")),
+        metrics_text(m.get("federated")),
+        v["provenance"].get("source", ""),
+    ]
 
 
 @app.command("list")
@@ -18,20 +47,7 @@ def models_list(job_id: int, as_json: bool = JSON_OPT) -> None:
     rows = client().json("GET", f"/v1/jobs/{job_id}/models")
     if as_json:
         return emit_json(rows)
-    table = Table("version", "parent", "round", "sha256", "params", "central", "federated", "source")
-    for v in rows:
-        m = v["metrics"]
-        table.add_row(
-            str(v["version"]),
-            fmt(v["parent"]),
-            fmt(v["round_number"]),
-            v["sha256"][:12],
-            str(v["num_parameters"]),
-            metrics_text(m.get("central")),
-            metrics_text(m.get("federated")),
-            v["provenance"].get("source", ""),
-        )
-    console.print(table)
+    print_table(console, VERSION_COLUMNS, [version_row(v) for v in rows])
 
 
 @app.command("export")

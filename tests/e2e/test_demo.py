@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,13 @@ def test_demo_writes_a_complete_summary(tmp_path: Path) -> None:
     assert all(-1.0 <= a["rank_correlation_to_previous"] <= 1.0 for a in audits[1:])
     assert summary["audit_timing"]["mean_audit_seconds"] > 0
     assert (out / "central.csv").exists() and (out / "logs" / "pretrain.log").exists()
+
+    # The learning curve beside the summary: the headline metric per round against the leader,
+    # version 0 and the ceiling.
+    curve = (out / "learning_curve.png").read_bytes()
+    assert curve.startswith(b"\x89PNG\r\n\x1a\n") and struct.unpack(">II", curve[16:24]) == (800, 500)
+    assert f"learning curve written to {out.resolve() / 'learning_curve.png'}" in proc.stdout
+    assert not {"learning_curve", "ceiling_benchmark"} & set(summary["skipped"])
 
 
 def test_demo_with_more_devices_than_groups_fails_with_one_line(tmp_path: Path) -> None:

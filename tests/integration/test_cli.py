@@ -13,6 +13,7 @@ import io
 import json
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -31,7 +32,9 @@ import torch
 from click.testing import CliRunner
 
 from server.cli import main
+from server.cli.rounds import ROUND_COLUMNS
 from server.demo import free_port
+from server.tables import left_out_note
 from shared import codec
 from shared.datasets import load_dataset
 from shared.jobspec import load_spec
@@ -110,15 +113,29 @@ def assert_one_error_line(shown: Shown, *fragments: str, code: int = 1, blank_ou
 
 
 def tables(out: str) -> list[list[dict[str, str]]]:
-    """The tables in ``out``, each a list of rows keyed by column header (rich draws ┃ in headers, │ in rows)."""
+    """The tables in ``out``, each a list of rows keyed by column header (rich draws ┃ in headers, │ in rows).
+
+    A row that wraps over several lines is ruled off (├) from the next; its lines after the first
+    leave the first column blank. Its cells are its lines joined by a space.
+    """
     found: list[list[dict[str, str]]] = []
     headers: list[str] = []
+    new_row = True
     for line in out.splitlines():
         if line.startswith("┃"):
             headers = [c.strip() for c in line.strip("┃").split("┃")]
             found.append([])
+        elif line.startswith(("├", "┡")):
+            new_row = True
         elif line.startswith("│") and found:
-            found[-1].append(dict(zip(headers, (c.strip() for c in line.strip("│").split("│")), strict=True)))
+            cells = dict(zip(headers, (c.strip() for c in line.strip("│").split("│")), strict=True))
+            if new_row or cells[headers[0]] or not found[-1]:
+                found[-1].append(cells)
+            else:
+                last = found[-1][-1]
+                for h, c in cells.items():
+                    last[h] = f"{last[h]} {c}".strip()
+            new_row = False
     return found
 
 
@@ -439,6 +456,76 @@ def test_rounds_list_shows_every_round_with_its_metrics(finished: FinishedJob) -
             assert row["agg s"] != "-"
         else:
             assert row["central"] == "-" and row["agg s"] == "-"
+
+
+@slow
+@pytest.mark.parametrize("columns", ["80", None], ids=["COLUMNS=80", "piped"])
+def test_rounds_list_at_80_columns_cuts_nothing_and_names_the_columns_left_out(
+    finished: FinishedJob, columns: str | None
+) -> None:
+    rounds = json.loads(finished.run("rounds", "list", str(finished.job_id), "--json").out)
+    # Piped with no COLUMNS, rich draws 80 columns wide.
+    shown = aicfl("rounds", "list", str(finished.job_id), env={**finished.env, "COLUMNS": columns})
+    assert shown.code == 0, shown
+    assert all(len(line) <= 80 for line in shown.lines), shown.out
+    assert "…" not in shown.out, shown.out
+    rows = only_table(shown.out)
+    assert [r["round"] for r in rows] == [str(r["number"]) for r in rounds]
+    assert [r["kind"] for r in rows] == [r["kind"] for r in rounds]
+    assert all(r["status"] == "completed" and r["devices"] == "2" for r in rows)
+    for row, r in zip(rows, rounds, strict=True):
+        central = (r["metrics"] or {}).get("central")
+        if central:  # wrapped, one name=value a line
+            assert row["central"].split() == [f"{k}={v:.4g}" for k, v in central.items() if k != "examples"]
+    # Eleven columns do not fit in 80: those left out are named on the last line.
+    left_out = [c.header for c in ROUND_COLUMNS if c.header not in rows[0]]
+    assert {"stage", "federated"} <= set(left_out)
+    assert {"round", "status", "devices", "central"} <= set(rows[0])
+    assert shown.lines[-1] == left_out_note(left_out, 80)
+
+
+@slow
+def test_rounds_plot_writes_the_learning_curve_of_the_job(finished: FinishedJob, tmp_path: Path) -> None:
+    target = tmp_path / "curve.png"
+    shown = finished.run("rounds", "plot", str(finished.job_id), "--out", str(target))
+    assert shown.code == 0 and shown.lines == [str(target)] and shown.err == "", shown
+    data = target.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
+    assert struct.unpack(">II", data[16:24]) == (800, 500)
+
+    accuracy = finished.run(
+        "rounds", "plot", str(finished.job_id), "--out", str(target), "--metric", "accuracy"
+    )
+    assert accuracy.code == 0, accuracy
+
+
+@slow
+def test_rounds_plot_errors_are_one_line(finished: FinishedJob, waiting_job: int, tmp_path: Path) -> None:
+    target = tmp_path / "curve.png"
+    assert_one_error_line(
+        finished.run("rounds", "plot", str(waiting_job), "--out", str(target)),
+        f"job {waiting_job} has no completed training round yet",
+    )
+    line = assert_one_error_line(
+        finished.run("rounds", "plot", str(finished.job_id), "--out", str(target), "--metric", "f1"),
+        f"job {finished.job_id}'s rounds have no metric 'f1'; they have ",
+    )
+    assert "auc" in line and "accuracy" in line
+    assert_one_error_line(
+        finished.run("rounds", "plot", "999", "--out", str(target)), "no job 999 (HTTP 404)"
+    )
+    assert not target.exists()
+
+
+def test_rounds_plot_into_a_missing_folder_is_refused_before_any_request(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens
+    assert_one_error_line(
+        aicfl("--url", url, "rounds", "plot", "1", "--out", str(tmp_path / "nope" / "curve.png")),
+        f"--out: no such folder {tmp_path / 'nope'}",
+    )
+    assert_one_error_line(
+        aicfl("--url", url, "rounds", "plot", "1", "--out", str(tmp_path)), f"--out: {tmp_path} is a folder"
+    )
 
 
 @slow
