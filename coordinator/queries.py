@@ -52,7 +52,7 @@ def round_dict(r: Round, counts: dict[str, int], declines: dict[str, int] | None
     return out
 
 
-def _counts(s: Session, round_ids: list[int]) -> dict[int, dict[str, int]]:
+def status_counts(s: Session, round_ids: list[int]) -> dict[int, dict[str, int]]:
     if not round_ids:
         return {}
     rows = s.execute(
@@ -66,7 +66,7 @@ def _counts(s: Session, round_ids: list[int]) -> dict[int, dict[str, int]]:
     return out
 
 
-def _declines(s: Session, round_ids: list[int]) -> dict[int, dict[str, int]]:
+def decline_reasons(s: Session, round_ids: list[int]) -> dict[int, dict[str, int]]:
     """Why devices declined each round: reason -> how many devices gave it."""
     if not round_ids:
         return {}
@@ -87,7 +87,7 @@ def rounds_of(s: Session, job_id: int, include_stats: bool = True) -> list[dict[
     q = select(Round).where(Round.job_id == job_id).order_by(Round.number)
     rounds = list(s.scalars(q))
     ids = [r.id for r in rounds]
-    counts, declines = _counts(s, ids), _declines(s, ids)
+    counts, declines = status_counts(s, ids), decline_reasons(s, ids)
     return [
         round_dict(r, counts.get(r.id, {}), declines.get(r.id))
         for r in rounds
@@ -147,7 +147,9 @@ def job_dict(s: Session, job: Job, with_latest: bool = True) -> dict[str, Any]:
         latest = s.scalar(select(Round).where(Round.job_id == job.id).order_by(Round.number.desc()).limit(1))
         if latest is not None:
             out["latest_round"] = round_dict(
-                latest, _counts(s, [latest.id]).get(latest.id, {}), _declines(s, [latest.id]).get(latest.id)
+                latest,
+                status_counts(s, [latest.id]).get(latest.id, {}),
+                decline_reasons(s, [latest.id]).get(latest.id),
             )
         done = s.scalar(
             select(Round)

@@ -34,6 +34,16 @@ def pages(total: int, page: int, size: int = PAGE) -> dict[str, int]:
     return {"page": page, "pages": count, "total": total, "offset": (page - 1) * size, "size": size}
 
 
+def _paged(
+    s: Session, model: Any, where: list[Any], order: list[Any], page: int
+) -> tuple[dict[str, int], list[Any]]:
+    """Page ``page`` of ``model``'s rows matching ``where`` in ``order``, and where that page sits."""
+    total = s.scalar(select(func.count()).select_from(model).where(*where)) or 0
+    p = pages(total, page)
+    rows = s.scalars(select(model).where(*where).order_by(*order).offset(p["offset"]).limit(p["size"]))
+    return p, list(rows)
+
+
 def primary_metric(names: list[str] | set[str]) -> str | None:
     """The metric a job is judged by, among those its rounds report."""
     for name in PREFERRED_METRICS:
@@ -183,7 +193,7 @@ def live(s: Session, job: Job, now: float | None = None) -> dict[str, Any]:
     }
     if r is not None:
         row = queries.round_dict(
-            r, queries._counts(s, [r.id]).get(r.id, {}), queries._declines(s, [r.id]).get(r.id)
+            r, queries.status_counts(s, [r.id]).get(r.id, {}), queries.decline_reasons(s, [r.id]).get(r.id)
         )
         row["stage_times"] = _stage_times(r, now)
         row["deadline_in"] = max(0.0, r.stage_deadline - now) if r.status == "running" else None
@@ -193,19 +203,9 @@ def live(s: Session, job: Job, now: float | None = None) -> dict[str, Any]:
 
 def rounds_page(s: Session, job: Job, page: int) -> dict[str, Any]:
     """One page of the job's rounds, newest first, with their device counts and decline reasons."""
-    total = s.scalar(select(func.count()).select_from(Round).where(Round.job_id == job.id)) or 0
-    p = pages(total, page)
-    rounds = list(
-        s.scalars(
-            select(Round)
-            .where(Round.job_id == job.id)
-            .order_by(Round.number.desc())
-            .offset(p["offset"])
-            .limit(p["size"])
-        )
-    )
+    p, rounds = _paged(s, Round, [Round.job_id == job.id], [Round.number.desc()], page)
     ids = [r.id for r in rounds]
-    counts, declines = queries._counts(s, ids), queries._declines(s, ids)
+    counts, declines = queries.status_counts(s, ids), queries.decline_reasons(s, ids)
     return {**p, "rows": [queries.round_dict(r, counts.get(r.id, {}), declines.get(r.id)) for r in rounds]}
 
 
@@ -262,16 +262,8 @@ def provenance(v: ModelVersion) -> str:
 
 def versions_page(s: Session, job: Job, public_key: Ed25519PublicKey, page: int) -> dict[str, Any]:
     """One page of the job's model versions, newest first, each with its signature check and audit."""
-    total = s.scalar(select(func.count()).select_from(ModelVersion).where(ModelVersion.job_id == job.id)) or 0
-    p = pages(total, page)
-    versions = list(
-        s.scalars(
-            select(ModelVersion)
-            .where(ModelVersion.job_id == job.id)
-            .order_by(ModelVersion.version.desc())
-            .offset(p["offset"])
-            .limit(p["size"])
-        )
+    p, versions = _paged(
+        s, ModelVersion, [ModelVersion.job_id == job.id], [ModelVersion.version.desc()], page
     )
     numbers = [v.version for v in versions]
     audits = {
@@ -315,15 +307,12 @@ def devices_page(
 ) -> dict[str, Any]:
     """One page of devices (online first, then by last check-in), with what each did in rounds."""
     now = time.time() if now is None else now
-    total = s.scalar(select(func.count()).select_from(Device)) or 0
-    p = pages(total, page)
-    devices = list(
-        s.scalars(
-            select(Device)
-            .order_by(Device.revoked_at.is_not(None), Device.last_seen.desc().nulls_last(), Device.id)
-            .offset(p["offset"])
-            .limit(p["size"])
-        )
+    p, devices = _paged(
+        s,
+        Device,
+        [],
+        [Device.revoked_at.is_not(None), Device.last_seen.desc().nulls_last(), Device.id],
+        page,
     )
     ids = [d.id for d in devices]
     taken: dict[str, dict[str, int]] = {}
@@ -376,10 +365,9 @@ def devices_page(
 
 def events_page(s: Session, page: int) -> dict[str, Any]:
     """One page of the event log, newest first."""
-    total = s.scalar(select(func.count()).select_from(Event)) or 0
-    p = pages(total, page)
+    p, events = _paged(s, Event, [], [Event.id.desc()], page)
     rows = [
         {"at": e.at, "actor": e.actor, "action": e.action, "target": e.target, "detail": e.detail or {}}
-        for e in s.scalars(select(Event).order_by(Event.id.desc()).offset(p["offset"]).limit(p["size"]))
+        for e in events
     ]
     return {**p, "rows": rows}
