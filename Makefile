@@ -34,7 +34,7 @@ demo: $(STAMP)
 # With line coverage of the product packages ([tool.coverage] in pyproject.toml): a summary of
 # the files not fully covered here, the whole report in htmlcov/index.html.
 test: $(STAMP) test-tools
-	$(BIN)/pytest -q --cov --cov-report=term-missing:skip-covered --cov-report=html
+	$(BIN)/pytest -q --durations=25 --cov --cov-report=term-missing:skip-covered --cov-report=html
 
 test-fast: $(STAMP) test-tools
 	$(BIN)/pytest -q -m "not slow"

@@ -161,8 +161,11 @@ def test_operator_watches_a_job_run_in_the_dashboard(
     assert points_seen[-1] == ROUNDS and points_seen == sorted(points_seen)
     assert len(set(points_seen)) >= 3, points_seen
     assert page.locator("#curve canvas").count() >= 1  # uPlot drew it
-    table = page.locator("#curve-table tbody tr")
-    assert table.count() == len([r for r in rounds if r["status"] == "completed" and r["kind"] != "stats"])
+    # The table under the curve follows the last round's end (it is fetched after the page's refresh).
+    curve_rounds = len([r for r in rounds if r["status"] == "completed" and r["kind"] != "stats"])
+    wait_for(
+        lambda: page.locator("#curve-table tbody tr").count() == curve_rounds, 10, "the curve table's last round"
+    )
     assert stages_seen, "the running round's stage was never shown"
 
     # The audit verdict of the latest version appears on the same page.

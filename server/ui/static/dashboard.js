@@ -5,7 +5,7 @@
   "use strict";
   var COLOURS = { central: "#0b5cad", federated: "#b35900" };
   var LINE_COLOURS = ["#146c2e", "#6b2fa3", "#a4121c", "#4a525c", "#7a4d00"];
-  var state = { data: null, metric: null, plot: null, loadedFor: null };
+  var state = { data: null, metric: null, plot: null, loadedFor: null, asked: 0 };
 
   function fmt(v) { return v === null || v === undefined ? "–" : Number(v).toPrecision(4); }
 
@@ -78,10 +78,12 @@
   }
 
   function load(el) {
+    // Two refreshes can overlap: only the answer to the latest request is drawn.
+    var ask = ++state.asked;
     fetch(el.dataset.src, { credentials: "same-origin", headers: { Accept: "application/json" } })
       .then(function (r) { return r.ok ? r.json() : null; })
       .then(function (d) {
-        if (!d) return;
+        if (!d || ask !== state.asked) return;
         state.data = d;
         if (!state.metric || !d.series[state.metric]) state.metric = d.metric;
         var select = document.getElementById("curve-metric");
