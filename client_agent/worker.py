@@ -35,6 +35,7 @@ from shared.apps import (
     load_app,
 )
 from shared.jobspec import JobSpec
+from shared.robustness import capped_weight
 from shared.secagg.params import SecAggParams
 from shared.secagg.protocol import SecAggClient, weighted_input
 from shared.signing import SignatureError, identity_verifier, load_public_key, verify_model
@@ -281,7 +282,9 @@ class Worker:
         metrics, holdout = self._holdout_metrics(app, job, model, data)
         new, loss, examples = self._train(spec, app, job, model, data, task)
         delta = new - model.vector
-        n = min(examples, client.params.weight_cap)
+        # The protocol's bound on this device's pull: values clipped to [-clip, clip] when quantised,
+        # weight at most the round's weight_cap (robustness.max_weight lowers it; docs/robustness.md).
+        n = capped_weight(examples, min(client.params.weight_cap, spec.robustness.max_weight))
         rng = np.random.Generator(np.random.PCG64(int.from_bytes(os.urandom(16), "little")))
         masked = client.masked_input(
             weighted_input(delta, n, client.params, rng),
@@ -348,16 +351,18 @@ class Worker:
         The update is the example-weighted difference ``n * (local - global)``,
         so the coordinator's aggregate is a plain sum (as under secure
         aggregation, where only the sum is ever revealed) divided by the total
-        of the example counts.
+        of the example counts. ``n`` is capped at ``robustness.max_weight``: a
+        device with more data counts that much (docs/robustness.md).
         """
         spec, app, job, model, data = self._prepared(task)
         metrics, holdout = self._holdout_metrics(app, job, model, data)
         new, loss, examples = self._train(spec, app, job, model, data, task)
-        delta = (new - model.vector) * np.float32(examples)
+        n = capped_weight(examples, spec.robustness.max_weight)
+        delta = (new - model.vector) * np.float32(n)
         header = {
             "kind": "update",
             "round_id": task.round_id,
-            "num_examples": int(examples),
+            "num_examples": n,
             "train_loss": loss,
             "metrics": metrics,
             "holdout_examples": holdout,

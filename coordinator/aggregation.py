@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
-from coordinator import secure
+from coordinator import robustness, secure
 from coordinator.context import EngineContext
 from coordinator.models import Round, RoundMessage
 from shared import codec
@@ -79,10 +79,7 @@ class Sums:
         writing it.
         """
         name = secrets.token_hex(32)
-        path = self.ctx.blobs.path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "xb") as fh:  # read only once its message row is committed, after this returns
-            fh.write(body)
+        self.ctx.blobs.put_new(name, body)  # read only once its message row is committed, after this returns
         return name
 
     def _running(self, r: Round, senders: AbstractSet[str], numel: int) -> Accumulator | None:
@@ -94,14 +91,23 @@ class Sums:
         return None  # another replica took some vectors, or this process restarted: sum from the store
 
     def plain(self, r: Round, msgs: list[RoundMessage], numel: int) -> tuple[np.ndarray, int, float]:
-        """The sum of a plain round's example-weighted updates, their example count, and the adding's CPU time."""
+        """The sum of a plain round's example-weighted updates, their example count, and the adding's CPU time.
+
+        The sum goes through the job's robust rule, if any, and its bounds are checked
+        (``robustness.check_plain_aggregate``: ``AggregateRejected`` rejects the round).
+        """
         acc = self._running(r, {m.device_id for m in msgs}, numel)
         if acc is not None:
-            return acc.total, acc.examples, acc.seconds
-        total = np.zeros(numel, dtype=np.float32)
-        for m in msgs:
-            total += codec.decode(self.ctx.blobs.get(m.blob_sha256 or ""), expected_numel=numel)[1]
-        return total, sum(int(m.payload["num_examples"]) for m in msgs), 0.0
+            total, examples, seconds = acc.total, acc.examples, acc.seconds
+        else:
+            total = np.zeros(numel, dtype=np.float32)
+            for m in msgs:
+                total += codec.decode(self.ctx.blobs.get(m.blob_sha256 or ""), expected_numel=numel)[1]
+            examples, seconds = sum(int(m.payload["num_examples"]) for m in msgs), 0.0
+        s = object_session(r)
+        if s is not None:
+            total, examples = robustness.check_plain_aggregate(self.ctx, s, r, msgs, total, examples)
+        return total, examples, seconds
 
     def masked(self, r: Round, sr: secure.SecureRound, numel: int) -> tuple[np.ndarray, float]:
         """The sum modulo 2**64 of a secure round's masked vectors, and the adding's CPU time."""

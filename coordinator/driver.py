@@ -23,9 +23,12 @@ from coordinator.models import Device, Event, Job, Participant, Round, utcnow
 from coordinator.observers import RoundEnded, RoundObserver, StageEnded, on_commit
 from coordinator.queries import get_job
 from coordinator.rounds import (
+    ABANDONED,
     ACTIVE,
     DECLINED,
     DROPPED,
+    ENDED_WITHOUT_MODEL,
+    REJECTED,
     STAGES,
     Decision,
     ParticipantView,
@@ -36,6 +39,7 @@ from coordinator.rounds import (
 )
 from coordinator.statements import DROP, PARTICIPANTS, WAITING, RoundRow
 from shared.jobspec import JobSpec
+from shared.robustness import AggregateRejected
 from shared.secagg.primitives import SecAggError
 
 log = logging.getLogger("aicfl.coordinator")
@@ -139,6 +143,9 @@ class RoundDriver:
             job = get_job(s, r.job_id)
             try:
                 self.finisher.finish(s, job, r, [p for p in parts if p.status == ACTIVE])
+            except AggregateRejected as err:
+                # Out of the bounds of docs/robustness.md: nothing was registered, the model stays.
+                self.abandon(s, r, f"aggregate rejected: {err}", now, status=REJECTED)
             # NotFound: a stored vector is gone (a finish that deleted the round's blobs died before its
             # commit); the round cannot be summed again, so it ends cleanly instead of failing every tick.
             except (Invalid, NotFound, ValueError, SecAggError) as err:
@@ -164,7 +171,13 @@ class RoundDriver:
         if r.secure and r.stage == "configure":
             accepted = sorted(p.device_id for p in parts if p.status == ACTIVE)
             try:
-                r.secagg = secure.setup(accepted, spec.secagg, r.job_id, r.number)
+                r.secagg = secure.setup(
+                    accepted,
+                    spec.secagg,
+                    r.job_id,
+                    r.number,
+                    max_weight=spec.robustness.max_weight if r.kind == "train" else None,
+                )
                 if r.kind == "stats":
                     r.secagg = {**r.secagg, "vocabulary": secure.merged_vocabulary(s, r, accepted)}
             except ValueError as err:
@@ -182,26 +195,30 @@ class RoundDriver:
         if left is not None:
             self._observe(s, [StageEnded(r.kind, left["stage"], now - left["started"])])
 
-    def abandon(self, s: Session, r: Round, reason: str, now: float | None = None) -> None:
+    def abandon(
+        self, s: Session, r: Round, reason: str, now: float | None = None, status: str = ABANDONED
+    ) -> None:
         """End the round without a new version (the model stays as it was); fail the job after too many.
 
         ``now``: the engine's clock when the decision was taken (read here when the caller has none).
+        ``status``: ``abandoned``, or ``rejected`` for an aggregate out of bounds; both count toward
+        the rounds in a row that fail the job.
         """
-        r.status = "abandoned"
+        r.status = status
         r.reason = reason
         r.ended_at = utcnow()
         self._ended(s, r, self.ctx.clock() if now is None else now)
-        self.sums.discard(s, r)
+        self.finisher.discard(s, r)
         job = get_job(s, r.job_id)
         s.add(
             Event(
                 actor="coordinator",
-                action="round.abandon",
+                action="round.reject" if status == REJECTED else "round.abandon",
                 target=f"{job.id}/{r.number}",
                 detail={"reason": reason},
             )
         )
-        log.warning("job %s round %s abandoned: %s", job.id, r.number, reason)
+        log.warning("job %s round %s %s: %s", job.id, r.number, status, reason)
         recent = list(
             s.scalars(
                 select(Round.status)
@@ -212,11 +229,12 @@ class RoundDriver:
         )
         if (
             len(recent) >= MAX_CONSECUTIVE_ABANDONED
-            and all(x == "abandoned" for x in recent)
+            and all(x in ENDED_WITHOUT_MODEL for x in recent)
             and job.status == "running"
         ):
             job.status = "failed"
-            job.reason = f"{MAX_CONSECUTIVE_ABANDONED} rounds in a row were abandoned; last: {reason}"
+            ended = "abandoned" if all(x == ABANDONED for x in recent) else "abandoned or rejected"
+            job.reason = f"{MAX_CONSECUTIVE_ABANDONED} rounds in a row were {ended}; last: {reason}"
             s.add(
                 Event(
                     actor="coordinator", action="job.fail", target=str(job.id), detail={"reason": job.reason}

@@ -4,7 +4,8 @@ A statistics round fixes the job's preprocessing and, unless the job waits for a
 its version 0. A training round turns the aggregate into the job's next version through the job's
 strategy (registered, signed, queued for audit). An evaluation round files the devices' federated
 metrics with the version they evaluated. Any error here abandons the round (see ``driver``): the
-model does not change.
+model does not change. Whichever way a round ends, its stored vectors and masked sum are deleted once
+that decision has committed (``discard``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from coordinator.models import Event, Job, ModelVersion, Round, RoundMessage, ut
 from coordinator.rounds import ParticipantView
 from coordinator.strategies import apply_strategy
 from shared.jobspec import JobSpec
+from shared.robustness import AggregateRejected, aggregate_problem
 from shared.secagg.protocol import finish as secagg_finish
 from shared.secagg.protocol import unmask_total
 
@@ -72,6 +74,7 @@ class RoundFinisher:
             self._record_federated(s, job, r.model_version_in, fed)
         r.status = "completed"
         r.ended_at = utcnow()
+        self.discard(s, r)
         s.add(
             Event(
                 actor="coordinator",
@@ -153,6 +156,11 @@ class RoundFinisher:
         new, new_state = apply_strategy(
             spec.strategy, current, mean, examples, job.rounds_completed + 1, state
         )
+        # Whatever the path (plain, robust rule, SecAgg+, a server optimiser), the new model must be
+        # finite and within robustness.max_parameter, or the round is rejected and nothing registered.
+        problem = aggregate_problem(new, spec.robustness.max_parameter)
+        if problem is not None:
+            raise AggregateRejected(problem)
         version = registry.get_version(s, job.id).version + 1
         # Under secure aggregation a device's example count stays inside the masked sum.
         train_loss = weighted_mean(
@@ -205,7 +213,20 @@ class RoundFinisher:
         r.metrics = metrics
         if fed:
             self._record_federated(s, job, current_row.version, fed)
-        self.sums.discard(s, r)
+
+    def discard(self, s: Session, r: Round) -> None:
+        """Once this transaction commits, forget the ended round ``r``'s running sum and delete the vectors
+        and masked sum it stored: the masked inputs and updates of a round are kept no longer than it runs.
+
+        Not before the commit: were the decision rolled back, the round would still run, and need them.
+        """
+        round_id, secagg = r.id, r.secagg  # read now: ``r`` leaves its session with the transaction
+
+        def delete() -> None:
+            with self.ctx.read() as later:
+                self.sums.discard(later, Round(id=round_id, secagg=secagg))  # a stand-in, never added
+
+        self.ctx.after_commit(s, delete)
 
     def _record_federated(self, s: Session, job: Job, version: int | None, fed: dict[str, float]) -> None:
         """Federated metrics describe the model the devices received: file them with its version."""

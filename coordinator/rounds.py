@@ -6,6 +6,8 @@ it or its deadline passes, whichever is first. Those who missed the deadline
 count as dropped. If fewer than the round's minimum remain, the round is
 abandoned and the model does not change. The secure-aggregation protocol adds
 its stages (advertise keys, share keys, masked input, unmask) to this list.
+A round whose aggregate is non-finite or out of bounds (docs/robustness.md) is
+rejected: like an abandoned one it leaves the model as it was.
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ ACTIVE = "active"
 DROPPED = "dropped"
 DECLINED = "declined"
 EXCLUDED = "excluded"
+
+# Round statuses. A round that ends without a new model is abandoned (too few devices, a failed
+# aggregation) or rejected (its aggregate is out of bounds); both count toward failing the job.
+ABANDONED = "abandoned"
+REJECTED = "rejected"
+ENDED_WITHOUT_MODEL: tuple[str, ...] = (ABANDONED, REJECTED)
 
 
 def stage_index(kind: str, stage: str | None, secure: bool = False) -> int:

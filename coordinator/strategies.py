@@ -8,6 +8,12 @@ itself, so FedAvg, FedAvgM (Hsu et al., 2019), FedProx (Li et al., MLSys
 al., ICLR 2021) apply exactly their published server update. Their state
 between rounds (momentum, first and second moments) is persisted as a blob so
 that a restarted coordinator continues the same optimiser.
+
+Plaintext jobs may instead choose a Byzantine-robust rule, which needs each device's own update:
+FedMedian (Yin et al., ICML 2018, coordinate-wise median), FedTrimmedAvg (Yin et al., ICML 2018,
+coordinate-wise trimmed mean), Krum (Blanchard et al., NeurIPS 2017) and Bulyan (El Mhamdi et
+al., ICML 2018). :func:`robust_mean` applies Flower's aggregation functions to the per-example
+updates; the server step after it is FedAvg's (the robust mean is the new model's delta).
 """
 
 from __future__ import annotations
@@ -18,8 +24,15 @@ from typing import Any
 import numpy as np
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Strategy
+from flwr.server.strategy.aggregate import (
+    aggregate_bulyan,
+    aggregate_krum,
+    aggregate_median,
+    aggregate_trimmed_avg,
+)
 
-from shared.jobspec import StrategySpec
+from shared.jobspec import ROBUST_STRATEGIES, StrategySpec
+from shared.robustness import AggregateRejected
 
 _STATE_ATTRS = {"fedavgm": ("momentum_vector",), "fedadam": ("m_t", "v_t"), "fedyogi": ("m_t", "v_t")}
 
@@ -38,7 +51,8 @@ def build_strategy(spec: StrategySpec, current: np.ndarray) -> Strategy:
     }
     name = spec.name
     # FedAvg and FedProx never read the current model on the server; the others step from it.
-    if name == "fedavg":
+    if name == "fedavg" or name in ROBUST_STRATEGIES:
+        # A robust rule has already combined the single updates (robust_mean): one result, FedAvg's step.
         return FedAvg(**common)
     if name == "fedprox":
         return FedProx(proximal_mu=spec.proximal_mu, **common)
@@ -104,4 +118,37 @@ def apply_strategy(
     if params is None:
         raise RuntimeError(f"strategy {spec.name} produced no parameters")
     (new,) = parameters_to_ndarrays(params)
-    return np.asarray(new, dtype=np.float32), dump_state(spec, strategy)
+    out = np.asarray(new, dtype=np.float32)
+    if not np.isfinite(out).all():
+        raise AggregateRejected(f"strategy {spec.name} produced non-finite parameters")
+    return out, dump_state(spec, strategy)
+
+
+def robust_mean(spec: StrategySpec, updates: list[np.ndarray], weights: list[int]) -> np.ndarray:
+    """The robust rule's combination of per-example updates (each of the model's size), by Flower's
+    aggregation functions; ``weights`` are the devices' (capped) example counts.
+
+    FedMedian and FedTrimmedAvg ignore the weights (a claimed weight is what a poisoner inflates);
+    Krum and Bulyan select among the updates by their distances (Bulyan then trims the selection).
+    """
+    if spec.name not in ROBUST_STRATEGIES:
+        raise ValueError(f"strategy {spec.name} is not a robust rule")
+    if not updates:
+        raise ValueError("no updates to combine")
+    results = [([np.asarray(u, dtype=np.float64)], int(w)) for u, w in zip(updates, weights, strict=True)]
+    n, f = len(results), spec.byzantine
+    if spec.name == "fedmedian":
+        (out,) = aggregate_median(results)
+    elif spec.name == "fedtrimmedavg":
+        (out,) = aggregate_trimmed_avg(results, spec.trim_fraction)
+    elif spec.name == "krum":
+        if n <= 2 * f + 2:
+            raise AggregateRejected(f"krum with byzantine = {f} needs more than {2 * f + 2} updates, got {n}")
+        (out,) = aggregate_krum(results, f, spec.krum_keep)
+    else:
+        if n < 4 * f + 3:
+            raise AggregateRejected(
+                f"bulyan with byzantine = {f} needs at least {4 * f + 3} updates, got {n}"
+            )
+        (out,) = aggregate_bulyan(results, f, aggregate_krum, to_keep=0)
+    return np.asarray(out, dtype=np.float32)

@@ -37,7 +37,7 @@ from coordinator.audits import VERDICTS
 from coordinator.engine import Federation
 from coordinator.models import Audit, Device, Job, Participant, Round
 from coordinator.observers import RoundEnded, StageEnded
-from coordinator.rounds import DECLINED, DROPPED, SECURE_STAGES, STAGES
+from coordinator.rounds import DECLINED, DROPPED, ENDED_WITHOUT_MODEL, SECURE_STAGES, STAGES
 
 # Per-job families cover jobs that are pending, running, or ended less than this long ago.
 LIVE_SECONDS = 24 * 3600
@@ -122,7 +122,9 @@ class StateCollector:
         for status, n in s.execute(select(Job.status, func.count()).group_by(Job.status)):
             jobs.add_metric([status], n)
         rounds = GaugeMetricFamily(
-            "aicfl_rounds", "Rounds by status (abandoned: every abandoned round so far)", labels=["status"]
+            "aicfl_rounds",
+            "Rounds by status (abandoned, rejected: every such round so far)",
+            labels=["status"],
         )
         for status, n in s.execute(select(Round.status, func.count()).group_by(Round.status)):
             rounds.add_metric([status], n)
@@ -232,11 +234,13 @@ class StateCollector:
 
     def _abandoned(self, s: Session, ids: list[int], running: list[int]) -> Iterator[Metric]:
         total = CounterMetricFamily(
-            "aicfl_job_rounds_abandoned", "Rounds of the job abandoned so far", labels=["job_id"]
+            "aicfl_job_rounds_abandoned",
+            "Rounds of the job abandoned or rejected (aggregate out of bounds) so far",
+            labels=["job_id"],
         )
         streak = GaugeMetricFamily(
             "aicfl_job_rounds_abandoned_consecutive",
-            "Rounds of a running job abandoned since its last completed round",
+            "Rounds of a running job abandoned or rejected since its last completed round",
             labels=["job_id"],
         )
         per_job: dict[int, int] = {}
@@ -245,7 +249,7 @@ class StateCollector:
             per_job = dict(
                 s.execute(
                     select(Round.job_id, func.count())
-                    .where(Round.job_id.in_(ids), Round.status == "abandoned")
+                    .where(Round.job_id.in_(ids), Round.status.in_(ENDED_WITHOUT_MODEL))
                     .group_by(Round.job_id)
                 ).all()
             )
@@ -262,7 +266,7 @@ class StateCollector:
                     .outerjoin(last_done, Round.job_id == last_done.c.job_id)
                     .where(
                         Round.job_id.in_(running),
-                        Round.status == "abandoned",
+                        Round.status.in_(ENDED_WITHOUT_MODEL),
                         Round.number > func.coalesce(last_done.c.n, -1),
                     )
                     .group_by(Round.job_id)

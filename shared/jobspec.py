@@ -8,6 +8,7 @@ example in ``examples/churn.toml`` is documented from this module.
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from pathlib import Path
@@ -16,7 +17,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Task = Literal["binary", "multiclass", "regression"]
-StrategyName = Literal["fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi"]
+StrategyName = Literal[
+    "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "bulyan"
+]
+# Byzantine-robust rules: each needs the single updates, so plaintext rounds only (docs/robustness.md).
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "bulyan")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -40,6 +45,8 @@ def parse_duration(value: Any) -> float:
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     else:
         raise ValueError(f"expected a duration such as 30, '30s', '5m' or '1h', got {value!r}")
+    if not math.isfinite(seconds):
+        raise ValueError("must be a finite number")
     if seconds <= 0:
         raise ValueError("must be a positive duration")
     return seconds
@@ -49,7 +56,9 @@ Duration = Annotated[float, Field(gt=0)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: NaN or infinity in any float field is refused as "must be a finite number",
+    # before a range check could call it out of range (NaN compares false with every bound).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Feature(_Strict):
@@ -162,7 +171,13 @@ class TrainingSpec(_Strict):
 class StrategySpec(_Strict):
     """The server-side aggregation strategy (Flower's implementation)."""
 
-    name: StrategyName = Field(default="fedavg", description="fedavg, fedavgm, fedprox, fedadam or fedyogi")
+    name: StrategyName = Field(
+        default="fedavg",
+        description=(
+            "fedavg, fedavgm, fedprox, fedadam or fedyogi; plaintext jobs only (secure = false): the"
+            " Byzantine-robust fedmedian, fedtrimmedavg, krum or bulyan (docs/robustness.md)"
+        ),
+    )
     server_learning_rate: float = Field(default=1.0, gt=0, description="fedavgm")
     server_momentum: float = Field(default=0.9, ge=0, lt=1, description="fedavgm")
     proximal_mu: float = Field(
@@ -173,6 +188,18 @@ class StrategySpec(_Strict):
     beta_1: float = Field(default=0.9, ge=0, lt=1, description="fedadam/fedyogi: first-moment decay")
     beta_2: float = Field(default=0.99, ge=0, lt=1, description="fedadam/fedyogi: second-moment decay")
     tau: float = Field(default=1e-3, gt=0, description="fedadam/fedyogi: adaptivity")
+    trim_fraction: float = Field(
+        default=0.2,
+        gt=0,
+        lt=0.5,
+        description="fedtrimmedavg: share of updates cut at each end per coordinate",
+    )
+    byzantine: int = Field(
+        default=1, ge=0, description="krum/bulyan: malicious devices per round the rule must withstand (f)"
+    )
+    krum_keep: int = Field(
+        default=0, ge=0, description="krum: average the best this many updates (multi-Krum); 0 keeps one"
+    )
 
 
 class SecAggSpec(_Strict):
@@ -200,6 +227,29 @@ class SecAggSpec(_Strict):
     bits: int = Field(default=16, ge=2, le=24, description="quantisation bits per value")
     weight_cap: int = Field(
         default=2**20, ge=1, description="the largest example count one device may weigh in with"
+    )
+
+
+class RobustnessSpec(_Strict):
+    """Bounds on how far one device can move the aggregate (docs/robustness.md)."""
+
+    max_update_norm: float = Field(
+        default=1e3,
+        gt=0,
+        description="plaintext rounds: the largest L2 norm of one device's update per example; larger is refused",
+    )
+    max_weight: int = Field(
+        default=100_000,
+        ge=1,
+        description=(
+            "the largest weight (example count) one device counts with; devices with more data count"
+            " this many (under SecAgg+ it caps secagg.weight_cap)"
+        ),
+    )
+    max_parameter: float = Field(
+        default=1e4,
+        gt=0,
+        description="a round whose new model has a parameter larger than this in magnitude is rejected",
     )
 
 
@@ -272,6 +322,7 @@ class JobSpec(_Strict):
         default=True, description="secure aggregation in every round; false is for experiments only (warned)"
     )
     secagg: SecAggSpec = Field(default_factory=SecAggSpec)
+    robustness: RobustnessSpec = Field(default_factory=RobustnessSpec)
     audit: AuditSpec = Field(default_factory=AuditSpec)
 
     @model_validator(mode="after")
@@ -280,7 +331,33 @@ class JobSpec(_Strict):
             raise ValueError(_MISSING_DATA)
         if self.model.app is None and (self.model.app_version is not None or self.model.options):
             raise ValueError("model: app_version and options apply to an app named in [model] app")
+        self._robust_strategy_fits()
         return self
+
+    def _robust_strategy_fits(self) -> None:
+        name, f, n = self.strategy.name, self.strategy.byzantine, self.cohort.minimum
+        if name not in ROBUST_STRATEGIES:
+            return
+        if self.secure:
+            raise ValueError(
+                f"strategy: {name} needs every device's own update, which secure aggregation hides from the"
+                " coordinator: use it with secure = false, or choose fedavg, fedavgm, fedprox, fedadam or fedyogi"
+            )
+        # Blanchard et al. (NeurIPS 2017): Krum needs n > 2f + 2; El Mhamdi et al. (ICML 2018): Bulyan n >= 4f + 3.
+        if name == "krum" and n <= 2 * f + 2:
+            raise ValueError(
+                f"strategy: krum with byzantine = {f} needs more than {2 * f + 2} devices per round;"
+                f" raise cohort.minimum (now {n}) to at least {2 * f + 3} or lower strategy.byzantine"
+            )
+        if name == "bulyan" and n < 4 * f + 3:
+            raise ValueError(
+                f"strategy: bulyan with byzantine = {f} needs at least {4 * f + 3} devices per round;"
+                f" raise cohort.minimum (now {n}) or lower strategy.byzantine"
+            )
+        if name == "krum" and self.strategy.krum_keep > n - f:
+            raise ValueError(
+                f"strategy: krum_keep ({self.strategy.krum_keep}) must not exceed cohort.minimum - byzantine ({n - f})"
+            )
 
     @property
     def app_ref(self) -> str:
@@ -311,6 +388,8 @@ def _format_errors(err: ValidationError) -> list[str]:
             msg = "unknown field"
         elif e["type"] == "missing":
             msg = "required field is missing"
+        elif e["type"] == "finite_number":
+            msg = f"must be a finite number (got {e.get('input')!r})"
         elif e["type"] == "literal_error":
             msg = f"{msg} (got {e.get('input')!r})"
         problems.append(f"{loc}: {msg}")
@@ -363,6 +442,7 @@ _SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("[strategy]", StrategySpec),
     ("[evaluation]", EvaluationSpec),
     ("[secagg]", SecAggSpec),
+    ("[robustness]", RobustnessSpec),
     ("[audit]", AuditSpec),
 ]
 
@@ -377,6 +457,7 @@ def _type_text(annotation: Any) -> str:
         StrategySpec,
         EvaluationSpec,
         SecAggSpec,
+        RobustnessSpec,
         AuditSpec,
         Feature,
     ):

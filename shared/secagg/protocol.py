@@ -44,6 +44,7 @@ from collections.abc import Callable, Collection, Mapping
 import numpy as np
 import numpy.typing as npt
 
+from shared.robustness import AggregateRejected
 from shared.secagg.params import SecAggParams
 from shared.secagg.primitives import (
     KEY_BYTES,
@@ -387,6 +388,7 @@ def unmask_total(
     advertised: Mapping[str, Mapping[str, object]],
     b_shares: Mapping[str, list[tuple[int, bytes]]],
     sk_shares: Mapping[str, list[tuple[int, bytes]]],
+    weighted: bool = False,
 ) -> U64:
     """Stage 5 (coordinator): the sum of the survivors' x_u, from the sum of their y_u (mod 2**64).
 
@@ -398,6 +400,9 @@ def unmask_total(
     devices that never shared were never masked with. A missing
     reconstruction (fewer than t distinct shares) is a SecAggError naming the
     device: the round must be abandoned, never finished with a wrong sum.
+
+    ``weighted``: the sum is of :func:`weighted_input` vectors (a training round), so it is checked
+    against what the protocol's arithmetic allows (:func:`check_weighted_total`).
     """
     total = _check_vector(masked_total, "masked total").copy()
     shared_set, alive = set(shared), set(survivors)
@@ -432,7 +437,34 @@ def unmask_total(
             if u in alive:  # u added +PRG(s_uv) when u < v, -PRG(s_uv) otherwise
                 masks.append((agree(sk, s_pk_of(u), _pair_info(_MASK, context, u, v)), -1 if u < v else 1))
     apply_masks(total, masks)
+    if weighted:
+        check_weighted_total(total, params, len(alive))
     return total
+
+
+def check_weighted_total(total: np.ndarray, params: SecAggParams, contributors: int) -> None:
+    """AggregateRejected unless the unmasked sum is one that devices following the protocol can make.
+
+    Each device sends ``w * q`` with ``q`` in ``[0, levels]`` and its weight ``w`` in
+    ``[1, weight_cap]`` as the last coordinate; so the total weight ``W`` lies in
+    ``[contributors, contributors * weight_cap]`` and every other coordinate in ``[0, W * levels]``.
+    A sum outside these bounds means some device deviated (or the modulus wrapped): its
+    dequantised mean could leave ``[-clip, clip]``, so it is never applied.
+    """
+    vec = _check_vector(total, "unmasked total")
+    weight = int(vec[-1])
+    if not contributors <= weight <= contributors * params.weight_cap:
+        raise AggregateRejected(
+            f"the summed weight {weight} of {contributors} devices lies outside [{contributors},"
+            f" {contributors * params.weight_cap}] (weight_cap = {params.weight_cap}): some device did not"
+            " follow the protocol"
+        )
+    largest = int(vec[:-1].max()) if vec.size > 1 else 0
+    if largest > weight * params.levels:
+        raise AggregateRejected(
+            f"a coordinate of the unmasked sum ({largest}) exceeds the summed weight times the quantisation"
+            f" levels ({weight} * {params.levels}): some device did not follow the protocol"
+        )
 
 
 def finish(total_unmasked: np.ndarray, params: SecAggParams) -> tuple[npt.NDArray[np.float32], int]:
