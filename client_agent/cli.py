@@ -13,6 +13,8 @@ import typer
 
 from client_agent.config import AgentConfig, AgentConfigError, AgentHome
 from client_agent.identity import create_identity, public_key_b64
+from client_agent.transport import post_enrollment
+from shared.api_client import one_line
 from shared.tls import verify_setting
 
 app = typer.Typer(help="The aicfl edge agent.", no_args_is_help=True, pretty_exceptions_enable=False)
@@ -90,11 +92,14 @@ def enroll(
         raise AgentCliError(f"{h.root} is already enrolled; use another --home")
     _check_data(data)
     node = parse_node_config(node_config)
-    key = create_identity(h.key_path) if not h.key_path.exists() else None
-    if key is None:
-        from client_agent.identity import load_identity
+    try:
+        key = create_identity(h.key_path) if not h.key_path.exists() else None
+        if key is None:
+            from client_agent.identity import load_identity
 
-        key = load_identity(h.key_path)
+            key = load_identity(h.key_path)
+    except (OSError, ValueError) as err:  # a home folder we may not write, a damaged key file
+        raise AgentCliError(f"--home {h.root}: cannot make or read the identity key: {_why(err)}") from None
     body = {
         "token": token,
         "public_key": public_key_b64(key),
@@ -102,21 +107,28 @@ def enroll(
         "platform": platform.platform(),
     }
     try:
-        resp = httpx.post(
-            coordinator.rstrip("/") + "/v1/enroll",
-            json=body,
-            timeout=30,
-            verify=verify_setting(str(ca_cert) if ca_cert else None),
-        )
-    except httpx.HTTPError as err:
+        verify = verify_setting(str(ca_cert) if ca_cert else None)
+    except OSError as err:  # ssl.SSLError is one too
+        raise AgentCliError(f"--ca-cert {ca_cert}: {_why(err)}") from None
+    try:
+        resp = post_enrollment(coordinator.rstrip("/") + "/v1/enroll", body, verify=verify)
+    except (httpx.HTTPError, httpx.InvalidURL) as err:
         raise AgentCliError(f"cannot reach the coordinator at {coordinator}: {err}") from None
+    try:
+        out = resp.json()
+    except ValueError:
+        out = None
     if resp.status_code >= 400:
-        try:
-            detail = resp.json().get("detail")
-        except ValueError:
-            detail = resp.text
-        raise AgentCliError(f"enrollment refused: {detail} (HTTP {resp.status_code})")
-    out = resp.json()
+        detail = out.get("detail") if isinstance(out, dict) else None
+        text = one_line(resp)
+        raise AgentCliError(
+            f"enrollment refused: {detail or text or resp.reason_phrase} (HTTP {resp.status_code})"
+        )
+    if not isinstance(out, dict) or not {"device_id", "coordinator_public_key"} <= out.keys():
+        raise AgentCliError(
+            f"{coordinator} answered the enrollment with HTTP {resp.status_code}, not as a coordinator does"
+            " (is the URL a coordinator's?)"
+        )
     h.save_config(
         AgentConfig(
             coordinator=coordinator,
@@ -186,9 +198,21 @@ def status(home: Path | None = HOME_OPT, as_json: bool = typer.Option(False, "--
             print(f"{k:24} {v}")
 
 
+def _why(err: Exception) -> str:
+    return str(getattr(err, "strerror", None) or err)
+
+
 def main() -> None:
+    """The ``aicfl-agent`` entry point: an error is one line on stderr and a non-zero exit, never a traceback."""
     try:
         app()
     except AgentCliError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as err:  # a file or folder the command reads or writes
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{_why(err)}", file=sys.stderr)
+        sys.exit(1)
+    except Exception as err:  # noqa: BLE001 - what no command foresaw is still one line, named by its type
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         sys.exit(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -10,6 +11,7 @@ import signal
 import sys
 import threading
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from client_agent.config import AgentHome, ResumeState
 from client_agent.identity import load_identity
@@ -20,6 +22,7 @@ from shared.secagg.primitives import SecAggError
 from shared.wire import CheckinRequest, CheckinResponse, Task
 
 log = logging.getLogger("aicfl.agent")
+BINARY = "application/octet-stream"
 
 
 def agent_version() -> str:
@@ -84,6 +87,10 @@ class Agent:
         )
         self.state = home.load_state()
         self.stop = threading.Event()
+        # The message of each stage of the current round until the coordinator has answered it: sent
+        # again as it was after a lost answer (a dropped connection, a coordinator restarted), never
+        # made anew: a second masked input would carry fresh masks, a second advertisement fresh keys.
+        self.outbox: dict[tuple[int, str], tuple[bytes, str]] = {}
 
     def warm_up(self) -> None:
         """Import the apps this device will likely run (``AICFL_AGENT_PRELOAD``, and those it worked
@@ -162,28 +169,16 @@ class Agent:
             os._exit(17)
         path = f"/v1/device/rounds/{task.round_id}/{task.stage}"
         log.info("job %s round %s (%s): stage %s", task.job_id, task.round, task.kind, task.stage)
+        key = (task.round_id, task.stage)
         try:
-            if task.stage == "configure":
-                msg = self.worker.configure(task)
-                if not msg.accepted:
-                    log.warning("declining round %s: %s", task.round_id, msg.reason)
-                self.client.post_json(path, msg.model_dump())
-            elif task.stage == "advertise_keys":
-                self.client.post_json(path, self.worker.advertise(task))
-            elif task.stage == "share_keys":
-                self.client.post_json(path, self.worker.share_keys(task))
-            elif task.stage == "masked_input":
-                work = self.worker.masked_statistics if task.kind == "stats" else self.worker.masked_input
-                self.client.request("POST", path, work(task), content_type="application/octet-stream")
-            elif task.stage == "unmask":
-                self.client.post_json(path, self.worker.unmask(task))
-            elif task.kind == "stats":
-                self.client.post_json(path, self.worker.statistics(task).model_dump())
-            elif task.kind == "evaluate":
-                self.client.post_json(path, self.worker.evaluate(task).model_dump())
+            message = self.outbox.get(key)
+            if message is None:
+                message = self._compose(task)
+                self.outbox = {k: v for k, v in self.outbox.items() if k[0] == task.round_id}
+                self.outbox[key] = message
             else:
-                update = self.worker.train(task)
-                self.client.request("POST", path, update, content_type="application/octet-stream")
+                log.info("round %s stage %s: sending the same message again", task.round_id, task.stage)
+            self.client.request("POST", path, message[0], content_type=message[1])
         except CoordinatorError as err:
             # Dropped, deadline passed, round over: nothing to retry for this stage.
             log.warning("round %s stage %s not accepted: %s", task.round_id, task.stage, err.detail)
@@ -192,6 +187,32 @@ class Agent:
             # check out: this device sits the round out, and says why so the round need not wait.
             log.warning("round %s stage %s: sitting the round out: %s", task.round_id, task.stage, err)
             self._withdraw(task, f"in stage {task.stage!r}: {err}")
+        self.outbox.pop(key, None)  # answered (a TransientError leaves it to be sent again)
         self.state.stages_sent.append(task.stage)
         self.state.apps = sorted(set(self.state.apps) | self.worker.used_apps)
         self.home.save_state(self.state)
+
+    def _compose(self, task: Task) -> tuple[bytes, str]:
+        """The message of ``task``'s stage, and its content type."""
+        body: dict[str, Any]
+        if task.stage == "configure":
+            msg = self.worker.configure(task)
+            if not msg.accepted:
+                log.warning("declining round %s: %s", task.round_id, msg.reason)
+            body = msg.model_dump()
+        elif task.stage == "advertise_keys":
+            body = self.worker.advertise(task)
+        elif task.stage == "share_keys":
+            body = self.worker.share_keys(task)
+        elif task.stage == "masked_input":
+            work = self.worker.masked_statistics if task.kind == "stats" else self.worker.masked_input
+            return work(task), BINARY
+        elif task.stage == "unmask":
+            body = self.worker.unmask(task)
+        elif task.kind == "stats":
+            body = self.worker.statistics(task).model_dump()
+        elif task.kind == "evaluate":
+            body = self.worker.evaluate(task).model_dump()
+        else:
+            return self.worker.train(task), BINARY
+        return json.dumps(body).encode(), "application/json"

@@ -1,4 +1,8 @@
-"""The blob store: large binary objects (models, update vectors) addressed by SHA-256."""
+"""The blob store: large binary objects (models, update vectors) addressed by SHA-256.
+
+Its folders are 0700 and its files 0600 whatever the umask: a blob may be a masked vector or a
+model an operator has not released.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from coordinator.datadir import PRIVATE_DIR, private_dir
 from coordinator.errors import NotFound
 
 
@@ -14,8 +19,7 @@ class LocalBlobStore:
     """Blobs as files under one folder, two-level fan-out, written atomically."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = private_dir(root)
 
     def path(self, sha256: str) -> Path:
         if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
@@ -27,8 +31,8 @@ class LocalBlobStore:
         target = self.path(sha)
         if target.exists():
             return sha
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        self._fan_out(target)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")  # mode 0600
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
@@ -37,6 +41,18 @@ class LocalBlobStore:
             Path(tmp).unlink(missing_ok=True)
             raise
         return sha
+
+    def put_new(self, name: str, data: bytes | memoryview) -> None:
+        """Write ``data`` under ``name`` (64 hex digits), which must not exist yet (mode 0600)."""
+        target = self.path(name)
+        self._fan_out(target)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+
+    def _fan_out(self, target: Path) -> None:
+        if not target.parent.is_dir():
+            target.parent.mkdir(mode=PRIVATE_DIR, exist_ok=True)
 
     def get(self, sha256: str) -> bytes:
         try:

@@ -8,6 +8,7 @@ any moment restarts from the database alone.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +27,9 @@ from coordinator.models import Job, ModelVersion
 from coordinator.queries import get_job
 from coordinator.statements import NUM_PARAMETERS, RoundRow
 from shared.jobspec import JobSpec
+
+log = logging.getLogger("aicfl.coordinator")
+_AFTER_COMMIT = "aicfl_after_commit"  # the key of a session's ``info`` that holds its callbacks
 
 
 @dataclass
@@ -68,8 +72,20 @@ class EngineContext:
 
     @contextmanager
     def write(self) -> Iterator[Session]:
-        with self._write_lock, self.factory() as session, session.begin():
-            yield session
+        """A write transaction; what ``after_commit`` registered in it runs once it has committed."""
+        with self._write_lock, self.factory() as session:
+            with session.begin():
+                yield session
+            callbacks = session.info.pop(_AFTER_COMMIT, [])
+        _run(callbacks)
+
+    def after_commit(self, s: Session | secure.Db, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once the write transaction of ``s`` has committed; never if it rolls back.
+
+        For what cannot be undone and must not happen unless the transaction's decision holds: deleting
+        a finished round's stored vectors. A failure of ``fn`` is logged; the transaction stands.
+        """
+        secure.orm(s).info.setdefault(_AFTER_COMMIT, []).append(fn)
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -83,13 +99,18 @@ class EngineContext:
     @contextmanager
     def device_write(self) -> Iterator[secure.Db]:
         """A write transaction of a device-message path: Core statements, an ORM session only if needed."""
+        callbacks: list[Callable[[], None]] = []
         with self._write_lock, self.factory.kw["bind"].begin() as conn:
             db = secure.Db(conn)
             try:
                 yield db
                 db.flush()
+                session = db._session  # only a path that ended a stage or a round made one
+                if session is not None:
+                    callbacks = session.info.pop(_AFTER_COMMIT, [])
             finally:
                 db.close()
+        _run(callbacks)  # the connection's transaction committed as its block ended
 
     @contextmanager
     def device_read(self) -> Iterator[secure.Db]:
@@ -188,3 +209,11 @@ class EngineContext:
         if reference is None:
             reference = self.reference[sha] = app.load_reference(self.blobs.get(sha), job_ctx)
         return apps.evaluate_central(app, job_ctx, reference, vec)
+
+
+def _run(callbacks: list[Callable[[], None]]) -> None:
+    for fn in callbacks:
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - the transaction has committed: its decision stands
+            log.exception("an after-commit action failed")

@@ -7,22 +7,29 @@ answer, its input (statistics, evaluation metrics or a plain update), or its Sec
 round (``participation``), validates the message, stores it, and drives the round on if the message
 may have completed its stage. A malformed SecAgg+ message excludes its sender from the round; it
 never reaches the arithmetic.
+
+A device whose answer was lost (a dropped connection, a coordinator restarted mid-request) sends its
+message again. Each accepted message is stored with its SHA-256, so that the same message sent again
+while its stage runs (or once the round is over) is answered as the first was and counted once, and a
+different one is refused (409). A SecAgg+ message of a stage that is over still excludes its sender:
+an agent that lost an answer asks for its task again, and is given the new stage.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import bindparam, select, update
 
-from coordinator import apps, participation, secure
+from coordinator import apps, participation, robustness, secure
 from coordinator.aggregation import Sums
 from coordinator.context import EngineContext
 from coordinator.driver import RoundDriver
 from coordinator.errors import Conflict, Invalid, NotFound
-from coordinator.models import Event, Participant
+from coordinator.models import Event, Participant, RoundMessage
 from coordinator.participation import one_less
 from coordinator.rounds import ACTIVE, DECLINED, DROPPED, EXCLUDED
 from coordinator.statements import ADD_MESSAGE, STAGE_DONE, PartRow, RoundRow
@@ -35,6 +42,21 @@ from shared.wire import (
 )
 
 log = logging.getLogger("aicfl.coordinator")
+
+# The digest of the message a device had accepted for a stage of a round (a row only if it sent one).
+_ACCEPTED = select(RoundMessage.digest).where(
+    RoundMessage.round_id == bindparam("round"),
+    RoundMessage.device_id == bindparam("device"),
+    RoundMessage.stage == bindparam("stage"),
+)
+
+
+def message_digest(message: bytes | dict[str, Any]) -> str:
+    """SHA-256 of a device message: of its bytes, or of a JSON object's canonical form (so that key order
+    and spacing do not make a message different)."""
+    if isinstance(message, dict):
+        message = json.dumps(message, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(message).hexdigest()
 
 
 class DeviceProtocol:
@@ -54,10 +76,12 @@ class DeviceProtocol:
         device_id: str,
         stage: str,
         payload: dict[str, Any],
+        digest: str,
         blob: str | None = None,
         done: int | None = None,
     ) -> None:
-        """Record the device's message of ``stage``; with ``done`` (its participant id), mark the stage sent."""
+        """Record the device's message of ``stage`` (``digest``: what it sent, see ``message_digest``); with
+        ``done`` (its participant id), mark the stage sent."""
         secure.run(
             s,
             ADD_MESSAGE,
@@ -66,6 +90,7 @@ class DeviceProtocol:
             stage=stage,
             payload=payload,
             blob_sha256=blob,
+            digest=digest,
         )
         if done is not None:
             secure.run(s, STAGE_DONE, pid=done, done=stage)
@@ -81,11 +106,55 @@ class DeviceProtocol:
         r, p = self._load(s, device_id, round_id, lock)
         return participation.check(r, p, device_id, round_id, stage, now)
 
+    @staticmethod
+    def _resent(
+        s: secure.Db, device_id: str, round_id: int, stage: str, message: bytes | dict[str, Any]
+    ) -> bool:
+        """Whether this ``stage`` message repeats the one the device had accepted: a resend after a lost
+        answer, to be answered as the first was and counted once. Refuses a different one (Conflict).
+
+        Asked only once a message failed its checks: the messages that pass them cost nothing more.
+        """
+        row = secure.run(s, _ACCEPTED, round=round_id, device=device_id, stage=stage).one_or_none()
+        if row is None:
+            return False
+        if row.digest == message_digest(message):
+            return True
+        if row.digest is None:  # accepted before digests were kept: nothing to compare it with
+            raise Conflict(f"device {device_id} already sent its {stage!r} message for round {round_id}")
+        raise Conflict(
+            f"device {device_id} already sent a different {stage!r} message for round {round_id}:"
+            " only the same message may be sent again"
+        )
+
+    def _checked(
+        self,
+        s: secure.Db,
+        device_id: str,
+        round_id: int,
+        stage: str,
+        message: bytes | dict[str, Any],
+        now: float,
+        lock: bool = True,
+    ) -> tuple[RoundRow, PartRow] | None:
+        """The round and the device's row for a ``stage`` message that passes its checks; None for a
+        resend of the message already accepted (see ``_resent``)."""
+        try:
+            return self._participation(s, device_id, round_id, stage, now, lock)
+        except Conflict:
+            if self._resent(s, device_id, round_id, stage, message):
+                return None
+            raise
+
     def configure(self, device_id: str, round_id: int, msg: ConfigureMessage) -> None:
         """The device accepts the round, or declines it with its reason (recorded, shown to operators)."""
         now = self.ctx.clock()
+        payload = msg.model_dump()
         with self.ctx.device_write() as s:
-            r, p = self._participation(s, device_id, round_id, "configure", now)
+            checked = self._checked(s, device_id, round_id, "configure", payload, now)
+            if checked is None:
+                return
+            r, p = checked
             if msg.accepted:
                 secure.run(s, STAGE_DONE, pid=p.id, done="configure")
             else:
@@ -95,14 +164,17 @@ class DeviceProtocol:
                     update(Participant).where(Participant.id == p.id).values(status=DECLINED, reason=reason),
                 )
                 log.info("device %s declined round %s of job %s: %s", device_id, r.number, r.job_id, reason)
-            self._store(s, round_id, device_id, "configure", msg.model_dump())
+            self._store(s, round_id, device_id, "configure", payload, message_digest(payload))
             self.driver.maybe_drive(s, r, now, one_less(r))
 
     def input_json(self, device_id: str, round_id: int, body: dict[str, Any]) -> None:
         """A statistics or evaluation round's input (JSON)."""
         now = self.ctx.clock()
         with self.ctx.device_write() as s:
-            r, p = self._participation(s, device_id, round_id, "input", now)
+            checked = self._checked(s, device_id, round_id, "input", body, now)
+            if checked is None:
+                return
+            r, p = checked
             try:
                 if r.kind == "stats":
                     payload = StatsMessage.model_validate(body).model_dump()
@@ -121,14 +193,17 @@ class DeviceProtocol:
                     )
             except ValueError as err:
                 raise Invalid(f"{r.kind} message: {err}") from None
-            self._store(s, round_id, device_id, "input", payload, done=p.id)
+            self._store(s, round_id, device_id, "input", payload, message_digest(body), done=p.id)
             self.driver.maybe_drive(s, r, now, one_less(r))
 
     def update(self, device_id: str, round_id: int, body: bytes) -> None:
         """A device's model update in a plain training round: checked, stored, added to the running sum."""
         now = self.ctx.clock()
         with self.ctx.device_read() as s:
-            r, _ = self._participation(s, device_id, round_id, "input", now, lock=False)
+            checked = self._checked(s, device_id, round_id, "input", body, now, lock=False)
+            if checked is None:
+                return
+            r, _ = checked
             if r.kind != "train":
                 raise Invalid(f"round {round_id} is a {r.kind} round: send a JSON message")
             numel = self.ctx.num_parameters(s, r)
@@ -137,10 +212,14 @@ class DeviceProtocol:
         except codec.CodecError as err:
             raise Invalid(f"update: {err}") from None
         meta = check_update_header(header, round_id)
-        sha = self.ctx.blobs.put(body)
+        robustness.check_plain_update(self, device_id, round_id, r.job_id, vec, meta["num_examples"])
+        sha = self.ctx.blobs.put(body)  # its SHA-256: the message's digest too
         with self.ctx.device_write() as s:
-            r, p = self._participation(s, device_id, round_id, "input", self.ctx.clock())
-            self._store(s, round_id, device_id, "input", meta, blob=sha)
+            checked = self._checked(s, device_id, round_id, "input", body, self.ctx.clock())
+            if checked is None:  # the same update, sent again while this one was being read
+                return
+            r, p = checked
+            self._store(s, round_id, device_id, "input", meta, sha, blob=sha)
             secure.run(
                 s,
                 update(Participant)
@@ -233,9 +312,16 @@ class DeviceProtocol:
                 body = json.loads(raw or b"{}")
             except (ValueError, RecursionError):
                 body = None
+        # A body that is not a JSON object is refused below, unless it repeats what was accepted.
+        message = bytes(raw) if isinstance(raw, bytes | bytearray) and not isinstance(body, dict) else body
         problem: str | None = None
         with self.ctx.device_write() as s:
-            r, p, problem = self._secure_message(s, device_id, round_id, stage)
+            try:
+                r, p, problem = self._secure_message(s, device_id, round_id, stage)
+            except Conflict:
+                if self._resent(s, device_id, round_id, stage, message):
+                    return
+                raise
             if problem is None and not isinstance(body, dict):
                 problem = f"{stage} message refused: not a JSON object"
             if problem is None:
@@ -250,7 +336,7 @@ class DeviceProtocol:
                 except secure.Refused as err:
                     problem = f"{stage} message refused: {err}"
                 else:
-                    self._store(s, round_id, device_id, stage, payload, done=p.id)
+                    self._store(s, round_id, device_id, stage, payload, message_digest(message), done=p.id)
                     self.driver.maybe_drive(s, r, self.ctx.clock(), one_less(r))
             if problem is not None:
                 self._exclude_in(s, r, device_id, p, problem)
@@ -261,7 +347,12 @@ class DeviceProtocol:
         """A masked vector: checked, stored (it reveals nothing alone) and added to the running sum."""
         problem: str | None = None
         with self.ctx.device_read() as s:
-            r, _, problem = self._secure_message(s, device_id, round_id, "masked_input", lock=False)
+            try:
+                r, _, problem = self._secure_message(s, device_id, round_id, "masked_input", lock=False)
+            except Conflict:
+                if self._resent(s, device_id, round_id, "masked_input", body):
+                    return
+                raise
             if r.kind == "stats":
                 numel = len(secure.SecureRound(s, r).layout())
             else:
@@ -280,18 +371,23 @@ class DeviceProtocol:
         meta.pop("num_examples")
         # With replicas (PostgreSQL) whichever one finishes the round needs every vector: each is stored. One
         # coordinator process (SQLite) keeps the running sum and stores it once, when the stage ends.
+        digest = message_digest(body)
         name = None if self.ctx.sqlite else self.sums.spool(body)
         added = False
         try:
             with self.ctx.device_write() as s:
-                r, p = self._participation(s, device_id, round_id, "masked_input", self.ctx.clock())
-                self._store(s, round_id, device_id, "masked_input", meta, blob=name, done=p.id)
-                # Into the running sum before the commit, so that this message may end the stage itself.
-                added = self.sums.add(round_id, device_id, vec, 0)
-                self.driver.maybe_drive(s, r, self.ctx.clock(), one_less(r))
+                checked = self._checked(s, device_id, round_id, "masked_input", body, self.ctx.clock())
+                if checked is not None:
+                    r, p = checked
+                    self._store(s, round_id, device_id, "masked_input", meta, digest, blob=name, done=p.id)
+                    # Into the running sum before the commit, so that this message may end the stage itself.
+                    added = self.sums.add(round_id, device_id, vec, 0)
+                    self.driver.maybe_drive(s, r, self.ctx.clock(), one_less(r))
         except BaseException:
             if name is not None:
                 self.ctx.blobs.delete(name)
             if added:  # not committed: take the vector out of the running sum again
                 self.sums.take_back(round_id, device_id, vec)
             raise
+        if checked is None and name is not None:  # the same vector, sent again while this one was read
+            self.ctx.blobs.delete(name)

@@ -157,6 +157,9 @@ class RoundMessage(Base):
     stage: Mapped[str] = mapped_column(String(32))
     payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     blob_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    # SHA-256 of the message as the device sent it: a resend of the same message is accepted again
+    # (its first answer was lost), a different one refused. NULL for messages from before revision 0006.
+    digest: Mapped[str | None] = mapped_column(String(64), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     __table_args__ = (UniqueConstraint("round_id", "device_id", "stage", name="uq_round_message"),)
 

@@ -1,7 +1,12 @@
-"""Database engine, sessions and migrations (SQLite in WAL mode or PostgreSQL)."""
+"""Database engine, sessions and migrations (SQLite in WAL mode or PostgreSQL).
+
+A SQLite database holds token hashes and unmasking shares: its file, made 0600 before SQLite opens
+it, gives its mode to the WAL and shared-memory files SQLite makes beside it.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -9,7 +14,10 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+from coordinator.datadir import restrict
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -25,6 +33,9 @@ def make_engine(url: str) -> Engine:
     """An engine tuned for the coordinator's many short transactions."""
     url = normalise_url(url)
     if url.startswith("sqlite"):
+        path = sqlite_path(url)
+        if path is not None:
+            _private_sqlite(path)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
@@ -35,9 +46,31 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
+            if path is not None:  # a database made by an older version, or under a wide umask
+                for suffix in ("-wal", "-shm"):
+                    restrict(f"{path}{suffix}")
 
         return engine
     return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL; None for an in-memory database."""
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def _private_sqlite(path: Path) -> None:
+    """Make the database file 0600 (created empty if missing, so that SQLite never makes it wider)."""
+    if path.parent.is_dir():
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        except OSError:
+            return  # not ours to make: SQLite will say why it cannot open it
+    for suffix in ("", "-wal", "-shm"):
+        restrict(f"{path}{suffix}")
 
 
 def migrate(engine: Engine) -> None:

@@ -58,3 +58,9 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as err:  # a file a command reads or writes
+        print_error(f"{err.filename}: {err.strerror}" if err.filename and err.strerror else str(err))
+        sys.exit(1)
+    except Exception as err:  # noqa: BLE001 - what no command foresaw is still one line, named by its type
+        print_error(f"{type(err).__name__}: {err}")
+        sys.exit(1)

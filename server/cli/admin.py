@@ -20,12 +20,16 @@ def admin_bootstrap(
 ) -> None:
     """Print the first admin token (refused once an admin exists). Works on the database directly."""
     from coordinator import auth
+    from coordinator.datadir import prepare_data_dir
     from coordinator.errors import CoordinatorError
     from coordinator.store import make_engine, migrate, session_factory, transaction
     from server.settings import ServerSettings
 
     settings = ServerSettings(db=db, data_dir=data_dir)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        prepare_data_dir(settings.data_dir)  # the database it makes holds token hashes: 0700, 0600
+    except OSError as err:
+        raise CliError(f"--data-dir {data_dir}: {err.strerror}") from None
     try:
         engine = make_engine(settings.database_url())
         migrate(engine)

@@ -21,11 +21,16 @@ def data_split(
 ) -> None:
     """Split a bundled dataset naturally across devices, with test rows and a job spec to submit."""
     from server.demo import DemoError, prepare_data
+    from shared.jobspec import JobSpecError
 
+    if devices < 2:  # the job spec it writes needs a cohort of two at least
+        raise CliError(f"--devices {devices}: a federation needs 2 devices at least")
     try:
         data = prepare_data(dataset, devices, seed, out, rounds)
-    except DemoError as err:
+    except (DemoError, JobSpecError) as err:
         raise CliError(str(err)) from None
+    except OSError as err:
+        raise CliError(f"--out {out}: {err.strerror}: {err.filename}") from None
     for f, part in zip(data["files"], data["parts"], strict=True):
         print(f"{f}  {len(part)} rows")
     print(f"{data['reference']}  {len(data['test'])} test rows")

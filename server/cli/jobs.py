@@ -26,6 +26,10 @@ def jobs_submit(spec_file: Path, as_json: bool = JSON_OPT) -> None:
         raise CliError(
             message if message.startswith(f"{spec_file}:") else f"{spec_file}: {message}"
         ) from None
+    except UnicodeDecodeError as err:
+        raise CliError(
+            f"{spec_file}: not UTF-8 text: byte {err.object[err.start]:#04x} at offset {err.start}"
+        ) from None
     reference = None
     if spec.evaluation.reference:
         ref = Path(spec.evaluation.reference)
@@ -33,7 +37,10 @@ def jobs_submit(spec_file: Path, as_json: bool = JSON_OPT) -> None:
             ref = spec_file.parent / ref
         if not ref.is_file():
             raise CliError(f"{spec_file}: evaluation.reference: no such file {ref}")
-        reference = ref.read_bytes()
+        try:
+            reference = ref.read_bytes()
+        except OSError as err:
+            raise CliError(f"{spec_file}: evaluation.reference: cannot read {ref}: {err.strerror}") from None
     api = client()
     job = api.json("POST", "/v1/jobs", json=spec.model_dump(mode="json"))
     if reference is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,31 @@ def server_start(
     ),
 ) -> None:
     """Start the coordinator API (migrations are applied first)."""
+    if (tls_cert is None) != (tls_key is None):
+        raise CliError("--tls-cert and --tls-key go together")
+    for f in (tls_cert, tls_key):
+        if f is not None and not f.is_file():
+            raise CliError(f"{f}: no such file")
+    if tls_cert is not None and tls_key is not None:
+        check_tls(tls_cert, tls_key)
+    # What the coordinator writes (database, blobs, keys) is its own: no other local user reads it.
+    umask = os.umask(0o077)
+    try:
+        _serve(db, data_dir, host, port, tls_cert, tls_key, log_level, with_audit_worker)
+    finally:
+        os.umask(umask)  # as it was, for a caller that goes on (the CLI's tests run it in-process)
+
+
+def _serve(
+    db: str | None,
+    data_dir: Path,
+    host: str,
+    port: int,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    log_level: str,
+    with_audit_worker: bool,
+) -> None:
     import logging
 
     import uvicorn
@@ -56,11 +82,6 @@ def server_start(
     from server.app import create_app
     from server.settings import ServerSettings
 
-    if (tls_cert is None) != (tls_key is None):
-        raise CliError("--tls-cert and --tls-key go together")
-    for f in (tls_cert, tls_key):
-        if f is not None and not f.is_file():
-            raise CliError(f"{f}: no such file")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ServerSettings(
         db=db,
@@ -93,6 +114,8 @@ def server_start(
             ssl_certfile=str(tls_cert) if tls_cert else None,
             ssl_keyfile=str(tls_key) if tls_key else None,
         )
+    except OSError as err:  # what the checks above could not foresee (TLS files changed meanwhile)
+        raise CliError(f"cannot serve on {host}:{port}: {err}") from None
     finally:
         if worker is not None:
             worker.terminate()
@@ -100,6 +123,31 @@ def server_start(
                 worker.wait(timeout=30)
             except Exception:  # noqa: BLE001 - it had its chance to finish its audit
                 worker.kill()
+
+
+class _Encrypted(Exception):
+    """The key needs a password: uvicorn asks for it when it loads the key."""
+
+
+def _no_password() -> str:
+    raise _Encrypted
+
+
+def check_tls(cert: Path, key: Path) -> None:
+    """Refuse, in one line, a certificate and key that uvicorn would fail on with a traceback."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(str(cert), str(key), password=_no_password)
+    except _Encrypted:
+        return
+    except ssl.SSLError as err:
+        if "KEY_VALUES_MISMATCH" in str(err):
+            raise CliError(f"--tls-key {key} is not the key of --tls-cert {cert}") from None
+        why = f" ({err.reason})" if err.reason else ""
+        raise CliError(
+            f"--tls-cert {cert} and --tls-key {key} are not a PEM certificate and its key{why}"
+        ) from None
+    except OSError as err:
+        raise CliError(f"cannot read {err.filename or cert}: {err.strerror}") from None
 
 
 def _start_audit_worker(host: str, port: int, tls: bool) -> subprocess.Popen[bytes]:

@@ -41,7 +41,7 @@ from shared.jobspec import load_spec
 from shared.signing import sha256_hex
 from shared.zoo import build_model, flatten_parameters, load_flat_parameters
 
-from .harness import ENV, Coordinator, churn_slices, py, small_spec
+from .harness import ENV, Coordinator, churn_slices, py, self_signed_certificate, small_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB_NAME = "cli-churn"
@@ -965,3 +965,33 @@ def test_server_start_refuses_a_bad_setup_in_one_line(tmp_path: Path, flags: lis
     args = [str(tmp_path / f) if f.endswith(".pem") else f for f in flags]
     shown = aicfl("server", "start", "--data-dir", str(tmp_path), "--port", str(free_port()), *args)
     assert_one_error_line(shown, message)
+
+
+# -- failures that once ended in a traceback ------------------------------------------------------
+
+
+def test_jobs_submit_of_a_spec_that_is_not_utf8_is_one_error_line(tmp_path: Path) -> None:
+    spec = tmp_path / "latin1.toml"
+    spec.write_bytes('name = "caf\xe9"\nrounds = 1\n'.encode("latin-1"))
+    url = f"http://127.0.0.1:{free_port()}"
+    assert_one_error_line(
+        aicfl("--url", url, "jobs", "submit", str(spec)), f"{spec}: not UTF-8 text: byte 0xe9 at offset 11"
+    )
+
+
+def test_server_start_with_a_key_that_is_not_the_certificates_is_one_error_line(tmp_path: Path) -> None:
+    cert, _ = self_signed_certificate(tmp_path / "one")
+    _, other_key = self_signed_certificate(tmp_path / "two")
+    args = ["--data-dir", str(tmp_path / "data"), "--port", str(free_port())]
+    shown = aicfl("server", "start", *args, "--tls-cert", str(cert), "--tls-key", str(other_key))
+    assert_one_error_line(shown, f"--tls-key {other_key} is not the key of --tls-cert {cert}")
+    shown = aicfl("server", "start", *args, "--tls-cert", str(other_key), "--tls-key", str(other_key))
+    assert_one_error_line(shown, "are not a PEM certificate and its key")
+
+
+def test_data_split_for_one_device_is_one_error_line(tmp_path: Path) -> None:
+    shown = aicfl(
+        "data", "split", "--out", str(tmp_path / "split"), "--dataset", "mlc_churn", "--devices", "1"
+    )
+    assert_one_error_line(shown, "--devices 1: a federation needs 2 devices at least")
+    assert not (tmp_path / "split").exists()

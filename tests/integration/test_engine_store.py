@@ -266,8 +266,9 @@ def test_bad_updates_are_refused_without_touching_the_round(fed: Federation) -> 
     with pytest.raises(Forbidden):
         fed.devices.update(devices[3], rid, update(rid, np.ones(n, np.float32), 1))
     fed.devices.update(d, rid, update(rid, np.ones(n, np.float32), 1))
-    with pytest.raises(Conflict, match="already sent"):
-        fed.devices.update(d, rid, update(rid, np.ones(n, np.float32), 1))
+    fed.devices.update(d, rid, update(rid, np.ones(n, np.float32), 1))  # a resend: accepted, counted once
+    with pytest.raises(Conflict, match="already sent a different 'input' message"):
+        fed.devices.update(d, rid, update(rid, np.full(n, 2, np.float32), 1))
     with fed.read() as s:
         p = s.query(Participant).filter_by(round_id=rid, device_id=d).one()
         assert p.status == "active" and p.stage_done == "input" and p.num_examples == 1
