@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import ssl
+import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -74,3 +78,44 @@ class SignedClient:
 
     def post_json(self, path: str, payload: dict[str, Any]) -> Any:
         return self.request("POST", path, json.dumps(payload).encode()).json()
+
+
+ENROLL_ATTEMPTS = 4
+MAX_ENROLL_WAIT_SECONDS = 120.0
+
+
+def _retry_after(resp: httpx.Response) -> float:
+    try:
+        seconds = float(resp.headers.get("retry-after", ""))
+    except ValueError:
+        seconds = 10.0  # a Retry-After in HTTP-date form, or none: a guess that eases off
+    return min(max(seconds, 1.0), MAX_ENROLL_WAIT_SECONDS)
+
+
+def post_enrollment(
+    url: str,
+    body: dict[str, Any],
+    *,
+    verify: ssl.SSLContext | str | bool,
+    timeout: float = 30.0,
+    attempts: int = ENROLL_ATTEMPTS,
+    sleep: Callable[[float], None] = time.sleep,
+) -> httpx.Response:
+    """POST the enrollment request to ``url`` (…/v1/enroll), waiting out the coordinator's rate limit.
+
+    A 429 (too many enrollments from this address) is retried after its
+    Retry-After, up to ``attempts`` tries in all, saying so on stderr; the last
+    answer is returned whatever it is. Network errors propagate as httpx errors.
+    """
+    for attempt in range(1, attempts + 1):
+        resp = httpx.post(url, json=body, timeout=timeout, verify=verify)
+        if resp.status_code != 429 or attempt == attempts:
+            return resp
+        wait = _retry_after(resp)
+        print(
+            f"the coordinator is limiting enrollments from this address; retrying in {wait:.0f} s"
+            f" (attempt {attempt + 1} of {attempts})",
+            file=sys.stderr,
+        )
+        sleep(wait)
+    raise AssertionError("unreachable")  # the loop returns on its last attempt

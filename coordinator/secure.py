@@ -37,7 +37,7 @@ from shared.jobspec import SecAggSpec
 from shared.secagg import statistics as secagg_statistics
 from shared.secagg.graph import neighbour_graph
 from shared.secagg.params import SecAggParams, derive_params
-from shared.secagg.primitives import SecAggError
+from shared.secagg.primitives import SecAggError, check_agreement_key
 from shared.secagg.protocol import decode_share, verify_advertisement
 from shared.signing import SignatureError, identity_verifier
 
@@ -50,8 +50,14 @@ class Refused(Exception):
     """A device's secure-aggregation message that cannot be used: the device is excluded."""
 
 
-def setup(cohort: list[str], spec: SecAggSpec, job_id: int, number: int) -> dict[str, Any]:
-    """Parameters, graph seed and context of a new secure round (raises ValueError if infeasible)."""
+def setup(
+    cohort: list[str], spec: SecAggSpec, job_id: int, number: int, max_weight: int | None = None
+) -> dict[str, Any]:
+    """Parameters, graph seed and context of a new secure round (raises ValueError if infeasible).
+
+    ``max_weight`` (``robustness.max_weight``, for training rounds) lowers the weight cap every device
+    multiplies its clipped update by: the protocol's own bound on one device's pull (docs/robustness.md).
+    """
     params = derive_params(
         len(cohort),
         dropout=spec.dropout,
@@ -60,7 +66,7 @@ def setup(cohort: list[str], spec: SecAggSpec, job_id: int, number: int) -> dict
         t=spec.t,
         clip=spec.clip,
         bits=spec.bits,
-        weight_cap=spec.weight_cap,
+        weight_cap=spec.weight_cap if max_weight is None else min(spec.weight_cap, max_weight),
     )
     seed = secrets.token_bytes(32)
     context = f"aicfl/v1/job/{job_id}/round/{number}/{seed.hex()[:16]}".encode()
@@ -318,6 +324,11 @@ class SecureRound:
         verify = identity_verifier(identity_keys(s, [device]))
         try:
             c_pk, s_pk = verify_advertisement(self.context, device, body, verify)
+            for name, key in (("c_pk", c_pk), ("s_pk", s_pk)):
+                try:
+                    check_agreement_key(key)
+                except SecAggError as err:
+                    raise SecAggError(f"advertise message of device {device!r}: {name}: {err}") from None
         except (SecAggError, SignatureError) as err:
             raise Refused(str(err)) from None
         # A key another device already advertised was replayed or copied: agreeing with it would let one
@@ -413,6 +424,8 @@ class SecureRound:
             "advertised": self.payloads("advertise_keys"),
             "b_shares": b_shares,
             "sk_shares": sk_shares,
+            # A training round's sum carries weights: its bounds are checked once unmasked.
+            "weighted": self.r.kind == "train",
         }
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -30,7 +31,28 @@ class ServerSettings(BaseSettings):
     )
     idle_retry: float = Field(default=2.0, gt=0)
     active_retry: float = Field(default=0.5, gt=0)
-    max_body_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+    max_body_bytes: int = Field(
+        default=512 * 1024 * 1024,
+        gt=0,
+        description="largest device upload (model update, masked input), operator model or reference data",
+    )
+    max_json_bytes: int = Field(
+        default=1024 * 1024, gt=0, description="largest body of any other request (JSON, mostly)"
+    )
+    max_audit_report_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        gt=0,
+        description="largest audit report (with its PNG plots) or AutoML baseline an operator uploads",
+    )
+    max_enroll_bytes: int = Field(default=16 * 1024, gt=0, description="largest enrollment request")
+    max_form_bytes: int = Field(default=8 * 1024, gt=0, description="largest dashboard form post (/ui/)")
+    enroll_rate_per_minute: float = Field(
+        default=10.0, gt=0, description="enrollment attempts a source address may make per minute"
+    )
+    enroll_unlimited_networks: list[str] = Field(
+        default=["127.0.0.0/8", "::1/128"],
+        description="source networks exempt from the enrollment rate limit (JSON list in the environment)",
+    )
     upload_slots: int = Field(
         default=8,
         gt=0,
@@ -40,6 +62,16 @@ class ServerSettings(BaseSettings):
         ),
     )
     log_level: str = "info"
+
+    @field_validator("enroll_unlimited_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for net in value:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"{net!r} is not an IP network such as 10.0.0.0/8") from None
+        return value
 
     def database_url(self) -> str:
         return self.db or f"sqlite:///{(self.data_dir / 'coordinator.db').resolve()}"

@@ -10,6 +10,7 @@ coordinator over the job, the version and the blob's SHA-256.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
 import secrets
@@ -60,10 +61,100 @@ def public_key_bytes(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
     return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def load_public_key(raw_b64: str) -> Ed25519PublicKey:
-    raw = b64d(raw_b64, "public key")
+# Ed25519 (RFC 8032, section 5.1): the field prime, the curve constant d, and the order L of the
+# base point's group. The whole curve has 8 * L points; the other factor, 8, is the torsion.
+_P = 2**255 - 19
+_D = -121665 * pow(121666, -1, _P) % _P
+_L = 2**252 + 27742317777372353535851937790883648493
+_SQRT_M1 = pow(2, (_P - 1) // 4, _P)
+_IDENTITY = (0, 1, 1, 0)
+
+_Point = tuple[int, int, int, int]  # extended coordinates (X, Y, Z, T): x = X/Z, y = Y/Z, xy = T/Z
+
+
+def _decode_point(raw: bytes) -> _Point:
+    """The point a 32-byte encoding names (RFC 8032, 5.1.3); SignatureError if none, or not canonically."""
+    y = int.from_bytes(raw, "little") & ((1 << 255) - 1)
+    sign = raw[31] >> 7
+    if y >= _P:
+        raise SignatureError("Ed25519 public key is not canonically encoded (y is not below the field prime)")
+    u, v = (y * y - 1) % _P, (_D * y * y + 1) % _P
+    x = u * pow(v, 3, _P) * pow(u * pow(v, 7, _P), (_P - 5) // 8, _P) % _P
+    if (v * x * x - u) % _P != 0:
+        x = x * _SQRT_M1 % _P
+        if (v * x * x - u) % _P != 0:
+            raise SignatureError("Ed25519 public key is not a point on the curve")
+    if x == 0 and sign:
+        raise SignatureError("Ed25519 public key is not canonically encoded (x = 0 with its sign bit set)")
+    if x & 1 != sign:
+        x = _P - x
+    return (x, y, 1, x * y % _P)
+
+
+def _add(a: _Point, b: _Point) -> _Point:
+    """Point addition on -x^2 + y^2 = 1 + d x^2 y^2 (Hisil et al. 2008; complete, so it also doubles)."""
+    x1, y1, z1, t1 = a
+    x2, y2, z2, t2 = b
+    aa = (y1 - x1) * (y2 - x2) % _P
+    bb = (y1 + x1) * (y2 + x2) % _P
+    cc = 2 * _D * t1 * t2 % _P
+    dd = 2 * z1 * z2 % _P
+    e, f, g, h = bb - aa, dd - cc, dd + cc, bb + aa
+    return (e * f % _P, g * h % _P, f * g % _P, e * h % _P)
+
+
+def _multiply(n: int, point: _Point) -> _Point:
+    result = _IDENTITY
+    for bit in bin(n)[2:]:
+        result = _add(result, result)
+        if bit == "1":
+            result = _add(result, point)
+    return result
+
+
+def _is_identity(point: _Point) -> bool:
+    x, y, z, _ = point
+    return x % _P == 0 and (y - z) % _P == 0
+
+
+@functools.lru_cache(maxsize=4096)
+def _key_problem(raw: bytes) -> str | None:
+    # Cached: a device's key is checked on each of its requests, and the arithmetic takes a few ms.
+    try:
+        point = _decode_point(raw)
+    except SignatureError as err:
+        return str(err)
+    if _is_identity(_multiply(8, point)):
+        return (
+            "Ed25519 public key is a small-order point (one of the curve's 8 torsion points):"
+            " signatures under it can be forged without any private key"
+        )
+    if not _is_identity(_multiply(_L, point)):
+        return "Ed25519 public key is not in the prime-order subgroup (it has a small-order component)"
+    return None
+
+
+def check_public_key(raw: bytes) -> None:
+    """Refuse an Ed25519 public key that no honest key generation gives: SignatureError naming the fault.
+
+    A wrong length, a non-canonical encoding (y at or above the field prime, or
+    x = 0 with its sign bit set), a point not on the curve, a small-order point
+    (libsodium refuses the same ones in ``crypto_sign_verify_detached``), or a
+    point with a small-order component. A small-order key is the danger: the
+    all-zero key (order 4) lets anyone forge a signature that verifies one time
+    in four, with no private key.
+    """
     if len(raw) != 32:
-        raise SignatureError("an Ed25519 public key is 32 bytes")
+        raise SignatureError(f"an Ed25519 public key is 32 bytes, got {len(raw)}")
+    problem = _key_problem(bytes(raw))
+    if problem is not None:
+        raise SignatureError(problem)
+
+
+def load_public_key(raw_b64: str) -> Ed25519PublicKey:
+    """An Ed25519 public key from its base64 encoding, checked by :func:`check_public_key`."""
+    raw = b64d(raw_b64, "public key")
+    check_public_key(raw)
     return Ed25519PublicKey.from_public_bytes(raw)
 
 

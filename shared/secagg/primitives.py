@@ -67,6 +67,25 @@ def load_private(raw: bytes) -> X25519PrivateKey:
     return X25519PrivateKey.from_private_bytes(raw)
 
 
+def check_agreement_key(raw: bytes) -> None:
+    """Refuse an X25519 public key of small order; SecAggError if it is one, or is malformed.
+
+    A small-order u-coordinate (0, 1, p - 1, the two of order 8, and their
+    non-canonical forms at or above p, or with the ignored top bit set:
+    libsodium's blocklist) gives the all-zero shared secret with every private
+    key, so pairwise masks and share encryption keyed by it would be known to
+    everyone. Such a key is exactly one whose agreement with a fresh key is
+    all-zero, which ``cryptography`` refuses with a ValueError: that test is
+    used here, so no list of encodings needs keeping.
+    """
+    if len(raw) != KEY_BYTES:
+        raise SecAggError(f"an X25519 public key is {KEY_BYTES} bytes, got {len(raw)}")
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(raw))
+    except ValueError:
+        raise SecAggError("X25519 public key is a small-order point (every shared secret is zero)") from None
+
+
 def agree(private: X25519PrivateKey, peer_public: bytes, info: bytes) -> bytes:
     """X25519 with the peer's raw public key, then HKDF-SHA256 to 32 bytes.
 
