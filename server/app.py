@@ -6,7 +6,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -15,14 +15,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import select
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from coordinator import auth
 from coordinator.blobs import LocalBlobStore
+from coordinator.datadir import prepare_data_dir
 from coordinator.engine import EngineSettings, Federation
 from coordinator.errors import CoordinatorError
 from coordinator.keys import load_or_create_signing_key
 from coordinator.store import make_engine, migrate, session_factory
-from server import metrics, ui
+from server import limits, metrics, ui
 from server.routers import audits, device_api, jobs, operators
 from server.settings import ServerSettings
 from shared.jobspec import JobSpecError
@@ -32,17 +34,31 @@ log = logging.getLogger("aicfl.server")
 PROBLEM = "application/problem+json"
 
 
-def problem(status: int, title: str, detail: str) -> JSONResponse:
-    """An RFC 9457 problem-details response."""
+def problem(status: int, title: str, detail: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """An RFC 9457 problem-details response (``server.schemas.Problem``)."""
     return JSONResponse(
         {"type": "about:blank", "title": title, "status": status, "detail": detail},
         status_code=status,
         media_type=PROBLEM,
+        headers=headers,
     )
 
 
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """The methods the app's routes answer at the request's path (the Allow header of a 405)."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in HTTP_METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+    ]
+
+
 def build_federation(settings: ServerSettings) -> Federation:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    prepare_data_dir(settings.data_dir)
     engine = make_engine(settings.database_url())
     migrate(engine)
     return Federation(
@@ -107,6 +123,8 @@ def create_app(settings: ServerSettings | None = None, *, run_ticker: bool = Tru
     app.state.federation = fed
     app.state.settings = settings
     app.state.upload_slots = asyncio.Semaphore(settings.upload_slots)
+    # Innermost of the middlewares, so the route reads its body through the limit and nothing else buffers it.
+    app.add_middleware(limits.BodyLimits)
 
     metrics.install(app, fed, settings.eligibility_window)
 
@@ -132,7 +150,11 @@ def create_app(settings: ServerSettings | None = None, *, run_ticker: bool = Tru
     async def _http(request: Request, err: StarletteHTTPException) -> Response:
         if ui.is_ui_path(request.url.path):
             return ui.error_page(request, err.status_code, str(err.detail))
-        return problem(err.status_code, "HTTP error", str(err.detail))
+        headers = dict(err.headers or {})
+        if err.status_code == 405:
+            # Starlette's Allow names the methods of one route; a path has a route per method.
+            headers["Allow"] = ", ".join(allowed_methods(request))
+        return problem(err.status_code, "HTTP error", str(err.detail), headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, err: Exception) -> Response:

@@ -2,10 +2,59 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+PROBLEM = "application/problem+json"
+
+
+def _as_utc(value: datetime) -> datetime:
+    # The database hands back naive UTC (SQLite keeps no zone); a published date-time carries its offset.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
+"""A timestamp in UTC, serialised in RFC 3339 with its offset (``2026-01-01T12:00:00Z``)."""
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem document: the body of every error the API answers with."""
+
+    type: str = Field(default="about:blank", description="a URI naming the problem type")
+    title: str = Field(description="a short summary of the problem type")
+    status: int = Field(description="the HTTP status code")
+    detail: str = Field(description="what went wrong with this request, for a person to act on")
+
+
+_MEANINGS = {
+    400: "The body could not be read as the declared media type (not UTF-8, not JSON)",
+    401: "No valid credentials: a missing or unknown operator token, or an unsigned or badly signed "
+    "device request",
+    403: "The credentials do not allow this: an operator token without the admin role, or a device "
+    "asking for what it has no part in",
+    404: "Nothing with that id or name",
+    409: "The request conflicts with the current state (a job or round that has moved on, an audit "
+    "held by another worker, a key already enrolled)",
+    413: "The request body is over the coordinator's limit for this kind of request",
+    422: "The request is invalid: a parameter, body or job spec that does not check out",
+    429: "Too many requests from this address; Retry-After says when to try again",
+}
+_PROBLEM_SCHEMA = Problem.model_json_schema()
+
+
+def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` entries documenting each status as an RFC 9457 problem document."""
+    out: dict[int | str, dict[str, Any]] = {
+        status: {"description": _MEANINGS[status], "content": {PROBLEM: {"schema": _PROBLEM_SCHEMA}}}
+        for status in statuses
+    }
+    if 429 in out:
+        out[429]["headers"] = {
+            "Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}, "required": True}
+        }
+    return out
 
 
 class _Out(BaseModel):
@@ -27,9 +76,9 @@ class DeviceOut(_Out):
     id: str
     name: str
     platform: str
-    enrolled_at: datetime
+    enrolled_at: UtcDatetime
     last_seen: float | None
-    revoked_at: datetime | None
+    revoked_at: UtcDatetime | None
     agent_version: str
     peak_rss_mb: float | None
     online: bool = False
@@ -47,7 +96,7 @@ class ModelVersionOut(_Out):
     metrics: dict[str, Any]
     provenance: dict[str, Any]
     released: bool
-    created_at: datetime
+    created_at: UtcDatetime
 
 
 class ParticipantOut(_Out):
@@ -66,8 +115,8 @@ class RoundOut(_Out):
     status: str
     stage_deadline: float
     reason: str | None
-    started_at: datetime
-    ended_at: datetime | None
+    started_at: UtcDatetime
+    ended_at: UtcDatetime | None
     model_version_in: int | None
     model_version_out: int | None
     minimum: int
@@ -96,8 +145,8 @@ class JobOut(_Out):
     name: str
     status: str
     reason: str | None
-    created_at: datetime
-    updated_at: datetime
+    created_at: UtcDatetime
+    updated_at: UtcDatetime
     created_by: str
     rounds: int
     rounds_completed: int
@@ -130,8 +179,19 @@ class BaselineOut(_Out):
     leaderboard: list[Any]
     contributions: dict[str, Any]
     provenance: dict[str, Any]
-    created_at: datetime
+    created_at: UtcDatetime
     created_by: str
+
+
+class AuditClaimOut(_Out):
+    """An audit a worker took, under a lease (coordinator.audits.claim_dict)."""
+
+    id: int
+    job_id: int
+    version: int
+    attempt: int
+    previous_version: int | None = Field(description="the version the audit's drift is measured against")
+    lease_until: float = Field(description="when the lease ends (Unix seconds): report or fail before")
 
 
 class AuditOut(_Out):
@@ -146,6 +206,6 @@ class AuditOut(_Out):
     plots: list[str]
     top_features: list[str] | None = None
     rank_correlation_to_previous: float | None = None
-    created_at: datetime
-    updated_at: datetime
+    created_at: UtcDatetime
+    updated_at: UtcDatetime
     report: dict[str, Any] | None = None

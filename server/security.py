@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from fastapi import Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from coordinator import auth
@@ -22,22 +23,29 @@ def federation(request: Request) -> Federation:
     return request.app.state.federation  # type: ignore[no-any-return]
 
 
-def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+# Declared as a security scheme so that the published API names it on every operator operation
+# and /docs offers an Authorize button. auto_error=False: a missing or malformed header reaches
+# auth.authenticate_operator, which answers with our 401 problem document, not FastAPI's.
+bearer = HTTPBearer(
+    scheme_name="OperatorToken",
+    description="An operator token (`aicfl admin bootstrap`, POST /v1/operators) with the admin or "
+    "viewer role, sent as `Authorization: Bearer <token>`. Missing or unknown: 401; a viewer token "
+    "on an admin operation: 403.",
+    auto_error=False,
+)
 
 
-def operator(request: Request) -> Operator:
+def operator(
+    request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
+) -> Operator:
     """Any valid operator token (viewer or admin)."""
     fed = federation(request)
     with fed.read() as s:
-        return auth.authenticate_operator(s, _bearer(request))
+        return auth.authenticate_operator(s, credentials.credentials if credentials else None)
 
 
-def admin(request: Request) -> Operator:
+def admin(op: Operator = Depends(operator)) -> Operator:
     """An operator token with the admin role."""
-    op = operator(request)
     op.require("admin")
     return op
 

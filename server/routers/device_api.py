@@ -12,6 +12,8 @@ from starlette.concurrency import run_in_threadpool
 from coordinator import auth
 from coordinator.errors import Invalid
 from server.metrics import count_received
+from server.params import JobId, RoundId, Version, request_body, signed_device_request
+from server.schemas import problems
 from server.security import device_request, federation, read_body
 from shared.signing import b64e, public_key_bytes
 from shared.wire import (
@@ -26,6 +28,9 @@ from shared.wire import (
 
 router = APIRouter(prefix="/v1", tags=["devices (agent)"])
 
+ROUND_PROBLEMS = problems(401, 403, 404, 409, 413, 422)
+BYTES = {"schema": {"type": "string", "format": "binary"}}
+
 
 def _json(body: bytes, model: Any) -> Any:
     try:
@@ -36,7 +41,12 @@ def _json(body: bytes, model: Any) -> Any:
         raise Invalid(f"{loc}: {first['msg']}") from None
 
 
-@router.post("/enroll", response_model=EnrollResponse)
+@router.post(
+    "/enroll",
+    response_model=EnrollResponse,
+    responses=problems(401, 409, 413, 422, 429),
+    openapi_extra=request_body(EnrollRequest),
+)
 async def enroll(request: Request) -> EnrollResponse:
     """Enroll a device with a one-time token and the Ed25519 public key it generated."""
     body = await read_body(request)
@@ -56,7 +66,12 @@ async def enroll(request: Request) -> EnrollResponse:
     return await run_in_threadpool(run)
 
 
-@router.post("/device/checkin", response_model=CheckinResponse)
+@router.post(
+    "/device/checkin",
+    response_model=CheckinResponse,
+    responses=problems(401, 404, 413, 422),
+    openapi_extra=signed_device_request(CheckinRequest),
+)
 async def checkin(request: Request, who: tuple[str, bytes] = Depends(device_request)) -> CheckinResponse:
     """Report in; the answer says when to come back and what to do now, if anything."""
     device_id, body = who
@@ -65,18 +80,31 @@ async def checkin(request: Request, who: tuple[str, bytes] = Depends(device_requ
     return await run_in_threadpool(federation(request).checkins.checkin, device_id, req)
 
 
-@router.get("/device/jobs/{job_id}/models/{version}")
+@router.get(
+    "/device/jobs/{job_id}/models/{version}",
+    response_class=Response,
+    responses={
+        200: {"description": "the signed model blob", "content": {"application/octet-stream": BYTES}},
+        **problems(401, 403, 404, 422),
+    },
+    openapi_extra=signed_device_request(),
+)
 async def device_model(
-    job_id: int, version: int, request: Request, who: tuple[str, bytes] = Depends(device_request)
+    job_id: JobId, version: Version, request: Request, who: tuple[str, bytes] = Depends(device_request)
 ) -> Response:
     """A model version's bytes, for a device selected in one of the job's rounds."""
     data = await run_in_threadpool(federation(request).checkins.model_blob, who[0], job_id, version)
     return Response(content=data, media_type="application/octet-stream")
 
 
-@router.post("/device/rounds/{round_id}/configure", response_model=Accepted)
+@router.post(
+    "/device/rounds/{round_id}/configure",
+    response_model=Accepted,
+    responses=ROUND_PROBLEMS,
+    openapi_extra=signed_device_request(ConfigureMessage),
+)
 async def configure(
-    round_id: int, request: Request, who: tuple[str, bytes] = Depends(device_request)
+    round_id: RoundId, request: Request, who: tuple[str, bytes] = Depends(device_request)
 ) -> Accepted:
     """Take part in a round (model verified, data checked), or decline with a reason."""
     device_id, body = who
@@ -86,9 +114,14 @@ async def configure(
     return Accepted()
 
 
-@router.post("/device/rounds/{round_id}/input", response_model=Accepted)
+@router.post(
+    "/device/rounds/{round_id}/input",
+    response_model=Accepted,
+    responses=ROUND_PROBLEMS,
+    openapi_extra=signed_device_request({"type": "object"}, binary=True),
+)
 async def round_input(
-    round_id: int, request: Request, who: tuple[str, bytes] = Depends(device_request)
+    round_id: RoundId, request: Request, who: tuple[str, bytes] = Depends(device_request)
 ) -> Accepted:
     """The round's input: a binary update (training) or a JSON message (statistics, evaluation)."""
     device_id, body = who
@@ -99,7 +132,7 @@ async def round_input(
     else:
         try:
             payload = json.loads(body or b"{}")
-        except json.JSONDecodeError as err:
+        except ValueError as err:  # not JSON, or not UTF-8 (UnicodeDecodeError)
             raise Invalid(f"body is not valid JSON: {err}") from None
         if not isinstance(payload, dict):
             raise Invalid("body must be a JSON object")
@@ -107,9 +140,14 @@ async def round_input(
     return Accepted()
 
 
-@router.post("/device/rounds/{round_id}/withdraw", response_model=Accepted)
+@router.post(
+    "/device/rounds/{round_id}/withdraw",
+    response_model=Accepted,
+    responses=ROUND_PROBLEMS,
+    openapi_extra=signed_device_request(WithdrawMessage),
+)
 async def withdraw(
-    round_id: int, request: Request, who: tuple[str, bytes] = Depends(device_request)
+    round_id: RoundId, request: Request, who: tuple[str, bytes] = Depends(device_request)
 ) -> Accepted:
     """Leave a round this device accepted, with the reason (its app failed): counted as dropped, and
     the round goes on without waiting for the stage's deadline."""
@@ -120,9 +158,14 @@ async def withdraw(
     return Accepted()
 
 
-@router.post("/device/rounds/{round_id}/{stage}", response_model=Accepted)
+@router.post(
+    "/device/rounds/{round_id}/{stage}",
+    response_model=Accepted,
+    responses=ROUND_PROBLEMS,
+    openapi_extra=signed_device_request({"type": "object"}, binary=True),
+)
 async def secure_stage(
-    round_id: int, stage: str, request: Request, who: tuple[str, bytes] = Depends(device_request)
+    round_id: RoundId, stage: str, request: Request, who: tuple[str, bytes] = Depends(device_request)
 ) -> Accepted:
     """A secure-aggregation stage: advertise_keys, share_keys, unmask (JSON) or masked_input (binary)."""
     device_id, body = who

@@ -7,7 +7,7 @@ from pydantic import BaseModel, Field
 
 from coordinator import auth, queries
 from coordinator.auth import Operator
-from server.schemas import DeviceOut, EnrollmentTokensOut, TokenOut
+from server.schemas import DeviceOut, EnrollmentTokensOut, TokenOut, problems
 from server.security import admin, federation, operator
 
 router = APIRouter(prefix="/v1", tags=["operators"])
@@ -23,7 +23,9 @@ class NewEnrollmentTokens(BaseModel):
     ttl_seconds: float = Field(default=3600, gt=0)
 
 
-@router.post("/operators", response_model=TokenOut, status_code=201)
+@router.post(
+    "/operators", response_model=TokenOut, status_code=201, responses=problems(400, 401, 403, 413, 422)
+)
 def create_operator(body: NewOperator, request: Request, op: Operator = Depends(admin)) -> TokenOut:
     """Make an operator token (admin or viewer); the token is shown once."""
     with federation(request).write() as s:
@@ -31,7 +33,12 @@ def create_operator(body: NewOperator, request: Request, op: Operator = Depends(
     return TokenOut(name=body.name, role=body.role, token=token)
 
 
-@router.post("/enrollment-tokens", response_model=EnrollmentTokensOut, status_code=201)
+@router.post(
+    "/enrollment-tokens",
+    response_model=EnrollmentTokensOut,
+    status_code=201,
+    responses=problems(400, 401, 403, 413, 422),
+)
 def create_enrollment_tokens(
     body: NewEnrollmentTokens, request: Request, op: Operator = Depends(admin)
 ) -> EnrollmentTokensOut:
@@ -41,7 +48,7 @@ def create_enrollment_tokens(
     return EnrollmentTokensOut(tokens=tokens, expires_in_seconds=body.ttl_seconds)
 
 
-@router.get("/devices", response_model=list[DeviceOut])
+@router.get("/devices", response_model=list[DeviceOut], responses=problems(401))
 def list_devices(request: Request, op: Operator = Depends(operator)) -> list[DeviceOut]:
     fed = federation(request)
     with fed.read() as s:
@@ -49,7 +56,9 @@ def list_devices(request: Request, op: Operator = Depends(operator)) -> list[Dev
     return [DeviceOut.model_validate(r) for r in rows]
 
 
-@router.post("/devices/{device_id}/revoke", response_model=DeviceOut)
+@router.post(
+    "/devices/{device_id}/revoke", response_model=DeviceOut, responses=problems(401, 403, 404, 413, 422)
+)
 def revoke_device(device_id: str, request: Request, op: Operator = Depends(admin)) -> DeviceOut:
     """Revoke a device: its signed requests are refused from now on."""
     with federation(request).write() as s:

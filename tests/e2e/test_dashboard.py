@@ -164,7 +164,9 @@ def test_operator_watches_a_job_run_in_the_dashboard(
     # The table under the curve follows the last round's end (it is fetched after the page's refresh).
     curve_rounds = len([r for r in rounds if r["status"] == "completed" and r["kind"] != "stats"])
     wait_for(
-        lambda: page.locator("#curve-table tbody tr").count() == curve_rounds, 10, "the curve table's last round"
+        lambda: page.locator("#curve-table tbody tr").count() == curve_rounds,
+        10,
+        "the curve table's last round",
     )
     assert stages_seen, "the running round's stage was never shown"
 
