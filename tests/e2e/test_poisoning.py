@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 
 POISON = "AICFL_TEST_POISON"
 APP = "tests.e2e.test_poisoning:app"
+ROUNDS = 2
 HONEST = 6  # one poisoner among six: under SecAgg+ it weighs at most a seventh of the mean
 
 
@@ -50,7 +51,7 @@ def job_spec(schema: dict[str, Any], secure: bool, devices: int) -> dict[str, An
     """The same job for the honest-only and the poisoned run; the cohort is every device there is."""
     name = f"{'secure' if secure else 'plain'}-{devices}"
     spec = small_spec(
-        schema, rounds=3, target=devices, minimum=HONEST, stage_timeout=20, name=name, secure=secure
+        schema, rounds=ROUNDS, target=devices, minimum=HONEST, stage_timeout=20, name=name, secure=secure
     )
     spec["model"] = {**spec["model"], "app": APP}
     spec["robustness"] = {"max_update_norm": 10.0, "max_weight": 100}
@@ -84,7 +85,7 @@ def test_one_poisoner_moves_the_final_auc_by_less_than_0_02(coord: Coordinator, 
     weight: dict[bool, int] = {}  # the summed weight of the honest devices, per round
     for secure in (False, True):
         honest[secure], rounds = run_job(coord, job_spec(schema, secure, HONEST), ref)
-        assert [r["status"] for r in rounds] == ["completed"] * 3
+        assert [r["status"] for r in rounds] == ["completed"] * ROUNDS
         weight[secure] = rounds[0]["metrics"]["examples"]
 
     coord.run_agent(homes[HONEST], env={POISON: "1"})
@@ -96,7 +97,7 @@ def test_one_poisoner_moves_the_final_auc_by_less_than_0_02(coord: Coordinator, 
     poisoned: dict[bool, float] = {}
     for secure in (False, True):
         poisoned[secure], rounds = run_job(coord, job_spec(schema, secure, HONEST + 1), ref)
-        assert [r["status"] for r in rounds] == ["completed"] * 3
+        assert [r["status"] for r in rounds] == ["completed"] * ROUNDS
         if not secure:
             # The coordinator saw the update: refused, the device excluded with the reason.
             assert all((r["participants"], r["completed_by"]) == (HONEST + 1, HONEST) for r in rounds), rounds

@@ -23,7 +23,7 @@ load_all_checks()
 CHECKS_RUN = cast(list[CheckFunction], CHECKS.get_by_names(list(CHECK_NAMES)))
 # Random cases per operation after schemathesis's explicit ones (schema examples and the coverage
 # phase's boundary values, which run in full): the 34 operations in about a minute on two cores.
-EXAMPLES = int(os.environ.get("AICFL_FUZZ_EXAMPLES", "40"))
+EXAMPLES = int(os.environ.get("AICFL_FUZZ_EXAMPLES", "15"))
 
 
 @pytest.fixture(scope="module")
