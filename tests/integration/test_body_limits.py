@@ -35,7 +35,7 @@ from .harness import Coordinator
 MiB = 1024 * 1024
 HUGE = 600 * MiB
 RSS_SLACK = 50 * 1000 * 1000
-ENROLL_RATE = 60  # a minute: one a second, in bursts of up to 60
+ENROLL_RATE = 20  # a minute: one every 3 s, in bursts of up to 20
 PROBLEM = "application/problem+json"
 
 
@@ -207,23 +207,34 @@ def test_bodies_within_their_limits_still_reach_the_routes(server: Coordinator) 
 def test_enrollment_rate_is_limited_per_address_and_the_agent_waits_it_out(server: Coordinator) -> None:
     key = b64e(public_key_bytes(Ed25519PrivateKey.generate()))
     attempt = {"token": "aicfl_enr_nothing", "public_key": key, "name": "d", "platform": "p"}
+    token = server.api().json("POST", "/v1/enrollment-tokens", json={"count": 1})["tokens"][0]
+
+    def drain(client: httpx.Client) -> httpx.Response:
+        """Bad attempts until the address's bucket is empty (however slowly this machine sends them)."""
+        for _ in range(3 * ENROLL_RATE):
+            resp = client.post("/v1/enroll", json=attempt)
+            assert resp.status_code in (401, 429), resp.text  # a bad token, or refused before it was looked at
+            if resp.status_code == 429:
+                return resp
+        raise AssertionError(f"{3 * ENROLL_RATE} attempts were never refused")
+
     with httpx.Client(base_url=server.url) as client:
-        statuses = [client.post("/v1/enroll", json=attempt).status_code for _ in range(ENROLL_RATE + 5)]
-        assert 429 in statuses and set(statuses) <= {401, 429}
-        refused = client.post("/v1/enroll", json=attempt)
-    assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        refused = drain(client)
+    assert 1 <= int(refused.headers["retry-after"]) <= 60 // ENROLL_RATE
     assert "AICFL_ENROLL_RATE_PER_MINUTE" in str(problem(refused)["detail"])
 
-    token = server.api().json("POST", "/v1/enrollment-tokens", json={"count": 1})["tokens"][0]
     waits: list[float] = []
 
     def sleep(seconds: float) -> None:
         waits.append(seconds)
         time.sleep(seconds)
 
+    with httpx.Client(base_url=server.url) as client:
+        drain(client)  # empty again, right before the agent tries
     resp = post_enrollment(server.url + "/v1/enroll", {**attempt, "token": token}, verify=True, sleep=sleep)
     assert resp.status_code == 200, resp.text
-    assert waits == [1.0]  # the bucket was empty: one Retry-After of 1 s, then a token had come back
+    # The bucket was empty: the agent waited out the Retry-After it was given, then a token had come back.
+    assert waits and all(1 <= w <= 60 // ENROLL_RATE for w in waits), waits
 
 
 def test_token_buckets_allow_a_burst_then_one_per_interval() -> None:
