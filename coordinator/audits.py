@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
-from coordinator.blobs import LocalBlobStore
+from coordinator.blobs import BlobStore
 from coordinator.errors import Conflict, Invalid, NotFound
 from coordinator.models import Audit, Event, Job, ModelVersion
 from shared.jobspec import JobSpec
@@ -138,7 +138,7 @@ def decode_plots(plots: Any) -> dict[str, bytes]:
 
 def complete(
     s: Session,
-    blobs: LocalBlobStore,
+    blobs: BlobStore,
     audit_id: int,
     worker: str,
     *,

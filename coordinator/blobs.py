@@ -1,18 +1,68 @@
-"""The blob store: large binary objects (models, update vectors) addressed by SHA-256.
+"""The blob store: large binary objects (models, update vectors, audit plots) addressed by SHA-256.
 
-Its folders are 0700 and its files 0600 whatever the umask: a blob may be a masked vector or a
-model an operator has not released.
+``BlobStore`` is what the engine needs of one; ``LocalBlobStore`` keeps blobs in a folder (the
+embedded default, one coordinator) and ``coordinator.s3blobs.S3BlobStore`` in an S3-compatible bucket
+that several coordinator replicas share. ``open_blob_store`` picks one from the ``blob_store`` setting.
+
+The local store's folders are 0700 and its files 0600 whatever the umask: a blob may be a masked
+vector or a model an operator has not released.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Protocol
 
 from coordinator.datadir import PRIVATE_DIR, private_dir
 from coordinator.errors import NotFound
+
+_HEX = frozenset("0123456789abcdef")
+log = logging.getLogger("aicfl.coordinator")
+
+
+class BlobStore(Protocol):
+    """Blobs under 64-hex-digit names: their SHA-256 (``put``), or 256 random bits (``put_new``).
+
+    The database is the source of truth: a row names a blob only once the blob is written, and a blob
+    is deleted only after the row that dropped it is committed, so a store never needs a transaction.
+    Every method may be called from many threads at once.
+    """
+
+    def put(self, data: bytes | memoryview) -> str:
+        """Store ``data`` under its SHA-256 (lowercase hex), which is returned; storing it again is a no-op."""
+        ...
+
+    def put_new(self, name: str, data: bytes | memoryview) -> None:
+        """Store ``data`` under ``name``, which must not exist yet (``FileExistsError`` if it does)."""
+        ...
+
+    def get(self, sha256: str) -> bytes:
+        """The blob's bytes; ``NotFound`` if it is not in the store."""
+        ...
+
+    def exists(self, sha256: str) -> bool:
+        """Whether the blob is in the store."""
+        ...
+
+    def delete(self, sha256: str) -> None:
+        """Remove the blob; a blob already gone is fine (rounds clean up after restarts too)."""
+        ...
+
+
+def check_name(name: str) -> str:
+    """``name`` if it is 64 lowercase hex digits; ``NotFound`` otherwise, before any path or key is made."""
+    if len(name) != 64 or not _HEX.issuperset(name):
+        raise NotFound(f"no blob {name!r}")
+    return name
+
+
+def missing(name: str) -> NotFound:
+    """The error of a blob that a row names but the store does not hold."""
+    return NotFound(f"blob {name[:12]}… is missing from the store")
 
 
 class LocalBlobStore:
@@ -22,9 +72,7 @@ class LocalBlobStore:
         self.root = private_dir(root)
 
     def path(self, sha256: str) -> Path:
-        if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
-            raise NotFound(f"no blob {sha256!r}")
-        return self.root / sha256[:2] / sha256
+        return self.root / sha256[:2] / check_name(sha256)
 
     def put(self, data: bytes | memoryview) -> str:
         sha = hashlib.sha256(data).hexdigest()
@@ -58,10 +106,29 @@ class LocalBlobStore:
         try:
             return self.path(sha256).read_bytes()
         except FileNotFoundError:
-            raise NotFound(f"blob {sha256[:12]}… is missing from the store") from None
+            raise missing(sha256) from None
 
     def exists(self, sha256: str) -> bool:
         return self.path(sha256).exists()
 
     def delete(self, sha256: str) -> None:
         self.path(sha256).unlink(missing_ok=True)
+
+
+def open_blob_store(url: str | None, *, local_root: Path, endpoint_url: str | None = None) -> BlobStore:
+    """The store ``url`` names: ``s3://BUCKET[/PREFIX]``, or None for the folder ``local_root``.
+
+    An S3 store is checked before it is returned (its bucket exists and the credentials reach it), so
+    that a coordinator with a wrong bucket, endpoint or credentials stops at start, not at its first
+    round. ``ValueError`` for a URL that is not an S3 URL; ``s3blobs.StoreUnavailable`` for a bucket
+    that cannot be reached.
+    """
+    if url is None:
+        return LocalBlobStore(local_root)
+    from coordinator import s3blobs  # boto3 is imported only by coordinators that use it
+
+    bucket, prefix = s3blobs.parse_url(url)
+    store = s3blobs.S3BlobStore(bucket, prefix, endpoint_url=endpoint_url)
+    store.check()
+    log.info("blobs in %s at %s", store.url, store.where)
+    return store

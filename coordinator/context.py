@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator import apps, registry, secure
-from coordinator.blobs import LocalBlobStore
+from coordinator.blobs import BlobStore
 from coordinator.errors import NotFound
 from coordinator.models import Job, ModelVersion
 from coordinator.queries import get_job
@@ -46,7 +46,7 @@ class EngineContext:
     def __init__(
         self,
         factory: sessionmaker[Session],
-        blobs: LocalBlobStore,
+        blobs: BlobStore,
         signing_key: Ed25519PrivateKey,
         settings: EngineSettings | None = None,
         clock: Callable[[], float] = time.time,

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.aggregation import Sums
-from coordinator.blobs import LocalBlobStore
+from coordinator.blobs import BlobStore
 from coordinator.checkins import CheckIns
 from coordinator.cluster import AuditQueue, ClusterHooks
 from coordinator.context import EngineContext, EngineSettings
@@ -45,7 +45,7 @@ class Federation(EngineContext):
     def __init__(
         self,
         factory: sessionmaker[Session],
-        blobs: LocalBlobStore,
+        blobs: BlobStore,
         signing_key: Ed25519PrivateKey,
         settings: EngineSettings | None = None,
         clock: Callable[[], float] = time.time,

@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from coordinator.blobs import LocalBlobStore
+from coordinator.blobs import BlobStore
 from coordinator.errors import NotFound
 from coordinator.models import ModelVersion
 from shared import codec
@@ -18,7 +18,7 @@ from shared.signing import b64e, model_message
 
 def register_version(
     session: Session,
-    blobs: LocalBlobStore,
+    blobs: BlobStore,
     key: Ed25519PrivateKey,
     *,
     job_id: int,
@@ -79,7 +79,7 @@ def list_versions(session: Session, job_id: int) -> list[ModelVersion]:
     )
 
 
-def load_vector(blobs: LocalBlobStore, row: ModelVersion) -> tuple[dict[str, Any], np.ndarray]:
+def load_vector(blobs: BlobStore, row: ModelVersion) -> tuple[dict[str, Any], np.ndarray]:
     """The header and parameters of a stored version (hash checked)."""
     from shared.signing import sha256_hex
 

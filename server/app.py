@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from coordinator import auth
-from coordinator.blobs import LocalBlobStore
+from coordinator.blobs import open_blob_store
 from coordinator.datadir import prepare_data_dir
 from coordinator.engine import EngineSettings, Federation
 from coordinator.errors import CoordinatorError
@@ -59,11 +59,15 @@ def allowed_methods(request: Request) -> list[str]:
 
 def build_federation(settings: ServerSettings) -> Federation:
     prepare_data_dir(settings.data_dir)
+    # Before the database: a store that cannot be used stops the start before any migration runs.
+    blobs = open_blob_store(
+        settings.blob_store, local_root=settings.data_dir / "blobs", endpoint_url=settings.s3_endpoint_url
+    )
     engine = make_engine(settings.database_url())
     migrate(engine)
     return Federation(
         session_factory(engine),
-        LocalBlobStore(settings.data_dir / "blobs"),
+        blobs,
         load_or_create_signing_key(settings.signing_key_file or settings.data_dir / "coordinator_key.pem"),
         EngineSettings(
             eligibility_window=settings.eligibility_window,

@@ -61,7 +61,27 @@ class ServerSettings(BaseSettings):
             " the others wait unread, so the coordinator's memory stays bounded however many arrive"
         ),
     )
+    blob_store: str | None = Field(
+        default=None,
+        description=(
+            "where models, masked inputs and audit plots go: s3://BUCKET[/PREFIX], an S3-compatible"
+            " bucket that every replica shares (credentials and region from the AWS environment);"
+            " default: the folder data_dir/blobs"
+        ),
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="the S3 API of a store other than AWS (MinIO, Ceph RGW...), e.g. http://minio:9000",
+    )
     log_level: str = "info"
+
+    @field_validator("blob_store", "s3_endpoint_url")
+    @classmethod
+    def _unset_when_empty(cls, value: str | None) -> str | None:
+        # An empty variable (a ConfigMap's placeholder) means the default, not a URL to refuse.
+        if value is None or not value.strip():
+            return None
+        return value.strip()
 
     @field_validator("enroll_unlimited_networks")
     @classmethod

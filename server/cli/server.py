@@ -78,20 +78,27 @@ def _serve(
     import logging
 
     import uvicorn
+    from pydantic import ValidationError
 
     from server.app import create_app
     from server.settings import ServerSettings
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = ServerSettings(
-        db=db,
-        data_dir=data_dir,
-        host=host,
-        port=port,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
-        log_level=log_level,
-    )
+    try:
+        settings = ServerSettings(
+            db=db,
+            data_dir=data_dir,
+            host=host,
+            port=port,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            log_level=log_level,
+        )
+    except ValidationError as err:  # a bad AICFL_* variable: name it, in one line
+        raise CliError(
+            "invalid setting: "
+            + "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in err.errors())
+        ) from None
     try:
         application = create_app(settings)
     except Exception as err:  # noqa: BLE001 - a bad URL or unreachable database: one line

@@ -967,6 +967,21 @@ def test_server_start_refuses_a_bad_setup_in_one_line(tmp_path: Path, flags: lis
     assert_one_error_line(shown, message)
 
 
+def test_server_start_with_a_bad_setting_in_the_environment_names_it_in_one_line(tmp_path: Path) -> None:
+    shown = aicfl(
+        "server",
+        "start",
+        "--data-dir",
+        str(tmp_path),
+        "--port",
+        str(free_port()),
+        env={"AICFL_ENROLL_UNLIMITED_NETWORKS": '["not-a-network"]'},
+    )
+    assert_one_error_line(
+        shown, "invalid setting: enroll_unlimited_networks: Value error, 'not-a-network' is not an IP network"
+    )
+
+
 # -- failures that once ended in a traceback ------------------------------------------------------
 
 
