@@ -45,6 +45,8 @@ from shared.secagg.primitives import SecAggError
 log = logging.getLogger("aicfl.coordinator")
 
 MAX_CONSECUTIVE_ABANDONED = 20
+# Seconds between the ticker's drives of a running round whose stage deadline is still ahead.
+SAFETY_DRIVE = 1.0
 
 
 class RoundDriver:
@@ -59,11 +61,36 @@ class RoundDriver:
         self.sums = sums
         self.finisher = finisher
         self.observers: list[RoundObserver] = []
+        self._driven: dict[int, float] = {}  # round id -> when the ticker last drove it (its clock)
 
     def tick(self) -> None:
-        """One pass over every running job: advance rounds, open new ones."""
+        """One pass over every running job: advance rounds, open new ones.
+
+        A round whose stage deadline is still ahead is left alone for up to ``SAFETY_DRIVE``
+        seconds: the device message that completes a stage drives the round on at once
+        (``maybe_drive``), so the ticker is there for deadlines, for opening rounds, and as a safety
+        net. Driving a running round reads every participant under the write lock: at four ticks a
+        second and a thousand devices that would be most of the coordinator's work.
+        """
+        now = self.ctx.clock()
         with self.ctx.read() as s:
-            job_ids = list(s.scalars(select(Job.id).where(Job.status == "running")))
+            jobs = s.execute(
+                select(Job.id, Round.id, Round.stage_deadline)
+                .outerjoin(Round, (Round.job_id == Job.id) & (Round.status == "running"))
+                .where(Job.status == "running")
+            ).all()
+        job_ids = []
+        for job_id, round_id, deadline in jobs:
+            if (
+                round_id is not None
+                and now < deadline
+                and now - self._driven.get(round_id, -1e18) < SAFETY_DRIVE
+            ):
+                continue
+            if round_id is not None:
+                self._driven = {r: t for r, t in self._driven.items() if now - t < SAFETY_DRIVE}
+                self._driven[round_id] = now
+            job_ids.append(job_id)
         for job_id in job_ids:
             try:
                 self._tick_job(job_id)

@@ -75,8 +75,8 @@ def signed_target(request: Request) -> str:
 async def device_request(request: Request) -> AsyncIterator[tuple[str, bytes]]:
     """Authenticate a signed device request; yields the device id and the body.
 
-    Device, revocation and timestamp are checked before the body is read, so an
-    unsigned client cannot make the coordinator buffer a large upload. A large
+    Device, revocation and timestamp are checked before a large body (over 1 MiB, or of undeclared
+    length) is read, so an unsigned client cannot make the coordinator buffer a large upload. A large
     body (or one of undeclared length) is read only once an upload slot is free,
     and the slot is held until the handler is done with the body: the others
     wait unread in their sockets (the server stops reading a request whose
@@ -92,11 +92,13 @@ async def device_request(request: Request) -> AsyncIterator[tuple[str, bytes]]:
         with fed.read() as s:
             auth.precheck_device(s, headers, window_seconds=window)
 
-    await run_in_threadpool(precheck)
     declared = request.headers.get("content-length", "")
     chunked = "chunked" in request.headers.get("transfer-encoding", "").lower()
     slots = None
     if chunked or (declared.isdigit() and int(declared) > LARGE_UPLOAD_BYTES):
+        # A small body is read at once (the route's limit was checked before this), and the checks
+        # below are the same: only a large one is worth a transaction of its own before it is read.
+        await run_in_threadpool(precheck)
         slots = request.app.state.upload_slots
         await slots.acquire()
     try:
