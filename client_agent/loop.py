@@ -10,6 +10,7 @@ import resource
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -23,6 +24,25 @@ from shared.wire import CheckinRequest, CheckinResponse, Task
 
 log = logging.getLogger("aicfl.agent")
 BINARY = "application/octet-stream"
+# Seconds a check-in may be held by the coordinator until this device has a task: under the idle
+# timeout of common proxies (60 s). AICFL_AGENT_WAIT overrides it; 0 asks for answers at once.
+LONG_POLL_SECONDS = 55.0
+# Beyond the hold, what the answer's trip may take before the check-in counts as lost.
+HOLD_MARGIN_SECONDS = 30.0
+
+
+class _Stopped(Exception):
+    """The agent was asked to stop while a check-in was in flight."""
+
+
+def long_poll_seconds() -> float:
+    """How long this agent lets the coordinator hold a check-in (``AICFL_AGENT_WAIT``, default 55 s)."""
+    raw = os.environ.get("AICFL_AGENT_WAIT", "").strip()
+    try:
+        return max(0.0, float(raw)) if raw else LONG_POLL_SECONDS
+    except ValueError:
+        log.warning("AICFL_AGENT_WAIT=%r is not a number of seconds; using %.0f", raw, LONG_POLL_SECONDS)
+        return LONG_POLL_SECONDS
 
 
 def agent_version() -> str:
@@ -87,6 +107,9 @@ class Agent:
         )
         self.state = home.load_state()
         self.stop = threading.Event()
+        self.wait = long_poll_seconds()
+        self._in_flight: threading.Event | None = None  # set when the check-in in flight is answered
+        self._rng = random.Random()
         # The message of each stage of the current round until the coordinator has answered it: sent
         # again as it was after a lost answer (a dropped connection, a coordinator restarted), never
         # made anew: a second masked input would carry fresh masks, a second advertisement fresh keys.
@@ -106,14 +129,54 @@ class Agent:
     def install_signal_handlers(self) -> None:
         def _stop(signum: int, _frame: object) -> None:
             log.info("signal %d: stopping after the current step", signum)
-            self.stop.set()
+            self.request_stop()
 
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
 
+    def request_stop(self) -> None:
+        """Stop after the current step; a check-in held by the coordinator is given up at once."""
+        self.stop.set()
+        in_flight = self._in_flight
+        if in_flight is not None:
+            in_flight.set()
+
     def checkin(self) -> CheckinResponse:
-        req = CheckinRequest(agent_version=agent_version(), peak_rss_mb=peak_rss_mb())
-        return CheckinResponse.model_validate(self.client.post_json("/v1/device/checkin", req.model_dump()))
+        """Check in, letting the coordinator hold the request up to ``self.wait`` seconds for a task."""
+        req = CheckinRequest(agent_version=agent_version(), peak_rss_mb=peak_rss_mb(), wait=self.wait)
+        payload = req.model_dump(exclude={"wait"} if self.wait <= 0 else None)  # as before long polls
+        timeout = self.wait + HOLD_MARGIN_SECONDS if self.wait > 0 else None
+        return CheckinResponse.model_validate(
+            self._interruptible(lambda: self.client.post_json("/v1/device/checkin", payload, timeout=timeout))
+        )
+
+    def _interruptible(self, call: Callable[[], Any]) -> Any:
+        """``call()`` in a helper thread, given up (``_Stopped``) as soon as the agent is asked to stop:
+        a held check-in must not keep a stopping agent waiting for its answer."""
+        done = threading.Event()
+        box: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                box["value"] = call()
+            except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+                box["error"] = err
+            finally:
+                done.set()
+
+        self._in_flight = done
+        try:
+            if self.stop.is_set():
+                raise _Stopped
+            threading.Thread(target=work, name="aicfl-checkin", daemon=True).start()
+            done.wait()
+        finally:
+            self._in_flight = None
+        if "error" in box:
+            raise box["error"]
+        if "value" not in box:
+            raise _Stopped
+        return box["value"]
 
     def run(self) -> int:
         backoff = Backoff()
@@ -126,7 +189,10 @@ class Agent:
                 if resp.task is not None:
                     self.handle(resp.task)
                     continue
-                delay = resp.retry_after
+                # Never later than told (the coordinator counts on it), a little earlier at random.
+                delay = resp.retry_after * self._rng.uniform(0.9, 1.0)
+            except _Stopped:
+                break
             except TransientError as err:
                 delay = backoff.next_delay()
                 log.warning("coordinator unavailable (%s); retrying in %.1f s", err, delay)
@@ -134,6 +200,11 @@ class Agent:
                 if err.status == 401:
                     log.error("the coordinator refused this device: %s", err.detail)
                     return 3
+                if err.status == 422 and self.wait > 0 and "wait" in err.detail:
+                    # A coordinator older than long polls refuses the field: check in as before.
+                    log.info("the coordinator does not hold check-ins; polling at its pace instead")
+                    self.wait = 0.0
+                    continue
                 delay = backoff.next_delay()
                 log.warning("request refused: %s; retrying in %.1f s", err, delay)
             self.stop.wait(delay)

@@ -57,13 +57,25 @@ class SignedClient:
         self._http.close()
 
     def request(
-        self, method: str, path: str, body: bytes = b"", content_type: str = "application/json"
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        content_type: str = "application/json",
+        timeout: float | None = None,
     ) -> httpx.Response:
+        """Send a signed request; ``timeout``: seconds to wait for each read (a held check-in's answer),
+        instead of the client's."""
         headers = sign_request(self.key, self.device_id, method, path, body)
         if body:
             headers["Content-Type"] = content_type
+        extra: dict[str, Any] = {}
+        if timeout is not None:
+            extra["timeout"] = httpx.Timeout(
+                self._http.timeout.connect, read=timeout, write=timeout, pool=timeout
+            )
         try:
-            resp = self._http.request(method, path, content=body, headers=headers)
+            resp = self._http.request(method, path, content=body, headers=headers, **extra)
         except httpx.HTTPError as err:
             raise TransientError(f"{method} {path}: {err}") from None
         if resp.status_code >= 500 or resp.status_code == 429:
@@ -76,8 +88,8 @@ class SignedClient:
             raise CoordinatorError(resp.status_code, str(detail))
         return resp
 
-    def post_json(self, path: str, payload: dict[str, Any]) -> Any:
-        return self.request("POST", path, json.dumps(payload).encode()).json()
+    def post_json(self, path: str, payload: dict[str, Any], timeout: float | None = None) -> Any:
+        return self.request("POST", path, json.dumps(payload).encode(), timeout=timeout).json()
 
 
 ENROLL_ATTEMPTS = 4

@@ -2,20 +2,37 @@
 
 A check-in is the coordinator's most frequent request (every device, every few seconds): one
 prebuilt statement reads the device and its running rounds, no ORM objects, and the write lock is
-taken only when the device's row must change.
+taken only when the device's row must change. When to come back, or whether to hold the request
+until the device has a task, is ``coordinator.pacing``'s rule.
 """
 
 from __future__ import annotations
 
+import random
+import threading
+from dataclasses import dataclass
+
 from sqlalchemy import select
 
-from coordinator import registry, secure
+from coordinator import pacing, registry, secure
 from coordinator.context import EngineContext
 from coordinator.errors import Forbidden, NotFound
-from coordinator.models import Participant, Round
+from coordinator.models import Job, Participant, Round
 from coordinator.rounds import stage_index
 from coordinator.statements import CHECKIN, DEVICE_SEEN_SET, RoundRow
 from shared.wire import CheckinRequest, CheckinResponse, ModelRef, Task
+
+# A running or pending job may select any device: read at most once a second per process.
+SELECTABLE = select(Job.id).where(Job.status.in_(("running", "pending"))).limit(1)
+SELECTABLE_TTL = 1.0
+
+
+@dataclass(frozen=True)
+class CheckinAnswer:
+    """A check-in's answer now, and how long the request may be held waiting for a task instead."""
+
+    response: CheckinResponse
+    hold: float = 0.0
 
 
 class CheckIns:
@@ -24,9 +41,21 @@ class CheckIns:
     def __init__(self, ctx: EngineContext):
         self.ctx = ctx
         self._model_refs: dict[tuple[int, int], ModelRef] = {}  # versions never change once written
+        self._selectable: tuple[float, bool] = (float("-inf"), True)
+        self._rng = random.Random()
+        self._rng_lock = threading.Lock()
+
+    @property
+    def pacing(self) -> pacing.Pacing:
+        st = self.ctx.settings
+        return pacing.Pacing(st.idle_retry, st.poll_retry, st.active_retry, st.long_poll)
 
     def checkin(self, device_id: str, req: CheckinRequest) -> CheckinResponse:
         """The device's task in a running round, if it has one, and when to check in again."""
+        return self.answer(device_id, req.model_copy(update={"wait": 0.0})).response
+
+    def answer(self, device_id: str, req: CheckinRequest) -> CheckinAnswer:
+        """The device's task, or when to come back; and, if it can wait, how long to hold it for a task."""
         now = self.ctx.clock()
         task: Task | None = None
         with self.ctx.device_read() as s:
@@ -59,8 +88,26 @@ class CheckIns:
                     version=req.agent_version or agent_version,
                     rss=peak_rss_mb if req.peak_rss_mb is None else req.peak_rss_mb,
                 )
-        retry = self.ctx.settings.active_retry if rows else self.ctx.settings.idle_retry
-        return CheckinResponse(retry_after=retry, task=task)
+        situation: pacing.Situation
+        if task is not None:
+            situation = "task"
+        elif rows:
+            situation = "in_round"
+        else:
+            situation = "selectable" if self._job_may_select(now) else "idle"
+        with self._rng_lock:
+            draw = self._rng.random()
+        p = pacing.plan(situation, req.wait, self.pacing, draw)
+        return CheckinAnswer(CheckinResponse(retry_after=p.retry_after, task=task), p.hold)
+
+    def _job_may_select(self, now: float) -> bool:
+        """Whether a running (or pending) job may select devices, as read in the last second."""
+        read_at, may = self._selectable
+        if not read_at <= now < read_at + SELECTABLE_TTL:
+            with self.ctx.device_read() as s:
+                may = secure.run(s, SELECTABLE).first() is not None
+            self._selectable = (now, may)
+        return may
 
     def _task(self, s: secure.Db, r: RoundRow, device_id: str) -> Task:
         spec, preprocess = self.ctx.job_spec(s, r.job_id, r.kind != "stats")

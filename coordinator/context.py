@@ -35,8 +35,12 @@ _AFTER_COMMIT = "aicfl_after_commit"  # the key of a session's ``info`` that hol
 @dataclass
 class EngineSettings:
     eligibility_window: float = 30.0
-    idle_retry: float = 2.0
+    # Check-in pacing (coordinator.pacing): when a device that does not wait is told to come back,
+    # and the longest a check-in of one that does is held.
+    idle_retry: float = 60.0
+    poll_retry: float = 2.0
     active_retry: float = 0.5
+    long_poll: float = 55.0
     evaluate_after_last_round: bool = True
 
 

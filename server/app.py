@@ -25,6 +25,7 @@ from coordinator.errors import CoordinatorError
 from coordinator.keys import load_or_create_signing_key
 from coordinator.store import make_engine, migrate, session_factory
 from server import limits, metrics, ui
+from server.longpoll import LongPolls
 from server.routers import audits, device_api, jobs, operators
 from server.settings import ServerSettings
 from shared.jobspec import JobSpecError
@@ -72,7 +73,9 @@ def build_federation(settings: ServerSettings) -> Federation:
         EngineSettings(
             eligibility_window=settings.eligibility_window,
             idle_retry=settings.idle_retry,
+            poll_retry=settings.poll_retry,
             active_retry=settings.active_retry,
+            long_poll=settings.long_poll,
         ),
     )
 
@@ -109,12 +112,22 @@ def create_app(settings: ServerSettings | None = None, *, run_ticker: bool = Tru
     settings = settings or ServerSettings()
     fed = build_federation(settings)
     ticker = _Ticker(fed, settings.tick_interval, settings.signature_window)
+    long_polls = LongPolls(
+        fed,
+        interval=settings.tick_interval,
+        capacity=settings.long_poll_max_held,
+        online_window=settings.eligibility_window,
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if run_ticker:
             ticker.start()
+        long_polls.start()
+        restore_signals = long_polls.release_on_signals()
         yield
+        restore_signals()
+        await long_polls.stop()
         if run_ticker:
             ticker.stop()
 
@@ -127,6 +140,7 @@ def create_app(settings: ServerSettings | None = None, *, run_ticker: bool = Tru
     app.state.federation = fed
     app.state.settings = settings
     app.state.upload_slots = asyncio.Semaphore(settings.upload_slots)
+    app.state.long_polls = long_polls
     # Innermost of the middlewares, so the route reads its body through the limit and nothing else buffers it.
     app.add_middleware(limits.BodyLimits)
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from coordinator.pacing import Pacing, online_window
 
 
 class ServerSettings(BaseSettings):
@@ -26,11 +28,49 @@ class ServerSettings(BaseSettings):
         default=300.0, gt=0, description="seconds a signed device request stays valid"
     )
     tick_interval: float = Field(default=0.25, gt=0)
+    # -- check-in pacing and long polls (coordinator.pacing, server.longpoll) --
     eligibility_window: float = Field(
-        default=30.0, gt=0, description="a device checked in within this counts as online"
+        default=30.0,
+        gt=0,
+        description=(
+            "a device checked in within this (or holding a check-in) counts as online; raised to at"
+            " least the longest wait a device can be told (idle_retry + 10 %) + 10 % + 2 s"
+        ),
     )
-    idle_retry: float = Field(default=2.0, gt=0)
-    active_retry: float = Field(default=0.5, gt=0)
+    idle_retry: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "seconds between check-ins of a device that does not long-poll while no job could select it"
+            " (±10 %)"
+        ),
+    )
+    poll_retry: float = Field(
+        default=2.0,
+        gt=0,
+        description=(
+            "seconds between check-ins of a device that does not long-poll while a job may select it"
+            " (±10 %; never more than idle_retry)"
+        ),
+    )
+    active_retry: float = Field(
+        default=0.5,
+        gt=0,
+        description="seconds between check-ins of a device in a running round that does not long-poll",
+    )
+    long_poll: float = Field(
+        default=55.0,
+        ge=0,
+        description=(
+            "longest a check-in is held until its device has a task (the agent's wait is capped at"
+            " this); keep it under the idle timeout of any proxy in front (often 60 s); 0: no holds"
+        ),
+    )
+    long_poll_max_held: int = Field(
+        default=10_000,
+        ge=0,
+        description="check-ins one process holds at once; beyond it they are answered at once with retry_after",
+    )
     max_body_bytes: int = Field(
         default=512 * 1024 * 1024,
         gt=0,
@@ -92,6 +132,15 @@ class ServerSettings(BaseSettings):
             except ValueError:
                 raise ValueError(f"{net!r} is not an IP network such as 10.0.0.0/8") from None
         return value
+
+    @model_validator(mode="after")
+    def _online_window(self) -> ServerSettings:
+        # A device told to come back in T seconds must still count as online when it does.
+        self.eligibility_window = online_window(
+            self.eligibility_window,
+            Pacing(self.idle_retry, self.poll_retry, self.active_retry, self.long_poll),
+        )
+        return self
 
     def database_url(self) -> str:
         return self.db or f"sqlite:///{(self.data_dir / 'coordinator.db').resolve()}"

@@ -58,10 +58,20 @@ class CheckinRequest(_Msg):
     agent_version: str = Field(default="", max_length=64)
     peak_rss_mb: float | None = Field(default=None, ge=0)
     platform: str = Field(default="", max_length=200)
+    wait: float = Field(
+        default=0.0,
+        ge=0,
+        le=3600,
+        description=(
+            "seconds the device can wait for an answer: with nothing to do now, the coordinator holds"
+            " the request until the device has a task or at most this long (capped by its long_poll"
+            " setting); 0: answer at once"
+        ),
+    )
 
 
 class CheckinResponse(_Msg):
-    retry_after: float
+    retry_after: float = Field(description="seconds to wait before the next check-in (0: at once)")
     task: Task | None = None
 
 

@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from coordinator import auth
 from coordinator.errors import Invalid
+from server.longpoll import LongPolls, Outcome
 from server.metrics import count_received
 from server.params import JobId, RoundId, Version, request_body, signed_device_request
 from server.schemas import problems
@@ -73,11 +74,26 @@ async def enroll(request: Request) -> EnrollResponse:
     openapi_extra=signed_device_request(CheckinRequest),
 )
 async def checkin(request: Request, who: tuple[str, bytes] = Depends(device_request)) -> CheckinResponse:
-    """Report in; the answer says when to come back and what to do now, if anything."""
+    """Report in; the answer says when to come back and what to do now, if anything.
+
+    A device that says it can ``wait`` and has nothing to do now is held (no thread) until it owes a
+    message in a round or the hold ends (``coordinator.pacing``, ``server.longpoll``).
+    """
     device_id, body = who
     count_received(request, "checkin", body)
     req = _json(body, CheckinRequest)
-    return await run_in_threadpool(federation(request).checkins.checkin, device_id, req)
+    checkins = federation(request).checkins
+    answer = await run_in_threadpool(checkins.answer, device_id, req)
+    if answer.hold <= 0:
+        return answer.response
+    long_polls: LongPolls = request.app.state.long_polls
+    outcome = await long_polls.hold(device_id, answer.hold, request.receive)
+    if outcome is Outcome.WOKEN:
+        woken = await run_in_threadpool(checkins.checkin, device_id, req)
+        return woken if woken.task is not None else CheckinResponse(retry_after=0.0)
+    if outcome is Outcome.EXPIRED:
+        return CheckinResponse(retry_after=0.0)  # nothing happened: come back and wait again
+    return answer.response  # not held (too many held, shutting down) or the device has gone
 
 
 @router.get(
