@@ -62,6 +62,31 @@ class Sums:
             acc.seconds += time.thread_time() - t0
             return True
 
+    def held(self) -> set[int]:
+        """The rounds whose running sum this process holds."""
+        with self._acc_lock:
+            return set(self._acc)
+
+    def forget_ended(self, running: AbstractSet[int]) -> None:
+        """Forget the running sums of rounds that have ended, wherever they ended.
+
+        The process that ends a round forgets its sum (``discard``); with replicas the others held a
+        part of it too, which nothing else would free: a model-sized array per round and replica.
+        ``running``: the rounds known to run (the ticker's read), never forgotten; the others are
+        forgotten only once the database says they are over.
+        """
+        with self._acc_lock:
+            candidates = [r for r in self._acc if r not in running]
+        if not candidates:
+            return
+        with self.ctx.read() as s:
+            ended = s.scalars(
+                select(Round.id).where(Round.id.in_(candidates), Round.status != "running")
+            ).all()
+        with self._acc_lock:
+            for round_id in ended:
+                self._acc.pop(round_id, None)
+
     def take_back(self, round_id: int, device_id: str, vec: np.ndarray) -> None:
         """Remove a vector whose message was not committed (exact: modulo 2**64 for masked vectors)."""
         with self._acc_lock:

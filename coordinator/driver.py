@@ -79,6 +79,8 @@ class RoundDriver:
                 .outerjoin(Round, (Round.job_id == Job.id) & (Round.status == "running"))
                 .where(Job.status == "running")
             ).all()
+        # Running sums of rounds that ended on another replica (this one had some of their vectors).
+        self.sums.forget_ended({round_id for _, round_id, _ in jobs if round_id is not None})
         job_ids = []
         for job_id, round_id, deadline in jobs:
             if (
@@ -104,7 +106,26 @@ class RoundDriver:
             job = s.scalar(q if self.ctx.sqlite else q.with_for_update(skip_locked=True))
             if job is None or job.status != "running":
                 return
-            current = s.scalar(select(Round).where(Round.job_id == job_id, Round.status == "running"))
+            running = select(Round).where(Round.job_id == job_id, Round.status == "running")
+            if self.ctx.sqlite:
+                current = s.scalar(running)
+            else:
+                # Device messages drive a round under its row's lock, not the job's: the ticker takes the
+                # round's row too, or it would drive the round from a stale read while a message (here or
+                # on another replica) drives it as well: two advances, two SecAgg+ setups, two finishes.
+                # SKIP LOCKED, as for the job: a message is driving it now, so the next tick looks again;
+                # never waiting also means never a deadlock with a message that waits for the job's row.
+                current_id = s.scalar(running.with_only_columns(Round.id))
+                if current_id is not None:
+                    current = s.scalar(
+                        select(Round)
+                        .where(Round.id == current_id, Round.status == "running")
+                        .with_for_update(skip_locked=True)
+                    )
+                    if current is None:
+                        return  # locked by a device message, or it just ended: the next tick sees
+                else:
+                    current = None
             if current is not None:
                 self.drive(s, current, now)
                 return

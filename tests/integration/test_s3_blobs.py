@@ -10,15 +10,10 @@ each other's models: no shared volume.
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
-import subprocess
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
-import boto3
 import httpx
 import pytest
 
@@ -26,70 +21,13 @@ from coordinator.blobs import BlobStore, LocalBlobStore
 from coordinator.errors import NotFound
 from coordinator.s3blobs import S3BlobStore, StoreUnavailable
 from server.demo import free_port
+from tests.fixtures.s3 import AWS_ENV, new_bucket, s3_client
 
 from . import harness
-from .harness import Coordinator, py, wait_for
+from .harness import Coordinator
 from .test_cli import aicfl, assert_one_error_line
 
-# moto accepts any credentials; botocore needs some, and must not look beyond the environment for them.
-AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "test",
-    "AWS_SECRET_ACCESS_KEY": "test",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_CONFIG_FILE": os.devnull,
-    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
 TOY_APP = "tests.fixtures.toy_app:app"
-
-
-@pytest.fixture(scope="module")
-def aws_env() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
-            mp.delenv(name, raising=False)
-        for name, value in AWS_ENV.items():
-            mp.setenv(name, value)
-        yield
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint(aws_env: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The URL of a moto S3 server running as its own process for this module."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            py("moto.server", "-H", "127.0.0.1", "-p", str(port)), stdout=fh, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        assert proc.poll() is None, log.read_text()[-2000:]
-        try:
-            return httpx.get(url + "/moto-api/", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(up, 30, "the moto S3 server to start", interval=0.05)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-def s3_client(endpoint: str) -> Any:
-    return boto3.session.Session().client("s3", endpoint_url=endpoint)
-
-
-def new_bucket(endpoint: str, *, versioned: bool = False) -> str:
-    name = f"aicfl-{secrets.token_hex(6)}"
-    client = s3_client(endpoint)
-    client.create_bucket(Bucket=name)
-    if versioned:
-        client.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
-    return name
 
 
 @pytest.fixture(scope="module")
