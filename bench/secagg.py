@@ -87,6 +87,7 @@ import math
 import multiprocessing as mp
 import os
 import platform
+import re
 import signal
 import sqlite3
 import subprocess
@@ -533,6 +534,32 @@ def _http_worker(index: int, url: str, tokens: list[str], drops: list[bool], q: 
         q.put(("error", index, traceback.format_exc()))
 
 
+def _db_rounds(db_path: Path, job_id: int) -> list[dict[str, Any]]:
+    """The job's rounds as the coordinator's SQLite file has them (read-only; WAL lets it read
+    while the coordinator writes)."""
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = db.execute(
+            "SELECT number, kind, status, stage, reason FROM rounds WHERE job_id = ? ORDER BY number",
+            (job_id,),
+        ).fetchall()
+    finally:
+        db.close()
+    return [dict(zip(("number", "kind", "status", "stage", "reason"), row, strict=True)) for row in rows]
+
+
+def _device_requests(op: httpx.Client) -> dict[str, int]:
+    """Device requests the coordinator has answered, by route, from its /metrics."""
+    out: dict[str, int] = {}
+    for line in op.get("/metrics").text.splitlines():
+        m = re.match(
+            r'aicfl_http_requests_total\{route="(/v1/device/[^"]*)",status="[^"]*"\} ([0-9.e+]+)', line
+        )
+        if m:
+            out[m.group(1)] = out.get(m.group(1), 0) + int(float(m.group(2)))
+    return out
+
+
 def _wait(pred: Any, timeout: float, what: str, interval: float) -> Any:
     end = time.time() + timeout
     while time.time() < end:
@@ -650,7 +677,9 @@ def run_http(
         job_id = job.json()["id"]
 
         def train_round() -> dict[str, Any] | None:
-            rounds = op.get(f"/v1/jobs/{job_id}/rounds").json()
+            # Read from the coordinator's SQLite file, not its API: watching the round every 20 ms
+            # must not cost the coordinator CPU that the figures would count as the round's.
+            rounds = _db_rounds(data / "coordinator.db", job_id)
             bad = [x for x in rounds if x["kind"] == "stats" and x["status"] == "abandoned"]
             if bad:
                 raise RuntimeError(f"the statistics round was abandoned: {bad[0]['reason']}")
@@ -658,6 +687,7 @@ def run_http(
             return rs[0] if rs else None
 
         _wait(train_round, timeout, "the training round to open", 0.02)
+        requests0 = _device_requests(op)
         cpu0, wall0 = _proc_cpu(server.pid), time.perf_counter()
 
         def past_configure() -> bool:
@@ -688,8 +718,13 @@ def run_http(
             raise TimeoutError(f"the training round did not end within {timeout:.0f} s")
         cpu1 = _proc_cpu(server.pid)
         wall1 = time.perf_counter()
+        requests1 = _device_requests(op)
         hwm_kb = _proc_status_kb(server.pid, "VmHWM")
         assert r is not None
+        r = next(x for x in op.get(f"/v1/jobs/{job_id}/rounds").json() if x["number"] == r["number"])
+        device_requests = {
+            k: v - requests0.get(k, 0) for k, v in requests1.items() if v > requests0.get(k, 0)
+        }
         # Workers whose devices are done report; any still running are stopped below.
         end = time.time() + 60
         while len(results) < workers and time.time() < end:
@@ -756,6 +791,8 @@ def run_http(
             coordinator_cpu_from_advertise=cpu1 - cpu_adv,
             coordinator_cpu_whole_round=cpu1 - cpu0,
             coordinator_cpu_idle_wait=max(0.0, (cpu1 - cpu_done) - finalize),
+            device_requests=device_requests,
+            coordinator_cpu_per_device_request=(cpu1 - cpu0) / max(1, sum(device_requests.values())),
             coordinator_peak_rss_mb=hwm_kb / 1024 if hwm_kb else None,
             aggregation_seconds=r.get("aggregation_seconds"),
             accumulate_cpu_seconds=agg.get("accumulate_cpu_seconds"),
@@ -916,13 +953,16 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
     print(
         "| devices × params | dropout | HTTP: whole round (configure → version) | same, no idle wait "
         "| idle wait for the dropped | stages: configure / advertise / share / masked / unmask "
-        "| coord CPU, whole round | coordinator peak RSS | client stage CPU per device |"
+        "| coord CPU, whole round | device requests | coord CPU per device request "
+        "| Flower wall / whole round (>= 3x) | Flower server CPU / coord CPU, whole round (>= 5x) "
+        "| coordinator peak RSS | client stage CPU per device |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         h = row.get("http") or {}
         if "round_seconds" not in h:
             continue
+        fl = row.get("flower") or {}
         label = f"{row['devices']} × {row['params']:.0e}".replace("e+0", "e")
         st = h.get("stage_seconds") or {}
         stages = " / ".join(
@@ -931,7 +971,10 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
         print(
             f"| {label} | {row['dropout']:.0%} | {_fmt(h.get('round_seconds'))} "
             f"| {_fmt(h.get('active_round_seconds'))} | {_fmt(h.get('idle_wait_seconds'))} | {stages} "
-            f"| {_fmt(h.get('coordinator_cpu_whole_round'))} "
+            f"| {_fmt(h.get('coordinator_cpu_whole_round'))} | {sum((h.get('device_requests') or {}).values())} "
+            f"| {_fmt(h.get('coordinator_cpu_per_device_request'), 'ms')} "
+            f"| {_fmt(_ratio(fl.get('round_seconds'), h.get('round_seconds')), 'x')} "
+            f"| {_fmt(_ratio(fl.get('server_cpu_seconds'), h.get('coordinator_cpu_whole_round')), 'x')} "
             f"| {_fmt(h.get('coordinator_peak_rss_mb'), 'MB', 0)} | {_fmt(h.get('client_stage_cpu_seconds'), 'ms')} |"
         )
 

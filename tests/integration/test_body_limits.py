@@ -213,7 +213,9 @@ def test_enrollment_rate_is_limited_per_address_and_the_agent_waits_it_out(serve
         """Bad attempts until the address's bucket is empty (however slowly this machine sends them)."""
         for _ in range(3 * ENROLL_RATE):
             resp = client.post("/v1/enroll", json=attempt)
-            assert resp.status_code in (401, 429), resp.text  # a bad token, or refused before it was looked at
+            assert resp.status_code in (401, 429), (
+                resp.text
+            )  # a bad token, or refused before it was looked at
             if resp.status_code == 429:
                 return resp
         raise AssertionError(f"{3 * ENROLL_RATE} attempts were never refused")
