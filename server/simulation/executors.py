@@ -1,0 +1,112 @@
+"""Where the devices' work runs: in this process, or on Ray actors each holding a shard of devices.
+
+Both take one stage's ``(device, task)`` pairs and return the devices' messages
+(``devices.Outcome``); the driver alone speaks to the coordinator. On Ray (``--ray-address``: an
+existing cluster's address, ``auto`` for the one this machine belongs to, ``local`` for a new one
+on this machine), each actor builds its devices' workers once and keeps them, as Flower's
+simulation keeps its ClientApps in actors; only tasks, model bytes and messages travel.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from server.simulate import SimulationError
+from server.simulation.devices import DeviceSeed, DeviceShard, Outcome
+from shared.wire import Task
+
+
+class Executor(Protocol):
+    """Runs the devices' work of a stage: ``submit`` some devices' tasks (with the model bytes they
+    need), then ``ready`` hands back their answers in batches as they finish; ``name`` says where."""
+
+    name: str
+
+    def submit(self, items: list[tuple[str, Task]], blobs: Mapping[tuple[int, int], bytes]) -> None: ...
+
+    def ready(self, wait: bool) -> Iterator[list[Outcome]]: ...
+
+    def close(self) -> None: ...
+
+
+class InProcess:
+    """Every device in one shard, in this process: ``submit`` does the work at once."""
+
+    name = "in-process"
+
+    def __init__(self, seeds: Sequence[DeviceSeed], coordinator_key: str):
+        self.shard = DeviceShard(list(seeds), coordinator_key)
+        self.done: list[list[Outcome]] = []
+
+    def submit(self, items: list[tuple[str, Task]], blobs: Mapping[tuple[int, int], bytes]) -> None:
+        self.done.append(self.shard.work(items, blobs))
+
+    def ready(self, wait: bool) -> Iterator[list[Outcome]]:
+        while self.done:
+            yield self.done.pop(0)
+
+    def close(self) -> None:
+        return None
+
+
+class RayShards:
+    """The devices dealt over ``actors`` Ray actors (one CPU each; default: the cluster's CPUs).
+
+    A device's worker lives in one actor for the whole job (it holds its SecAgg+ secrets between
+    stages), so its tasks go there. The driver keeps submitting while the actors work and posts
+    the answers that are ready in between: the coordinator's work overlaps the devices'.
+    """
+
+    def __init__(
+        self, seeds: Sequence[DeviceSeed], coordinator_key: str, address: str, actors: int | None = None
+    ):
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+        try:
+            import ray
+        except ImportError:
+            raise SimulationError("--ray-address needs Ray: pip install 'ray[default]'") from None
+        self.ray = ray
+        self.started = not ray.is_initialized()
+        if self.started:
+            init: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+            if address == "local":
+                init["num_cpus"] = actors or os.cpu_count() or 1
+            try:
+                ray.init(address=address, **init)
+            except (ConnectionError, RuntimeError, ValueError) as err:
+                raise SimulationError(f"--ray-address {address}: {err}") from None
+        n = max(1, min(len(seeds), actors or int(ray.available_resources().get("CPU", 1)) or 1))
+        remote: Any = ray.remote(num_cpus=1)(DeviceShard)
+        chunks = [list(c) for c in np.array_split(np.arange(len(seeds)), n)]
+        self.actors: list[Any] = [remote.remote([seeds[i] for i in c], coordinator_key) for c in chunks]
+        self.where = {seeds[i].device_id: a for a, c in enumerate(chunks) for i in c}
+        self.shipped: list[set[tuple[int, int]]] = [set() for _ in self.actors]
+        self.pending: list[Any] = []
+        self.name = f"ray ({n} actors)"
+
+    def submit(self, items: list[tuple[str, Task]], blobs: Mapping[tuple[int, int], bytes]) -> None:
+        groups: dict[int, list[tuple[str, Task]]] = {}
+        for item in items:
+            groups.setdefault(self.where[item[0]], []).append(item)
+        for a, group in groups.items():
+            new = {k: v for k, v in blobs.items() if k not in self.shipped[a]}
+            self.shipped[a].update(new)
+            self.pending.append(self.actors[a].work.remote(group, new))
+
+    def ready(self, wait: bool) -> Iterator[list[Outcome]]:
+        while self.pending:
+            done, self.pending = self.ray.wait(self.pending, num_returns=1, timeout=None if wait else 0)
+            if not done:
+                return
+            yield self.ray.get(done[0])
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
+        if self.started:
+            self.ray.shutdown()
