@@ -50,6 +50,7 @@ import httpx  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 from sqlalchemy import create_engine, insert  # noqa: E402
 
+from bench import coordinator_process  # noqa: E402
 from coordinator.models import Device  # noqa: E402
 from server.demo import free_port  # noqa: E402
 from shared.signing import b64e, public_key_bytes, sign_request  # noqa: E402
@@ -181,31 +182,8 @@ def enroll(db_url: str, n: int) -> tuple[list[str], list[Ed25519PrivateKey]]:
     return ids, keys
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def start_coordinator(data_dir: Path, port: int, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as fh:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "server",
-                "server",
-                "start",
-                "--port",
-                str(port),
-                "--data-dir",
-                str(data_dir),
-            ],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=REPO,
-        )
+    proc = coordinator_process.start_coordinator(data_dir, port, log, env)
     deadline = time.time() + 60
     while time.time() < deadline:
         try:
@@ -235,9 +213,9 @@ async def measure(
             await asyncio.sleep(0.2)
         await asyncio.sleep(2.0)
         window = args.old_window if mode == OLD else args.window
-        t0, cpu0 = time.monotonic(), cpu_seconds(proc.pid)
+        t0, cpu0 = time.monotonic(), coordinator_process.cpu_seconds(proc.pid)
         await asyncio.sleep(window)
-        t1, cpu1 = time.monotonic(), cpu_seconds(proc.pid)
+        t1, cpu1 = time.monotonic(), coordinator_process.cpu_seconds(proc.pid)
         sent = sum(1 for t in fleet.sent if t0 <= t <= t1) / (t1 - t0)
         gaps = [gap for t, gap in fleet.cycles if t0 <= t <= t1]
         mean_cycle = sum(gaps) / len(gaps) if gaps else float("nan")

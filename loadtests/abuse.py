@@ -35,22 +35,12 @@ from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from bench.coordinator_process import status_mb
 from shared.signing import b64e, public_key_bytes, sign_request
 
 SLOW_CLIENTS = 50
 SLOW_SECONDS = 30.0
 BURST = 200
-
-
-def _status_mb(pid: int, key: str) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def _request(
@@ -143,13 +133,13 @@ def abuse(base: str, admin: str, server_pid: int, job_id: int) -> dict[str, Any]
     """Send the bad input at ``base`` during a running round; what came back and the peak RSS."""
     url = urlsplit(base)
     host, port = url.hostname or "127.0.0.1", url.port or 80
-    rss_before = _status_mb(server_pid, "VmRSS")
+    rss_before = status_mb(server_pid, "VmRSS")
     peak = {"rss_mb": rss_before or 0.0}
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            rss = _status_mb(server_pid, "VmRSS")
+            rss = status_mb(server_pid, "VmRSS")
             if rss:
                 peak["rss_mb"] = max(peak["rss_mb"], rss)
             done.wait(0.2)
@@ -243,7 +233,7 @@ def abuse(base: str, admin: str, server_pid: int, job_id: int) -> dict[str, Any]
         "all_refused": all(_refused(o) for group in results.values() for o in group) and first == 200,
         "rss_before_mb": rss_before,
         "peak_rss_during_mb": peak["rss_mb"],
-        "peak_rss_hwm_mb": _status_mb(server_pid, "VmHWM"),
+        "peak_rss_hwm_mb": status_mb(server_pid, "VmHWM"),
         "job_id": job_id,
     }
 

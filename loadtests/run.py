@@ -49,6 +49,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from bench.coordinator_process import cpu_seconds, start_coordinator, status_mb  # noqa: E402
+
 CLIP = 0.5  # as loadtests/synthetic.py (imported late: numpy is not needed for --help)
 LOCUSTFILE = HERE / "locustfile.py"
 MAX_USERS = 20_000
@@ -185,24 +188,6 @@ def summarise(stats: list[dict[str, str]], failures: list[dict[str, str]]) -> tu
 
 
 # ---------------------------------------------------------------------------- the coordinator's process
-
-
-def proc_cpu(pid: int) -> float:
-    """utime + stime of a process, in seconds (fields 14 and 15 of proc(5))."""
-    raw = Path(f"/proc/{pid}/stat").read_text()
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def proc_status_mb(pid: int, key: str) -> float | None:
-    """A ``/proc/PID/status`` size (VmHWM, VmRSS) in MB."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 # ---------------------------------------------------------------------------- the database
@@ -380,40 +365,19 @@ def run(args: argparse.Namespace, db_note: str) -> int:
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         server_log = out / "coordinator.log"
-        with server_log.open("wb") as log_fh:
-            server = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "server",
-                    "server",
-                    "start",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--data-dir",
-                    str(data_dir),
-                    "--log-level",
-                    args.server_log_level,
-                    *db,
-                ],
-                cwd=REPO,
-                env=env,
-                stdout=log_fh,
-                stderr=subprocess.STDOUT,
-            )
-            report: dict[str, Any] = {
-                "scenario": args.scenario,
-                "database": database_label(args.db),
-                "database_note": db_note,
-                "machine": {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()},
-                "started": datetime.now().astimezone().isoformat(timespec="seconds"),
-            }
-            try:
-                return drive(args, base, admin, server, server_log, out, env, Path(tmp), report)
-            finally:
-                stop(server)
+        server_log.unlink(missing_ok=True)
+        server = start_coordinator(data_dir, port, server_log, env, "--log-level", args.server_log_level, *db)
+        report: dict[str, Any] = {
+            "scenario": args.scenario,
+            "database": database_label(args.db),
+            "database_note": db_note,
+            "machine": {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()},
+            "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
+        try:
+            return drive(args, base, admin, server, server_log, out, env, Path(tmp), report)
+        finally:
+            stop(server)
 
 
 def locust_command(args: argparse.Namespace, base: str, out: Path, run_seconds: int) -> list[str]:
@@ -522,7 +486,7 @@ def drive(
     report: dict[str, Any],
 ) -> int:
     wait_healthy(base, server, server_log)
-    cpu_start = proc_cpu(server.pid)
+    cpu_start = cpu_seconds(server.pid)
     ledger = tmp / "ledger"
     ledger.mkdir()
     locust_env = dict(env, AICFL_TOKEN=admin, AICFL_LOAD_LEDGER=str(ledger))
@@ -591,8 +555,8 @@ def drive(
         for f in failures[:20]
     ]
     report["coordinator"] = {
-        "cpu_seconds": round(proc_cpu(server.pid) - cpu_start, 2),
-        "peak_rss_mb": proc_status_mb(server.pid, "VmHWM"),
+        "cpu_seconds": round(cpu_seconds(server.pid) - cpu_start, 2),
+        "peak_rss_mb": status_mb(server.pid, "VmHWM"),
         "error_log_lines": sum(
             1
             for line in server_log.read_text(errors="replace").splitlines()
@@ -673,7 +637,7 @@ def run_job(
         latest = job.get("latest_round") or {}
         if cpu0 is None and latest:
             # The first round opened: every device is in (or the selection timed out).
-            cpu0, wall0 = proc_cpu(server.pid), time.monotonic()
+            cpu0, wall0 = cpu_seconds(server.pid), time.monotonic()
             report["enroll_seconds"] = round(wall0 - t0, 1)
         if job["status"] in TERMINAL:
             break
@@ -694,9 +658,9 @@ def run_job(
             raise RunError(f"locust exited with status {locust.returncode}:\n{tail(locust_log)}")
         time.sleep(0.5)
     if cpu0 is None:
-        cpu0 = proc_cpu(server.pid)
+        cpu0 = cpu_seconds(server.pid)
     report["job_seconds"] = round(time.monotonic() - wall0, 1)
-    report["job_cpu_seconds"] = round(proc_cpu(server.pid) - cpu0, 2)
+    report["job_cpu_seconds"] = round(cpu_seconds(server.pid) - cpu0, 2)
     report["job_status"] = job["status"]
     report["job_reason"] = job.get("reason")
     if abuse_thread is not None:

@@ -3,6 +3,7 @@ the audits, read back from the coordinator once the job is done."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from server.demo_data import DIGITS
@@ -54,6 +55,23 @@ def _audit_summary(api: ApiClient, job_id: int, all_rounds: list[dict[str, Any]]
     return {"audits": rows, "audit_timing": timing}
 
 
+def round_rows(rounds: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """summary.json's ``rounds``: one entry per training round, as the API lists them."""
+    return [
+        {
+            "round": r["number"],
+            "status": r["status"],
+            "participants": r["participants"],
+            "dropped": r["dropped"],
+            "aggregation_seconds": r["aggregation_seconds"],
+            "secure": bool((r["metrics"] or {}).get("secure")),
+            "central": (r["metrics"] or {}).get("central", {}),
+            "federated": (r["metrics"] or {}).get("federated", {}),
+        }
+        for r in rounds
+    ]
+
+
 def summarize(
     api: ApiClient,
     job_id: int,
@@ -98,20 +116,7 @@ def summarize(
         "headline": headline(spec),
         "job_id": job_id,
         "secure": spec.secure,
-        "rounds": [
-            {
-                "round": r["number"],
-                "status": r["status"],
-                "participants": r["participants"],
-                "dropped": r["dropped"],
-                "aggregation_seconds": r["aggregation_seconds"],
-                "secure": bool((r["metrics"] or {}).get("secure")),
-                "central": (r["metrics"] or {}).get("central", {}),
-                "federated": (r["metrics"] or {}).get("federated", {}),
-            }
-            for r in all_rounds
-            if r["kind"] == "train"
-        ],
+        "rounds": round_rows(r for r in all_rounds if r["kind"] == "train"),
         "final": final,
         "ceiling": ceiling,
         "final_version": last["version"],

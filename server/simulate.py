@@ -26,7 +26,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +87,28 @@ class VirtualClock:
         self.offset += seconds
 
 
+@contextlib.contextmanager
+def scratch_federation(prefix: str, eligibility_window: float) -> Iterator[tuple[Federation, VirtualClock]]:
+    """The real federation engine on SQLite in a temporary folder, on a virtual clock, for one simulation."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        engine = make_engine(f"sqlite:///{Path(tmp) / 'sim.db'}")
+        try:
+            migrate(engine)
+            clock = VirtualClock()
+            yield (
+                Federation(
+                    session_factory(engine),
+                    LocalBlobStore(Path(tmp) / "blobs"),
+                    Ed25519PrivateKey.generate(),
+                    EngineSettings(eligibility_window=eligibility_window),
+                    clock=clock,
+                ),
+                clock,
+            )
+        finally:
+            engine.dispose()
+
+
 @dataclass
 class SimDevice:
     key: Ed25519PrivateKey
@@ -132,17 +154,7 @@ def simulate(
         raise SimulationError(f"--drop-after must be one of {', '.join(DROP_POINTS)}")
     n_drop = int(round(devices * dropout))
     rng = np.random.default_rng(seed)
-    with tempfile.TemporaryDirectory(prefix="aicfl-sim-") as tmp:
-        engine = make_engine(f"sqlite:///{Path(tmp) / 'sim.db'}")
-        migrate(engine)
-        clock = VirtualClock()
-        fed = Federation(
-            session_factory(engine),
-            LocalBlobStore(Path(tmp) / "blobs"),
-            Ed25519PrivateKey.generate(),
-            EngineSettings(eligibility_window=3600),
-            clock=clock,
-        )
+    with scratch_federation("aicfl-sim-", eligibility_window=3600) as (fed, clock):
         threads = workers or os.cpu_count() or 1
         pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sim-device")
         try:
@@ -151,7 +163,6 @@ def simulate(
             )
         finally:
             pool.shutdown()
-            engine.dispose()
 
 
 def _run(

@@ -30,7 +30,7 @@ import pandas as pd
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared.apps import BUILTIN, App, DeviceContext, JobContext, LocalData
-from shared.apps.tabular import Rows, TabularApp, _preprocessor
+from shared.apps.tabular import TabularApp
 from shared.jobspec import JobSpec
 from shared.robustness import capped_weight
 from shared.secagg.primitives import SecAggError
@@ -83,18 +83,9 @@ class FrameApp(TabularApp):
         self.frames = frames
         self._checked: set[tuple[int, str]] = set()
 
-    def load_data(self, device: DeviceContext) -> LocalData:
-        # TabularApp.load_data, with the frame from memory instead of load_table(data_path).
-        schema = device.job.spec.tabular
-        frame = self.frames[device.data_path]
-        pre = _preprocessor(device.job) if device.job.setup is not None else None
-        train_idx, hold_idx = device.holdout_split(len(frame))
-        return LocalData(
-            train=Rows(frame.iloc[train_idx], schema, pre, whole=frame),
-            holdout=Rows(frame.iloc[hold_idx], schema, pre),
-            train_examples=len(train_idx),
-            holdout_examples=len(hold_idx),
-        )
+    def load_frame(self, device: DeviceContext) -> pd.DataFrame:
+        # The rows from memory instead of load_table(data_path): read once, when the job was set up.
+        return self.frames[device.data_path]
 
     def check_data(self, data: LocalData, job: JobContext) -> None:
         # A device's rows never change here: once they passed the job's schema check, they pass it

@@ -17,6 +17,7 @@ from typing import Any
 from coordinator import queries, registry
 from coordinator.engine import Federation
 from server.demo_metrics import ceiling_metrics, final_metrics, headline
+from server.demo_summary import round_rows
 from server.simulation.data import SimulationData
 from server.simulation.job import RunStats
 from shared.jobspec import JobSpec
@@ -66,19 +67,7 @@ def summarize(
         "secure": spec.secure,
         "status": status,
         "reason": reason,
-        "rounds": [
-            {
-                "round": r["number"],
-                "status": r["status"],
-                "participants": r["participants"],
-                "dropped": r["dropped"],
-                "aggregation_seconds": r["aggregation_seconds"],
-                "secure": bool((r["metrics"] or {}).get("secure")),
-                "central": (r["metrics"] or {}).get("central", {}),
-                "federated": (r["metrics"] or {}).get("federated", {}),
-            }
-            for r in train
-        ],
+        "rounds": round_rows(train),
         "final": final,
         "ceiling": central,
         "final_version": last.version if last is not None else None,

@@ -12,21 +12,17 @@ one-time tokens as the agent enrolls). ``docs/simulation.md`` has the whole stor
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator import auth
-from coordinator.blobs import LocalBlobStore
-from coordinator.engine import EngineSettings, Federation
+from coordinator.engine import Federation
 from coordinator.errors import CoordinatorError
-from coordinator.store import make_engine, migrate, session_factory
-from server.simulate import SimulationError, VirtualClock
+from server.simulate import SimulationError, VirtualClock, scratch_federation
 from server.simulation.data import DataSetupError, SimulationData, prepare
 from server.simulation.devices import DeviceSeed, new_device_key
 from server.simulation.executors import Executor, InProcess, RayShards
@@ -130,22 +126,9 @@ def simulate_job(spec: JobSpec, opts: SimulationOptions, out: Path | None = None
     except DataSetupError as err:
         raise SimulationError(str(err)) from None
     t_data = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="aicfl-simjob-") as tmp:
-        engine = make_engine(f"sqlite:///{Path(tmp) / 'sim.db'}")
-        try:
-            migrate(engine)
-            clock = VirtualClock()
-            fed = Federation(
-                session_factory(engine),
-                LocalBlobStore(Path(tmp) / "blobs"),
-                Ed25519PrivateKey.generate(),
-                # Devices never go stale: the virtual clock jumps by whole stage deadlines.
-                EngineSettings(eligibility_window=1e12),
-                clock=clock,
-            )
-            summary = _run(fed, clock, spec, opts, data, t_start, t_data)
-        finally:
-            engine.dispose()
+    # Devices never go stale: the virtual clock jumps by whole stage deadlines.
+    with scratch_federation("aicfl-simjob-", eligibility_window=1e12) as (fed, clock):
+        summary = _run(fed, clock, spec, opts, data, t_start, t_data)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -142,11 +142,15 @@ class TabularApp(App):
 
         return build_model(self.describe(job))
 
-    def load_data(self, device: DeviceContext) -> LocalData:
+    def load_frame(self, device: DeviceContext) -> pd.DataFrame:
+        """The device's rows, read from its file with the job's column types."""
         from shared.tabular import load_table
 
+        return load_table(device.data_path, _schema(device.job))
+
+    def load_data(self, device: DeviceContext) -> LocalData:
         schema = _schema(device.job)
-        frame = load_table(device.data_path, schema)
+        frame = self.load_frame(device)
         pre = _preprocessor(device.job) if device.job.setup is not None else None
         train_idx, hold_idx = device.holdout_split(len(frame))
         return LocalData(

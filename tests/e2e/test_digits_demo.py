@@ -10,27 +10,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+from tests.fixtures.summary import SUMMARY_FIELDS
 
-# The churn demo's summary fields (server/demo_summary.py `summarize`), which the digits demo keeps.
-FIELDS = {
-    "devices",
-    "dataset",
-    "headline",
-    "job_id",
-    "secure",
-    "rounds",
-    "final",
-    "ceiling",
-    "final_version",
-    "agent_peak_rss_mb",
-    "pretrain",
-    "baseline",
-    "audits",
-    "audit_timing",
-    "skipped",
-    "seconds",
-}
+pytestmark = pytest.mark.slow
 
 
 def test_digits_demo_trains_the_example_app_under_secagg_and_reports_it_beside_its_ceiling(
@@ -47,7 +29,7 @@ def test_digits_demo_trains_the_example_app_under_secagg_and_reports_it_beside_i
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     summary = json.loads((out / "summary.json").read_text())
 
-    assert set(summary) == FIELDS
+    assert set(summary) == SUMMARY_FIELDS
     assert (summary["devices"], summary["dataset"], summary["headline"]) == (3, "digits", "accuracy")
     assert summary["secure"] is True and all(r["secure"] for r in summary["rounds"])
     assert len(summary["rounds"]) == 3 and summary["final_version"] == 3

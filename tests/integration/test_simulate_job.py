@@ -19,39 +19,11 @@ import tomli_w
 from server.simulation.splits import parse_split
 from server.simulation.whole_job import SimulationOptions, simulate_job
 from shared.jobspec import load_spec, validate_spec
+from tests.fixtures.summary import ROUND_FIELDS, SUMMARY_FIELDS
 from tests.integration import test_cli as cli
 
 ROOT = Path(__file__).resolve().parents[2]
 CHURN = ROOT / "examples" / "churn.toml"
-#: The fields of the demo's summary.json (server/demo_summary.py and server/demo.py).
-DEMO_FIELDS = {
-    "devices",
-    "dataset",
-    "headline",
-    "job_id",
-    "secure",
-    "rounds",
-    "final",
-    "ceiling",
-    "final_version",
-    "agent_peak_rss_mb",
-    "pretrain",
-    "baseline",
-    "audits",
-    "audit_timing",
-    "skipped",
-    "seconds",
-}
-DEMO_ROUND_FIELDS = {
-    "round",
-    "status",
-    "participants",
-    "dropped",
-    "aggregation_seconds",
-    "secure",
-    "central",
-    "federated",
-}
 
 
 def small_churn(tmp_path: Path, **changes: Any) -> Path:
@@ -75,7 +47,7 @@ def test_secure_job_with_dropouts_ends_exact_and_writes_the_demo_summary(tmp_pat
     assert json.loads((tmp_path / "out" / "summary.json").read_text()) == json.loads(
         json.dumps(summary, default=str)
     )
-    assert set(summary) >= DEMO_FIELDS
+    assert set(summary) >= SUMMARY_FIELDS
     assert (summary["status"], summary["secure"], summary["devices"], summary["final_version"]) == (
         "completed",
         True,
@@ -84,7 +56,7 @@ def test_secure_job_with_dropouts_ends_exact_and_writes_the_demo_summary(tmp_pat
     )
     assert [r["round"] for r in summary["rounds"]] == [1, 2]  # the statistics round is round 0
     for r in summary["rounds"]:
-        assert set(r) == DEMO_ROUND_FIELDS
+        assert set(r) == ROUND_FIELDS
         assert (r["status"], r["secure"], r["participants"]) == ("completed", True, 20)
         assert 0 <= r["dropped"] <= 4  # 4 of 20 drop; those that drop at unmask are not counted
         assert {"auc", "accuracy", "loss"} <= set(r["central"]) and r["central"]["examples"] == 1000
