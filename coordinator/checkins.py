@@ -63,7 +63,7 @@ class CheckIns:
             if not found:  # pragma: no cover - authenticated before
                 raise NotFound("unknown device")
             last_seen, agent_version, peak_rss_mb = found[0][:3]
-            rows = [row[3:] for row in found if row[3] is not None]  # rounds.id is NULL when there is none
+            rows = [row[3:-1] for row in found if row[-1] is not None]  # participants.id: NULL when not in
             for row in rows:
                 r, stage_done = RoundRow(*row[:-1]), row[-1]
                 if (

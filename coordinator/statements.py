@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, insert, join, or_, select, update
+from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import aliased
 
 from coordinator.models import Device, ModelVersion, Participant, Round, RoundMessage
@@ -79,13 +79,31 @@ PARTICIPATION = (
     .where(Round.id == bindparam("round"))
 )
 PARTICIPATION_LOCKED = PARTICIPATION.with_for_update(of=Round)
-# The device, and the rounds running with it active in them (none: one row of NULLs after its columns).
+# The device, then one row per running round with its participant row (``Participant.id`` NULL where
+# the device is not active in that round; no running round: one row of NULLs after the device's
+# columns). Read from the few running rounds (``ix_rounds_status``) to the device's participant row in
+# each (``uq_participant``), so a check-in costs the same whatever the size of the federation and however
+# many rounds the device took part in: participant rows stay ``active`` after their round ends, and a
+# nested ``participant JOIN round`` as the right side of the outer join made SQLite build that join for
+# every participant of the federation on every check-in.
 CHECKIN = (
-    select(Device.last_seen, Device.agent_version, Device.peak_rss_mb, *ROUND_COLUMNS, Participant.stage_done)
+    select(
+        Device.last_seen,
+        Device.agent_version,
+        Device.peak_rss_mb,
+        *ROUND_COLUMNS,
+        Participant.stage_done,
+        Participant.id,
+    )
     .select_from(Device)
+    .outerjoin(Round, Round.status == "running")
     .outerjoin(
-        join(Participant, Round, and_(Round.id == Participant.round_id, Round.status == "running")),
-        and_(Participant.device_id == Device.id, Participant.status == ACTIVE),
+        Participant,
+        and_(
+            Participant.round_id == Round.id,
+            Participant.device_id == Device.id,
+            Participant.status == ACTIVE,
+        ),
     )
     .where(Device.id == bindparam("device"))
 )
