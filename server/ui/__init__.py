@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from coordinator.errors import CoordinatorError
 
@@ -77,15 +77,38 @@ def mount(app: FastAPI) -> None:
             response.headers["HX-Redirect"] = "/ui/login"
         return response
 
-    @app.middleware("http")
-    async def _headers(request: Request, call_next: Any) -> Any:
-        response = await call_next(request)
-        if is_ui_path(request.url.path):
-            for name, value in SECURITY_HEADERS.items():
-                response.headers.setdefault(name, value)
-            if not request.url.path.startswith("/ui/static/"):
-                response.headers.setdefault("Cache-Control", "no-store")
-        return response
+    app.add_middleware(UiHeaders)
+
+
+class UiHeaders:
+    """ASGI middleware: the dashboard's security headers (and ``no-store`` on its pages).
+
+    Pure ASGI, and a pass-through for every other path: a ``BaseHTTPMiddleware`` here wrapped every
+    device request of the coordinator in a task and a stream for headers only the dashboard needs.
+    A header the page already set is kept.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not is_ui_path(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        extra = dict(SECURITY_HEADERS)
+        if not scope["path"].startswith("/ui/static/"):
+            extra["Cache-Control"] = "no-store"
+        wanted = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in extra.items()]
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {name.lower() for name, _ in headers}
+                headers += [(name, value) for name, value in wanted if name not in present]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
 
 
 def coordinator_error_page(request: Request, err: CoordinatorError) -> HTMLResponse:
