@@ -3,15 +3,18 @@
 A pure ASGI middleware, so that nothing buffers a body on its way to the route:
 a declared ``Content-Length`` over the route's limit is refused at once, and a
 body of undeclared length (chunked) is counted message by message as the route
-reads it, and refused the moment the count passes the limit. Requests that an
-operator token guards are refused before their body is read unless the token
-is valid (the route's own dependency still checks the role), and enrollment,
-which needs no credentials, is rate-limited per source address. docs/security.md
-lists the limits and the settings that change them.
+reads it, and refused the moment the count passes the limit. A body that
+arrives too slowly (a slowloris client holding a connection, or an upload slot,
+a byte at a time) is cut off with 408. Requests that an operator token guards
+are refused before their body is read unless the token is valid (the route's
+own dependency still checks the role), and enrollment, which needs no
+credentials, is rate-limited per source address. docs/security.md lists the
+limits and the settings that change them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import logging
@@ -22,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from coordinator import auth
@@ -40,6 +44,10 @@ _OPERATOR_REPORT = re.compile(r"^/v1/(audits/[^/]+/report|jobs/[^/]+/baseline)$"
 # /v1 routes that need no operator token: the agents' own, and the two public ones.
 _NOT_OPERATOR = re.compile(r"^/v1/(enroll|device/.*|health|coordinator/key)$")
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Bytes a second that a body must keep up beyond ServerSettings.body_read_timeout: each this many
+# bytes that arrive earn one more second, so a large upload that keeps up 16 KiB/s is never cut,
+# while a byte every few seconds earns nothing.
+BODY_MIN_RATE = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,10 @@ class _BodyTooLarge(Exception):
     """Raised to the route reading a body that passed its limit (the 413 is already sent)."""
 
 
+class _BodyTimedOut(Exception):
+    """Raised to the route reading a body that arrives too slowly (the 408 is already sent)."""
+
+
 def _problem(status: int, title: str, detail: str, headers: dict[str, str] | None = None) -> list[Message]:
     """An RFC 9457 problem response as ASGI messages; the connection closes, its body unread."""
     body = json.dumps({"type": "about:blank", "title": title, "status": status, "detail": detail}).encode()
@@ -139,6 +151,16 @@ def _too_large(limit: RouteLimit, size: int | None) -> list[Message]:
     )
 
 
+def _timed_out(timeout: float, received: int, waited: float) -> list[Message]:
+    return _problem(
+        408,
+        "Request timeout",
+        f"the request body arrived too slowly ({received} bytes in {waited:.1f} s): a body may take"
+        f" {timeout:g} s (setting AICFL_BODY_READ_TIMEOUT) plus 1 s per {BODY_MIN_RATE // 1024} KiB"
+        f" received, and may pause for at most {timeout:g} s",
+    )
+
+
 def _declared_size(scope: Scope, limit: RouteLimit) -> list[Message] | None:
     for name, value in scope.get("headers", []):
         if name == b"content-length" and value.isdigit() and int(value) > limit.max_bytes:
@@ -152,6 +174,71 @@ def _bearer(scope: Scope) -> str | None:
             scheme, _, token = value.decode("latin-1").partition(" ")
             return token.strip() if scheme.lower() == "bearer" and token.strip() else None
     return None
+
+
+class _Exchange:
+    """One request's receive and send as its route sees them: the body counted and timed as it is
+    read, the route's own answer dropped once the body was cut off (its refusal went out instead).
+
+    Only waits for more of the body are timed, and only they count: while the route does not read
+    (a large upload waiting for its slot) the client is not to blame. Once the body is complete, a
+    receive waits for the client's disconnect (a held check-in, Starlette's disconnect watch) for
+    as long as the route likes.
+    """
+
+    def __init__(self, receive: Receive, send: Send, limit: RouteLimit, timeout: float):
+        self._receive, self._send = receive, send
+        self.limit, self.timeout = limit, timeout
+        self.received = 0
+        self.waited = 0.0  # seconds spent waiting for parts of the body
+        self.complete = False  # the last part of the body has arrived, or the client has left
+        self.started = False  # the route's answer has started
+        self.cut: str | None = None  # why the body was refused, if it was
+
+    async def receive(self) -> Message:
+        if self.complete:
+            return await self._receive()
+        message = await self._receive_in_time()
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            self.complete = not message.get("more_body", False)
+            if self.received > self.limit.max_bytes and self.cut is None:
+                await self._refuse(f"over {self.limit.max_bytes} bytes", _too_large(self.limit, None))
+                raise _BodyTooLarge()
+        else:
+            self.complete = True  # http.disconnect
+        return message
+
+    async def _receive_in_time(self) -> Message:
+        loop = asyncio.get_running_loop()
+        # A wait ends after `timeout` without a byte, or once the body as a whole is late: it has
+        # `timeout` seconds, and one more for each BODY_MIN_RATE bytes that have arrived.
+        allowed = self.timeout + self.received / BODY_MIN_RATE - self.waited
+        began = loop.time()
+        try:
+            async with asyncio.timeout(min(self.timeout, allowed)):
+                message = await self._receive()
+        except TimeoutError:
+            self.waited += loop.time() - began
+            if self.cut is None:
+                reply = _timed_out(self.timeout, self.received, self.waited)
+                await self._refuse(f"too slow: {self.received} bytes in {self.waited:.1f} s", reply)
+            raise _BodyTimedOut() from None
+        self.waited += loop.time() - began
+        return message
+
+    async def _refuse(self, why: str, reply: list[Message]) -> None:
+        self.cut = why
+        if not self.started:  # else the answer is under way: the server closes the connection
+            for message in reply:
+                await self._send(message)
+
+    async def send(self, message: Message) -> None:
+        if self.cut is not None:
+            return  # the refusal went out; whatever the route answers to its cut-off body is dropped
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
 
 
 class BodyLimits:
@@ -183,38 +270,28 @@ class BodyLimits:
                 await send(message)
             return
 
-        received = 0
-        refused = False
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal received, refused
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit.max_bytes and not refused:
-                    refused = True
-                    if not started:
-                        for reply in _too_large(limit, None):
-                            await send(reply)
-                    raise _BodyTooLarge()
-            return message
-
-        async def tracked_send(message: Message) -> None:
-            nonlocal started
-            if refused:
-                return  # the 413 went out; whatever the route answers to its cut-off body is dropped
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        exchange = _Exchange(receive, send, limit, settings.body_read_timeout)
         try:
-            await self.app(scope, limited_receive, tracked_send)
-        except Exception:
-            if not refused:
+            await self.app(scope, exchange.receive, exchange.send)
+        except Exception as err:
+            if exchange.cut is not None:
+                # The route failed because its body was cut off: the client has its refusal already.
+                log.debug("%s %s: body refused (%s)", scope["method"], scope["path"], exchange.cut)
+            elif isinstance(err, ClientDisconnect):
+                # The client left mid-body, before anything was done for it: one line, not a traceback.
+                log.info(
+                    "%s %s: the client closed the connection after %d body bytes",
+                    scope["method"],
+                    scope["path"],
+                    exchange.received,
+                )
+                if not exchange.started:
+                    # No one reads this answer, but the request metrics count it (a request with no
+                    # response would go uncounted): 499 is nginx's "client closed request".
+                    for message in _problem(499, "Client closed request", "the client left mid-body"):
+                        await exchange.send(message)
+            else:
                 raise
-            # The route failed because its body was cut off: the client has its 413 already.
-            log.debug("%s %s: body over %d bytes refused", scope["method"], scope["path"], limit.max_bytes)
 
     def _enroll_rate(self, scope: Scope, settings: ServerSettings) -> list[Message] | None:
         if self._enroll is None:

@@ -86,6 +86,14 @@ class ServerSettings(BaseSettings):
     )
     max_enroll_bytes: int = Field(default=16 * 1024, gt=0, description="largest enrollment request")
     max_form_bytes: int = Field(default=8 * 1024, gt=0, description="largest dashboard form post (/ui/)")
+    body_read_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "seconds a request body may take to arrive, plus 1 s per 16 KiB received, and the longest"
+            " it may pause; then 408 (a client trickling a body cannot hold a connection or an upload slot)"
+        ),
+    )
     enroll_rate_per_minute: float = Field(
         default=10.0, gt=0, description="enrollment attempts a source address may make per minute"
     )

@@ -17,7 +17,8 @@ app = typer.Typer(help="Run the coordinator.", no_args_is_help=True)
 
 # How long the coordinator keeps an idle connection open. Agents drop theirs
 # sooner (client_agent.transport.KEEPALIVE_SECONDS), so neither side sends on a
-# connection the other is closing.
+# connection the other is closing. A held check-in (long poll) is not idle:
+# uvicorn arms this timer only once a response is complete, so it never cuts one.
 SERVER_KEEPALIVE_SECONDS = 5
 
 
