@@ -56,16 +56,17 @@ def test_derived_parameters_refuse_fractions_and_sizes_out_of_range(
 
 
 def test_an_odd_cohort_gets_an_even_degree_so_that_its_graph_exists() -> None:
-    # n = 41: the formula gives k = ceil(3 log2 41) = 17, and no 17-regular graph has 41 nodes.
-    p = derive_params(41)
+    # n = 41: the formula gives k = ceil(3 log2 41) = 17, and no 17-regular graph has 41 nodes. (Without
+    # dropout: at the default 0.2 the cohort is small enough to get the complete graph, k = 40.)
+    p = derive_params(41, dropout=0)
     assert p.k == 18 and (41 * p.k) % 2 == 0
     assert p.t > p.k / 2
 
 
 def test_a_demanding_threshold_raises_the_degree_past_the_odd_ones() -> None:
     # n = 17: k starts at ceil(3 log2 17) = 13, odd, so 14. Tolerating 65% colluders needs
-    # t = 11 of 14, more than the 10 expected to survive 30% dropout; 15 is odd again, so 16
-    # (t = 12, 12 survivors).
+    # t = 11 of 14; 30% dropout leaves fewer too often at any degree, so the cohort gets the
+    # complete graph, 16 (t = 12, 12 survivors expected).
     p = derive_params(17, dropout=0.3, corruption=0.65)
     assert (p.k, p.t) == (16, 12)
     assert p.k - math.floor(0.3 * p.k) >= p.t

@@ -16,7 +16,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.secagg.graph import neighbour_graph
-from shared.secagg.params import SecAggParams, derive_params, modulus_ok
+from shared.secagg.params import (
+    DEFAULT_FAIL_PROB,
+    SecAggParams,
+    derive_params,
+    modulus_ok,
+    neighbourhood_shortfall,
+)
 from shared.secagg.primitives import (
     SHARE_BYTES,
     SecAggError,
@@ -293,17 +299,29 @@ def test_derived_params_are_consistent(n: int) -> None:
         assert p.t > p.k / 2 and p.t > 0.1 * p.k
     if n <= 10:
         assert p.k == n - 1  # small cohorts: complete graph
-    assert p.k <= max(4, math.ceil(3 * math.log2(n))) + 2
+    # Every neighbourhood keeps t survivors at dropout 0.2 but with probability DEFAULT_FAIL_PROB (union bound), or
+    # the cohort is too small for that and gets the complete graph.
+    assert n * neighbourhood_shortfall(p.k, p.t, 0.2) <= DEFAULT_FAIL_PROB or p.k == n - 1
+    assert p.k >= min(n - 1, max(4, math.ceil(3 * math.log2(n))))
 
 
 def test_derived_params_grow_logarithmically() -> None:
-    assert derive_params(50).k < derive_params(1000).k < derive_params(100000).k <= 60
+    assert (
+        derive_params(50, dropout=0).k
+        < derive_params(1000, dropout=0).k
+        < derive_params(100000, dropout=0).k
+        <= 60
+    )
+    # Dropout 0.2 costs neighbours, still logarithmically: 100 times more devices, 20 more.
+    assert derive_params(1000).k < derive_params(100000).k <= derive_params(1000).k + 20
 
 
 def test_explicit_k_and_t_are_validated() -> None:
     assert derive_params(10, k=4, t=3) == SecAggParams(k=4, t=3, clip=1.0)
+    # A spec's k beyond a smaller turnout is capped at the complete graph; k = 0 is refused.
+    assert derive_params(10, k=10) == SecAggParams(k=9, t=5, clip=1.0)
     with pytest.raises(ValueError, match="k must be"):
-        derive_params(10, k=10)
+        derive_params(10, k=0)
     with pytest.raises(ValueError, match="t must be"):
         derive_params(10, k=4, t=5)
     with pytest.raises(ValueError, match="t must be"):
