@@ -6,11 +6,14 @@ import hashlib
 import secrets
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 
-from sqlalchemy import delete, func, select
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlalchemy import bindparam, delete, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from coordinator import secure
 from coordinator.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
 from coordinator.models import Device, DeviceNonce, EnrollmentToken, Event, OperatorToken
 from shared.signing import (
@@ -119,15 +122,24 @@ def enroll_device(session: Session, token: str, public_key_b64: str, name: str, 
     return device
 
 
-def _signed_device(session: Session, headers: dict[str, str], now: float, window_seconds: float) -> Device:
-    """The device a request claims to come from, if its headers are complete and fresh."""
+# Device paths run these on their own connection (``secure.Db``): a device request's check is the
+# coordinator's most frequent transaction, and the ORM's unit of work cost more than the statements.
+DEVICE_KEY = select(Device.public_key, Device.revoked_at).where(Device.id == bindparam("device"))
+ADD_NONCE = insert(DeviceNonce).values(
+    device_id=bindparam("device"), nonce=bindparam("nonce"), seen_at=bindparam("seen")
+)
+
+
+def _signed_device(s: Session | secure.Db, headers: dict[str, str], now: float, window_seconds: float) -> str:
+    """The public key of the device a request claims to come from, if its headers are complete and fresh."""
     missing = [h for h in DEVICE_HEADERS if not headers.get(h)]
     if missing:
         raise Unauthorized(f"unsigned device request: missing {', '.join(missing)}")
-    device = session.get(Device, headers[HEADER_DEVICE])
-    if device is None:
+    found = secure.run(s, DEVICE_KEY, device=headers[HEADER_DEVICE]).first()
+    if found is None:
         raise Unauthorized("unknown device")
-    if device.revoked_at is not None:
+    public_key, revoked_at = found
+    if revoked_at is not None:
         raise Unauthorized("this device has been revoked")
     try:
         ts = float(headers[HEADER_TIMESTAMP])
@@ -135,29 +147,41 @@ def _signed_device(session: Session, headers: dict[str, str], now: float, window
         raise Unauthorized("device request refused: timestamp is not a number") from None
     if not abs(now - ts) <= window_seconds:
         raise Unauthorized(f"device request refused: timestamp is outside the {window_seconds:.0f} s window")
-    return device
+    return str(public_key)
 
 
-def precheck_device(session: Session, headers: dict[str, str], *, window_seconds: float) -> None:
+def precheck_device(s: Session | secure.Db, headers: dict[str, str], *, window_seconds: float) -> None:
     """The checks that need no body, done before a large body is read."""
-    _signed_device(session, headers, time.time(), window_seconds)
+    _signed_device(s, headers, time.time(), window_seconds)
 
 
-def authenticate_device(
-    session: Session,
+@lru_cache(maxsize=65_536)
+def _public_key(encoded: str) -> Ed25519PublicKey:
+    """A device's key, parsed once: a device's stored key never changes (enrollment makes a new device)."""
+    return load_public_key(encoded)
+
+
+def authenticate_device_id(
+    s: Session | secure.Db,
     headers: dict[str, str],
     method: str,
     path: str,
     body: bytes,
     *,
     window_seconds: float,
-) -> Device:
-    """Verify a signed device request: known device, fresh timestamp, good signature, unseen nonce."""
+) -> str:
+    """Verify a signed device request: known device, fresh timestamp, good signature, unseen nonce.
+
+    Returns the device's id. The nonce goes in with a unique constraint, so a replay racing the
+    original on another replica still fails. In an ORM session the insert runs in a savepoint (the
+    transaction may go on after a refused replay); on a device path's connection it does not, and a
+    refusal must end the transaction, as ``server.security.device_request``'s does.
+    """
     now = time.time()
-    device = _signed_device(session, headers, now, window_seconds)
+    encoded = _signed_device(s, headers, now, window_seconds)
     try:
         verify_request(
-            load_public_key(device.public_key),
+            _public_key(encoded),
             method,
             path,
             headers[HEADER_TIMESTAMP],
@@ -169,13 +193,32 @@ def authenticate_device(
         )
     except SignatureError as err:
         raise Unauthorized(f"device request refused: {err}") from None
-    # The nonce goes in with a unique constraint, in its own savepoint, so a
-    # replay racing the original on another replica still fails.
+    device_id = headers[HEADER_DEVICE]
+    nonce = {"device": device_id, "nonce": headers[HEADER_NONCE], "seen": now}
     try:
-        with session.begin_nested():
-            session.add(DeviceNonce(device_id=device.id, nonce=headers[HEADER_NONCE], seen_at=now))
+        if isinstance(s, secure.Db):
+            secure.run(s, ADD_NONCE, **nonce)
+        else:
+            with s.begin_nested():
+                s.connection().execute(ADD_NONCE, nonce)
     except IntegrityError:
         raise Unauthorized("device request refused: replayed nonce") from None
+    return device_id
+
+
+def authenticate_device(
+    session: Session,
+    headers: dict[str, str],
+    method: str,
+    path: str,
+    body: bytes,
+    *,
+    window_seconds: float,
+) -> Device:
+    """``authenticate_device_id`` in an ORM session, returning the device's row."""
+    device_id = authenticate_device_id(session, headers, method, path, body, window_seconds=window_seconds)
+    device = session.get(Device, device_id)
+    assert device is not None  # found by the check above, in this transaction
     return device
 
 

@@ -89,8 +89,8 @@ async def device_request(request: Request) -> AsyncIterator[tuple[str, bytes]]:
     headers = {h: request.headers.get(h, "") for h in DEVICE_HEADERS}
 
     def precheck() -> None:
-        with fed.read() as s:
-            auth.precheck_device(s, headers, window_seconds=window)
+        with fed.device_read() as db:
+            auth.precheck_device(db, headers, window_seconds=window)
 
     declared = request.headers.get("content-length", "")
     chunked = "chunked" in request.headers.get("transfer-encoding", "").lower()
@@ -105,10 +105,10 @@ async def device_request(request: Request) -> AsyncIterator[tuple[str, bytes]]:
         body = await read_body(request)
 
         def check() -> str:
-            with fed.write() as s:
-                return auth.authenticate_device(
-                    s, headers, request.method, signed_target(request), body, window_seconds=window
-                ).id
+            with fed.device_write() as db:
+                return auth.authenticate_device_id(
+                    db, headers, request.method, signed_target(request), body, window_seconds=window
+                )
 
         yield await run_in_threadpool(check), body
     finally:
