@@ -37,7 +37,7 @@ from coordinator.rounds import (
     select_cohort,
     stages_of,
 )
-from coordinator.statements import DROP, PARTICIPANTS, WAITING, RoundRow
+from coordinator.statements import DROP, PARTICIPANTS, RUNNING_JOBS, WAITING, RoundRow
 from shared.jobspec import JobSpec
 from shared.robustness import AggregateRejected
 from shared.secagg.primitives import SecAggError
@@ -73,12 +73,8 @@ class RoundDriver:
         second and a thousand devices that would be most of the coordinator's work.
         """
         now = self.ctx.clock()
-        with self.ctx.read() as s:
-            jobs = s.execute(
-                select(Job.id, Round.id, Round.stage_deadline)
-                .outerjoin(Round, (Round.job_id == Job.id) & (Round.status == "running"))
-                .where(Job.status == "running")
-            ).all()
+        with self.ctx.device_read() as db:
+            jobs = secure.run(db, RUNNING_JOBS).all()
         # Running sums of rounds that ended on another replica (this one had some of their vectors).
         self.sums.forget_ended({round_id for _, round_id, _ in jobs if round_id is not None})
         job_ids = []

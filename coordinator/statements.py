@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import aliased
 
-from coordinator.models import Device, ModelVersion, Participant, Round, RoundMessage
+from coordinator.models import Device, Job, ModelVersion, Participant, Round, RoundMessage
 from coordinator.rounds import ACTIVE
 
 
@@ -138,4 +138,10 @@ DROP = (
 )
 NUM_PARAMETERS = select(ModelVersion.num_parameters).where(
     ModelVersion.job_id == bindparam("job"), ModelVersion.version == bindparam("version")
+)
+# The ticker's first read, several times a second: each running job, its running round and deadline.
+RUNNING_JOBS = (
+    select(Job.id, Round.id, Round.stage_deadline)
+    .outerjoin(Round, and_(Round.job_id == Job.id, Round.status == "running"))
+    .where(Job.status == "running")
 )
