@@ -6,10 +6,15 @@ them back. When that sum does not account for exactly the devices the database s
 store holds. Under SecAgg+ with one coordinator process (SQLite) only the running masked sum is
 stored, once, when the masked-input stage ends; with replicas (PostgreSQL) each masked vector is.
 A masked vector alone reveals nothing; no unmasked individual update is ever held here.
+
+A round's masked vectors and masked sum are stored under names that begin with the round's own prefix
+(``round_prefix``), and ending the round deletes everything under it: also a vector written by a
+process killed before the row that names it committed, which no row would ever lead to.
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import threading
 import time
@@ -25,6 +30,21 @@ from coordinator.context import EngineContext
 from coordinator.models import Round, RoundMessage
 from shared import codec
 from shared.secagg.primitives import SecAggError
+from shared.signing import public_key_bytes
+
+# Hex digits of a spooled blob's name that say whose round it is: 64 bits, so that a model's SHA-256
+# starts with a round's prefix with odds of 2**-64; the 192 bits after them are random.
+ROUND_PREFIX_DIGITS = 16
+
+
+def round_prefix(coordinator_key: bytes, round_id: int) -> str:
+    """The first hex digits of the names of round ``round_id``'s masked vectors and masked sum.
+
+    Derived from the round's id and the coordinator's public key (``coordinator_key``, raw), so that
+    another federation (another key) on the same bucket, whose round ids repeat ours, never shares it.
+    """
+    tag = hashlib.sha256(b"aicfl round blobs\0" + coordinator_key + str(round_id).encode()).hexdigest()
+    return tag[:ROUND_PREFIX_DIGITS]
 
 
 @dataclass
@@ -95,15 +115,24 @@ class Sums:
                 acc.total -= vec
                 acc.contributors.discard(device_id)
 
+    def prefix(self, round_id: int) -> str:
+        """``round_prefix`` of one of this federation's rounds."""
+        return round_prefix(public_key_bytes(self.ctx.key), round_id)
+
     def spool(self, body: bytes) -> str:
         """Keep a masked vector (or a masked sum) in the blob store until its round ends, so that a restarted
         coordinator or another replica can still add it; returns the name it is stored under.
 
-        The name is 256 random bits, not the body's SHA-256: content addressing buys nothing for data
-        written once, read at most once and deleted with its round, and hashing 8 MB costs as much as
-        writing it.
+        The name is the round's prefix (the round the body's header names, which the device-message path
+        has checked against the request's round) and 192 random bits, not the body's SHA-256: content
+        addressing buys nothing for data written once, read at most once and deleted with its round, and
+        hashing 8 MB costs as much as writing it.
         """
-        name = secrets.token_hex(32)
+        header, _ = codec.decode_header(body)
+        round_id = header.get("round_id")
+        if not isinstance(round_id, int) or isinstance(round_id, bool):
+            raise ValueError(f"a spooled vector's header names no round: {header.get('round_id')!r}")
+        name = self.prefix(round_id) + secrets.token_hex(32 - ROUND_PREFIX_DIGITS // 2)
         self.ctx.blobs.put_new(name, body)  # read only once its message row is committed, after this returns
         return name
 
@@ -184,12 +213,18 @@ class Sums:
         return None
 
     def discard(self, s: Session, r: Round) -> None:
-        """Forget a round's running sum and delete its stored vectors: the round is over."""
+        """Forget a round's running sum and delete its stored vectors: the round is over.
+
+        A secure round's masked vectors and sum go by its prefix, named by a row or not (a vector whose
+        message a killed process never committed); plain updates, by the rows that name them.
+        """
         with self._acc_lock:
             self._acc.pop(r.id, None)
+        if r.secagg is not None:  # set once configure ends: no masked vector is stored before that
+            self.ctx.blobs.delete_prefix(self.prefix(r.id))
         stored_sum = (r.secagg or {}).get("masked_sum")
         if stored_sum:
-            self.ctx.blobs.delete(stored_sum["blob"])
+            self.ctx.blobs.delete(stored_sum["blob"])  # gone already, unless stored before names had prefixes
         shas = s.scalars(
             select(RoundMessage.blob_sha256).where(
                 RoundMessage.round_id == r.id, RoundMessage.blob_sha256.is_not(None)

@@ -25,7 +25,10 @@ log = logging.getLogger("aicfl.coordinator")
 
 
 class BlobStore(Protocol):
-    """Blobs under 64-hex-digit names: their SHA-256 (``put``), or 256 random bits (``put_new``).
+    """Blobs under 64-hex-digit names: their SHA-256 (``put``), or a name the caller chose (``put_new``).
+
+    Names chosen with ``put_new`` may share a leading prefix, so that ``delete_prefix`` removes them
+    together: a round's masked vectors (``aggregation.round_prefix``) go in one call when it ends.
 
     The database is the source of truth: a row names a blob only once the blob is written, and a blob
     is deleted only after the row that dropped it is committed, so a store never needs a transaction.
@@ -52,12 +55,25 @@ class BlobStore(Protocol):
         """Remove the blob; a blob already gone is fine (rounds clean up after restarts too)."""
         ...
 
+    def delete_prefix(self, prefix: str) -> int:
+        """Remove every blob whose name starts with ``prefix`` (2 to 64 lowercase hex digits), and any
+        write of such a blob that a killed process left unfinished; returns how many blobs went."""
+        ...
+
 
 def check_name(name: str) -> str:
     """``name`` if it is 64 lowercase hex digits; ``NotFound`` otherwise, before any path or key is made."""
     if len(name) != 64 or not _HEX.issuperset(name):
         raise NotFound(f"no blob {name!r}")
     return name
+
+
+def check_prefix(prefix: str) -> str:
+    """``prefix`` if it is 2 to 64 lowercase hex digits; ``ValueError`` otherwise: a shorter one would
+    reach across the fan-out folders, and none may be empty (it would name every blob)."""
+    if not 2 <= len(prefix) <= 64 or not _HEX.issuperset(prefix):
+        raise ValueError(f"a blob name prefix is 2 to 64 lowercase hex digits, not {prefix!r}")
+    return prefix
 
 
 def missing(name: str) -> NotFound:
@@ -91,12 +107,22 @@ class LocalBlobStore:
         return sha
 
     def put_new(self, name: str, data: bytes | memoryview) -> None:
-        """Write ``data`` under ``name`` (64 hex digits), which must not exist yet (mode 0600)."""
+        """Write ``data`` under ``name`` (64 hex digits), which must not exist yet (mode 0600).
+
+        Written to a temporary file, then hard-linked into place: the link fails if the name exists,
+        and a reader never sees the name half written (another replica reading the published signing
+        key, ``keys.publish_public_key``). The temporary file is named after ``name``, so that
+        ``delete_prefix`` also removes one that a process killed mid-write left behind.
+        """
         target = self.path(name)
         self._fan_out(target)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{name}.")  # mode 0600
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.link(tmp, target)  # atomic and exclusive: FileExistsError if the name is taken
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
     def _fan_out(self, target: Path) -> None:
         if not target.parent.is_dir():
@@ -113,6 +139,17 @@ class LocalBlobStore:
 
     def delete(self, sha256: str) -> None:
         self.path(sha256).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> int:
+        folder = self.root / check_prefix(prefix)[:2]
+        deleted = 0
+        for path in [*folder.glob(f"{prefix}*"), *folder.glob(f".{prefix}*")]:
+            try:
+                path.unlink()
+            except FileNotFoundError:  # deleted meanwhile (two replicas ending one round's cleanup)
+                continue
+            deleted += not path.name.startswith(".")
+        return deleted
 
 
 def open_blob_store(url: str | None, *, local_root: Path, endpoint_url: str | None = None) -> BlobStore:

@@ -47,3 +47,9 @@ class Gone(CoordinatorError):
 class TooLarge(CoordinatorError):
     status = 413
     title = "Content too large"
+
+
+class SigningKeyMismatch(Conflict):
+    """The shared blob store holds another coordinator's public key: this one must not start (``keys``)."""
+
+    title = "Signing key mismatch"

@@ -98,19 +98,47 @@ class JobAdmin:
             return current
 
     def cancel(self, job_id: int, actor: str) -> Job:
-        """Stop a running job: its running round is abandoned, its versions stay."""
+        """Stop a running job: its running round is abandoned, its versions stay.
+
+        Rows are locked in the order every path that ends a round takes them: the round's row, then the
+        job's. A device message holds its round's row while it drives the round and, finishing it, then
+        updates the job (``devices``, ``driver.drive``); taking the job first would wait for that round
+        while the message waits for the job, and PostgreSQL would abort one of the two as a deadlock.
+        """
+        for _ in range(_CANCEL_ATTEMPTS):
+            try:
+                return self._cancel(job_id, actor)
+            except _RoundOpened:
+                continue  # the ticker opened a round meanwhile: its row is now locked first
+        raise Conflict(f"job {job_id} kept opening rounds while it was being cancelled; cancel it again")
+
+    def _cancel(self, job_id: int, actor: str) -> Job:
+        running = select(Round).where(Round.job_id == job_id, Round.status == "running").order_by(Round.id)
         with self.ctx.write() as s:
+            # Waits for a device message that drives the round; a round it ended is no longer selected.
+            rounds = list(s.scalars(self.ctx.lock(running)))
             job = s.scalar(self.ctx.lock(select(Job).where(Job.id == job_id)))
             if job is None:
                 raise NotFound(f"no job {job_id}")
             if job.status not in ("running", "pending"):
                 raise Conflict(f"job {job_id} is already {job.status}")
-            for r in s.scalars(select(Round).where(Round.job_id == job_id, Round.status == "running")):
+            # Rounds open only under the job's row (the ticker), so none opens from here on; one opened
+            # between the two locks is not ours to change: start again, locking its row first.
+            if set(s.scalars(running.with_only_columns(Round.id))) != {r.id for r in rounds}:
+                raise _RoundOpened
+            for r in rounds:
                 self.driver.abandon(s, r, "job cancelled by the operator")
             job.status = "cancelled"
             job.reason = f"cancelled by {actor}"
             s.add(Event(actor=actor, action="job.cancel", target=str(job_id)))
             return job
+
+
+class _RoundOpened(Exception):
+    """A round of the job opened between the locks of ``JobAdmin._cancel``: its transaction rolls back."""
+
+
+_CANCEL_ATTEMPTS = 3
 
 
 MAX_BENCHMARKS = 16

@@ -3,7 +3,8 @@
 Keys mirror the local folder: ``PREFIX/ab/abcdef…`` for the blob whose 64-hex-digit name starts
 ``ab``. What aicfl decides: the keys, that ``put`` sends nothing when the blob is already there (a
 HEAD first: content-addressed, so an existing object already holds these bytes), that ``put_new``
-never overwrites (a conditional PUT, ``If-None-Match: *``), and which errors mean "missing". What
+never overwrites (a conditional PUT, ``If-None-Match: *``), that ``delete_prefix`` lists the keys and
+deletes them a thousand at a time, and which errors mean "missing". What
 boto3 decides: credentials, region and endpoint resolution (the standard AWS chain), request
 signing, retries, connection pooling and checksums. docs/storage.md has the consistency argument.
 
@@ -22,7 +23,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
-from coordinator.blobs import check_name, missing
+from coordinator.blobs import check_name, check_prefix, missing
 
 # S3's bucket naming rules (3-63 characters: lowercase letters, digits, dots, hyphens).
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -30,6 +31,8 @@ _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
 # A conditional PUT that found the key taken (412), or raced another conditional PUT of it (409).
 _TAKEN = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict"})
+# Keys per LIST page and per DeleteObjects request: S3's most for both.
+PAGE = 1000
 # Requests a device upload or a round's end may have in flight at once, per replica.
 POOL_CONNECTIONS = 32
 
@@ -174,6 +177,32 @@ class S3BlobStore:
 
     def delete(self, sha256: str) -> None:
         self._client.delete_object(Bucket=self.bucket, Key=self.key(sha256))  # 204 for a missing key too
+
+    def delete_prefix(self, prefix: str) -> int:
+        """List the keys under the prefix and delete them, a page at a time. A conditional PUT is all or
+        nothing, so no half-written object is ever left to find."""
+        check_prefix(prefix)
+        start = f"{self.prefix}/{prefix[:2]}/{prefix}" if self.prefix else f"{prefix[:2]}/{prefix}"
+        deleted = 0
+        for page in self._client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=start, PaginationConfig={"PageSize": PAGE}
+        ):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            for i in range(0, len(keys), PAGE):
+                batch = keys[i : i + PAGE]
+                answer = self._client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+                )
+                errors = answer.get("Errors", [])
+                if errors:
+                    first = errors[0]
+                    raise RuntimeError(
+                        f"S3 bucket {self.bucket!r}: {len(errors)} of {len(batch)} deletions under"
+                        f" {start!r} failed, the first {first.get('Key')!r}: {first.get('Code')}"
+                        f" {first.get('Message')}"
+                    )
+                deleted += len(batch)
+        return deleted
 
 
 def _body(data: bytes | memoryview) -> bytes:

@@ -22,7 +22,7 @@ from coordinator.blobs import open_blob_store
 from coordinator.datadir import prepare_data_dir
 from coordinator.engine import EngineSettings, Federation
 from coordinator.errors import CoordinatorError
-from coordinator.keys import load_or_create_signing_key
+from coordinator.keys import load_or_create_signing_key, publish_public_key
 from coordinator.store import make_engine, migrate, session_factory
 from server import limits, metrics, ui
 from server.longpoll import LongPolls
@@ -59,17 +59,22 @@ def allowed_methods(request: Request) -> list[str]:
 
 
 def build_federation(settings: ServerSettings) -> Federation:
+    """The engine as ``settings`` describe it. Before the database: a blob store that cannot be used, or
+    one whose coordinators sign with another key (``keys.publish_public_key``), stops the start before
+    any migration runs."""
     prepare_data_dir(settings.data_dir)
-    # Before the database: a store that cannot be used stops the start before any migration runs.
     blobs = open_blob_store(
         settings.blob_store, local_root=settings.data_dir / "blobs", endpoint_url=settings.s3_endpoint_url
     )
+    key_file = settings.signing_key_file or settings.data_dir / "coordinator_key.pem"
+    key = load_or_create_signing_key(key_file)
+    publish_public_key(blobs, key, key_file)
     engine = make_engine(settings.database_url())
     migrate(engine)
     return Federation(
         session_factory(engine),
         blobs,
-        load_or_create_signing_key(settings.signing_key_file or settings.data_dir / "coordinator_key.pem"),
+        key,
         EngineSettings(
             eligibility_window=settings.eligibility_window,
             idle_retry=settings.idle_retry,

@@ -61,7 +61,7 @@ def server_start(
     # What the coordinator writes (database, blobs, keys) is its own: no other local user reads it.
     umask = os.umask(0o077)
     try:
-        _serve(db, data_dir, host, port, tls_cert, tls_key, log_level, with_audit_worker)
+        _serve(db, data_dir, host, port, tls_cert, tls_key, signing_key, log_level, with_audit_worker)
     finally:
         os.umask(umask)  # as it was, for a caller that goes on (the CLI's tests run it in-process)
 
@@ -73,6 +73,7 @@ def _serve(
     port: int,
     tls_cert: Path | None,
     tls_key: Path | None,
+    signing_key: Path | None,
     log_level: str,
     with_audit_worker: bool,
 ) -> None:
@@ -93,6 +94,7 @@ def _serve(
             port=port,
             tls_cert=tls_cert,
             tls_key=tls_key,
+            signing_key_file=signing_key,
             log_level=log_level,
         )
     except ValidationError as err:  # a bad AICFL_* variable: name it, in one line

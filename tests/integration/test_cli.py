@@ -24,12 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pandas as pd
 import pytest
 import tomli_w
 import torch
 from click.testing import CliRunner
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from server.cli import main
 from server.cli.rounds import ROUND_COLUMNS
@@ -38,7 +40,7 @@ from server.tables import left_out_note
 from shared import codec
 from shared.datasets import load_dataset
 from shared.jobspec import load_spec
-from shared.signing import sha256_hex
+from shared.signing import b64e, public_key_bytes, save_private_key, sha256_hex
 from shared.zoo import build_model, flatten_parameters, load_flat_parameters
 
 from .harness import ENV, Coordinator, churn_slices, py, self_signed_certificate, small_spec
@@ -980,6 +982,22 @@ def test_server_start_with_a_bad_setting_in_the_environment_names_it_in_one_line
     assert_one_error_line(
         shown, "invalid setting: enroll_unlimited_networks: Value error, 'not-a-network' is not an IP network"
     )
+
+
+def test_server_start_signs_with_the_key_file_signing_key_names(tmp_path: Path) -> None:
+    key_file = tmp_path / "secret" / "coordinator_key.pem"
+    key_file.parent.mkdir(mode=0o700)
+    key = Ed25519PrivateKey.generate()
+    save_private_key(key, str(key_file))
+    # A process of its own: in-process, ``server start`` would serve until the test ends.
+    coord = Coordinator(tmp_path, extra=["--signing-key", str(key_file)])
+    coord.start()
+    try:
+        served = httpx.get(coord.url + "/v1/coordinator/key", timeout=10).json()
+    finally:
+        coord.stop()
+    assert served == {"algorithm": "Ed25519", "public_key": b64e(public_key_bytes(key))}
+    assert not (coord.data_dir / "coordinator_key.pem").exists()  # no key of its own was made
 
 
 # -- failures that once ended in a traceback ------------------------------------------------------

@@ -30,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, create_engine, select, text
 
 from coordinator.engine import EngineSettings, Federation
+from coordinator.keys import PUBLISHED_KEY
 from coordinator.models import Event
 from coordinator.store import make_engine, session_factory
 from shared import codec
@@ -231,17 +232,18 @@ def test_two_replicas_serve_one_federation_and_kill_9_of_one_mid_round_loses_not
             for before, after in zip(vectors, vectors[1:], strict=False):
                 # A sum missing a vector, or holding one twice, leaves masks in: no longer a mean change.
                 assert np.abs(after - before).max() <= CLIP + 1e-3, (before, after)
-        # The round's masked vectors are deleted with it; only a vector that replica 0 had stored but not
-        # yet committed when it died can be left behind (nothing refers to it: see docs/replicas.md).
-        models = {
+        # A round's masked vectors are deleted with it, by its prefix: also one that replica 0 had stored
+        # but not yet committed when it died, which no row names (docs/replicas.md). What stays: the
+        # models and the public key the replicas published at start.
+        kept = {
             f"fl/{v['sha256'][:2]}/{v['sha256']}"
             for job_id in (first["id"], job["id"])
             for v in api.json("GET", f"/v1/jobs/{job_id}/models")
-        }
+        } | {f"fl/{PUBLISHED_KEY[:2]}/{PUBLISHED_KEY}"}
         listed = s3.list_objects_v2(Bucket=bucket, Prefix="fl/").get("Contents", [])
-        left = sorted(o["Key"] for o in listed if o["Key"] not in models)
-        assert len(left) <= in_flight, left
-        print(f"masked vectors left in the bucket by the kill: {len(left)}")
+        left = sorted(o["Key"] for o in listed if o["Key"] not in kept)
+        assert left == [], left
+        assert {o["Key"] for o in listed} == kept
         # Each round completed once, by one replica, and none was abandoned.
         completed = events(postgres_url, "round.complete")
         expected_rounds = [f"{first['id']}/{x['number']}" for x in rounds] + [f"{second['id']}/{r['number']}"]

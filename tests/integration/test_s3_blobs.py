@@ -3,8 +3,8 @@
 Both stores keep one contract (the same tests, parametrised); the S3 store's keys mirror the local
 folder's fan-out, it sends nothing for content it already holds, and a coordinator started with
 ``AICFL_BLOB_STORE=s3://...`` refuses, in one line, a URL, a bucket or an endpoint it cannot use.
-Two coordinator replicas on one PostgreSQL and one bucket, each with its own data folder, serve
-each other's models: no shared volume.
+Two coordinator replicas on one PostgreSQL, one bucket and one signing key, each with its own data
+folder, serve each other's models: no shared volume.
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.blobs import BlobStore, LocalBlobStore
 from coordinator.errors import NotFound
 from coordinator.s3blobs import S3BlobStore, StoreUnavailable
 from server.demo import free_port
+from shared.signing import save_private_key
 from tests.fixtures.s3 import AWS_ENV, new_bucket, s3_client
 
 from . import harness
@@ -174,11 +176,16 @@ def test_replicas_on_one_bucket_serve_each_others_models_without_a_shared_folder
     s3_endpoint: str, postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     bucket = new_bucket(s3_endpoint)
+    # One key for both, as replicas must have: one with a key of its own would refuse to start.
+    key_file = tmp_path / "secret" / "coordinator_key.pem"
+    key_file.parent.mkdir(mode=0o700)
+    save_private_key(Ed25519PrivateKey.generate(), str(key_file))  # a Secret mounted in every replica
     # harness.ENV was copied from the environment when it was imported: the processes get these too.
     for name, value in {
         **AWS_ENV,
         "AICFL_BLOB_STORE": f"s3://{bucket}/coordinator",
         "AICFL_S3_ENDPOINT_URL": s3_endpoint,
+        "AICFL_SIGNING_KEY_FILE": str(key_file),
     }.items():
         monkeypatch.setitem(harness.ENV, name, value)
     first = Coordinator(tmp_path / "a", db=postgres_url)
