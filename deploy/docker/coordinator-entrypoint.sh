@@ -3,9 +3,11 @@
 #
 # `aicfl server start` takes the database, data folder, host, port, TLS files and
 # log level from its flags, and the flags' defaults win over AICFL_* variables;
-# so this maps the variables onto flags. The other settings (AICFL_SIGNATURE_WINDOW,
-# AICFL_ELIGIBILITY_WINDOW, AICFL_TICK_INTERVAL, AICFL_IDLE_RETRY, AICFL_ACTIVE_RETRY,
-# AICFL_MAX_BODY_BYTES, AICFL_UPLOAD_SLOTS) are read from the environment by the server itself.
+# so this maps the variables onto flags. The other settings (AICFL_SIGNING_KEY_FILE,
+# AICFL_SIGNATURE_WINDOW, AICFL_ELIGIBILITY_WINDOW, AICFL_TICK_INTERVAL, AICFL_LONG_POLL,
+# AICFL_LONG_POLL_MAX_HELD, AICFL_IDLE_RETRY, AICFL_POLL_RETRY, AICFL_ACTIVE_RETRY,
+# AICFL_MAX_*_BYTES, AICFL_BODY_READ_TIMEOUT, AICFL_UPLOAD_SLOTS, AICFL_ENROLL_*,
+# AICFL_BLOB_STORE, AICFL_S3_ENDPOINT_URL) are read from the environment by the server itself.
 # Extra arguments are passed on to `aicfl server start`.
 set -eu
 
