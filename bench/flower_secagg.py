@@ -103,7 +103,7 @@ def dropped_partitions(devices: int, dropout: float) -> set[int]:
     return {(i * devices) // n for i in range(n)}
 
 
-def default_shares(devices: int) -> tuple[int, int]:
+def default_shares(devices: int, tolerate: float | None = None) -> tuple[int, int]:
     """Flower's ``num_shares`` and ``reconstruction_threshold`` matched to aicfl's SecAgg+.
 
     aicfl (``shared.secagg.params.derive_params``, its defaults) gives each
@@ -118,7 +118,7 @@ def default_shares(devices: int) -> tuple[int, int]:
     try:
         from shared.secagg.params import derive_params
 
-        p = derive_params(devices)
+        p = derive_params(devices) if tolerate is None else derive_params(devices, dropout=tolerate)
         k, t = int(p.k), int(p.t)
     except Exception:
         k = min(devices - 1, max(4, math.ceil(3 * math.log2(max(devices, 2)))))
@@ -296,13 +296,14 @@ def run_flower(
     threshold: int | float | None = None,
     num_cpus: int = 2,
     verbose: bool = False,
+    tolerate: float | None = None,
 ) -> dict:
     """One round of Flower's SecAgg+ in its simulation engine; returns the figures as a dict."""
     from flwr.simulation import run_simulation
 
     devices, params = int(devices), int(params)
     if num_shares is None or threshold is None:
-        k, t = default_shares(devices)
+        k, t = default_shares(devices, tolerate)
         num_shares = k if num_shares is None else num_shares
         threshold = t if threshold is None else threshold
 

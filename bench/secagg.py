@@ -17,8 +17,10 @@ run left exiting, such as Ray's daemons after a Flower run, is not timed):
    ``AICFL_TICK_INTERVAL=0.05 AICFL_ACTIVE_RETRY=0.1``) and the devices in
    ``--workers`` separate OS processes, each hosting its share of the devices
    in threads. Every device has its own Ed25519 key, enrolls with a one-time
-   token from the operator API, polls ``/v1/device/checkin`` (sleeping the
-   ``retry_after`` it is told) and speaks the SecAgg+ stages as
+   token from the operator API, long-polls ``/v1/device/checkin`` as the
+   agent does (``wait``: the coordinator holds the request until the device
+   owes a message; after its masked input a device holds 2 s and then asks
+   once without a hold whether it is still in a running round) and speaks the SecAgg+ stages as
    ``tests/integration/test_secure_http.py`` does: configure (it downloads the
    model and checks its signature, as the agent does), statistics input,
    advertise_keys, share_keys, masked_input (a synthetic float32 update of the
@@ -120,6 +122,10 @@ ENV = {
     "AICFL_TICK_INTERVAL": "0.05",
     "AICFL_ACTIVE_RETRY": "0.1",
 }
+# Seconds a device lets the coordinator hold its check-in (the agent's long poll, AICFL_AGENT_WAIT), and
+# once it has sent its masked input (it may never be asked to unmask, and then stops).
+HOLD = 30.0
+HOLD_TRAINED = 2.0
 
 
 # --------------------------------------------------------------------------- helpers
@@ -171,6 +177,17 @@ def _secagg_dropout(devices: int, n_drop: int) -> float:
     return max(0.2, n_drop / devices + 0.05) if n_drop else 0.2
 
 
+def _neighbours(devices: int, tolerate: float | None) -> tuple[int | None, int | None]:
+    """SecAgg+'s k and t for every engine when ``--tolerate`` pins the tolerated dropout, else (None, None):
+    each engine derives them from the job's default (the same rule, so the same values)."""
+    if tolerate is None:
+        return None, None
+    from shared.secagg.params import derive_params
+
+    p = derive_params(devices, dropout=tolerate)
+    return p.k, p.t
+
+
 def _db_time(text: str) -> float:
     """A timestamp as SQLAlchemy stores it in SQLite (UTC, no zone), as a Unix time."""
     return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
@@ -179,10 +196,11 @@ def _db_time(text: str) -> float:
 # --------------------------------------------------------------------------- 1. simulation mode
 
 
-def run_sim(devices: int, params: int, dropout: float) -> dict[str, Any]:
+def run_sim(devices: int, params: int, dropout: float, tolerate: float | None = None) -> dict[str, Any]:
     from server.simulate import simulate
 
-    out = simulate(devices=devices, params=params, dropout=dropout, drop_after="masked_input")
+    k, t = _neighbours(devices, tolerate)
+    out = simulate(devices=devices, params=params, dropout=dropout, drop_after="masked_input", k=k, t=t)
     return {"engine": "aicfl-sim", "dropout": dropout, **out}
 
 
@@ -247,10 +265,12 @@ def settle(limit: float = 30.0, busy: float = 0.25) -> float:
     return time.monotonic() - t0
 
 
-def run_flower_child(devices: int, params: int, dropout: float) -> dict[str, Any]:
+def run_flower_child(
+    devices: int, params: int, dropout: float, tolerate: float | None = None
+) -> dict[str, Any]:
     from bench.flower_secagg import run_flower
 
-    return run_flower(devices, params, dropout)
+    return run_flower(devices, params, dropout, tolerate=tolerate)
 
 
 # --------------------------------------------------------------------------- agent memory
@@ -386,7 +406,13 @@ def _device_loop(d: _HttpDevice, stop: Any, shared: dict[str, Any]) -> None:
 
     while not stop.is_set():
         try:
-            resp = d.call("POST", "/v1/device/checkin", b"{}").json()
+            # As the agent does: the coordinator holds the check-in until the device owes a message.
+            # Once the device sent its masked input it holds shorter, then asks once without a hold
+            # whether it is still in a running round (a hold's answer does not say), so that it can stop.
+            wait = HOLD_TRAINED if d.trained else HOLD
+            resp = d.call("POST", "/v1/device/checkin", json.dumps({"wait": wait}).encode()).json()
+            if resp.get("task") is None and d.trained:
+                resp = d.call("POST", "/v1/device/checkin", b"{}").json()
         except Exception as err:  # noqa: BLE001 - report and keep polling
             d.errors.append(f"checkin: {err}")
             stop.wait(0.5)
@@ -571,7 +597,13 @@ def _wait(pred: Any, timeout: float, what: str, interval: float) -> Any:
 
 
 def run_http(
-    devices: int, params: int, dropout: float, stage_timeout: float, workers: int = 4, timeout: float = 1800.0
+    devices: int,
+    params: int,
+    dropout: float,
+    stage_timeout: float,
+    workers: int = 4,
+    timeout: float = 1800.0,
+    tolerate: float | None = None,
 ) -> dict[str, Any]:
     from server.demo import free_port
     from server.simulate import SCHEMA, hidden_for
@@ -671,6 +703,9 @@ def run_http(
             "evaluation": {"federated": False},
             "secagg": {"dropout": _secagg_dropout(devices, n_drop), "clip": CLIP, "bits": BITS},
         }
+        k, t = _neighbours(devices, tolerate)
+        if k is not None:
+            spec["secagg"].update(k=k, t=t)
         job = op.post("/v1/jobs", json=spec)
         if job.status_code >= 400:
             raise RuntimeError(f"job refused: {job.text}")
@@ -1001,6 +1036,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-agent-memory", action="store_true")
     ap.add_argument("--workers", type=int, default=4, help="device worker processes over HTTP")
     ap.add_argument("--json-out", help="write every measurement here as one JSON document")
+    ap.add_argument(
+        "--tolerate",
+        type=float,
+        default=None,
+        help="the tolerated dropout SecAgg+'s k and t are derived for, the same k and t given to every engine "
+        "(default: each engine's own default, which is the job's 0.2)",
+    )
     args = ap.parse_args(argv)
     rows_wanted = _parse_rows(args.rows)
     dropouts = [float(x) for x in args.dropouts.split(",")]
@@ -1039,7 +1081,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.skip_sim:
                 settle()
                 try:
-                    row["sim"] = _in_child(run_sim, devices, params, dropout)
+                    row["sim"] = _in_child(run_sim, devices, params, dropout, args.tolerate)
                 except Exception as err:  # noqa: BLE001 - say so and go on
                     row["sim"] = {"engine": "aicfl-sim", "error": f"{type(err).__name__}: {err}"}
                 _emit({**row["sim"], "row": f"{devices}x{params}", "dropout": dropout}, everything)
@@ -1053,7 +1095,9 @@ def main(argv: list[str] | None = None) -> int:
                     stage_timeout = round(max(10.0, 3 * slowest + 5), 1)
                 settle()
                 try:
-                    row["http"] = run_http(devices, params, dropout, stage_timeout, workers=args.workers)
+                    row["http"] = run_http(
+                        devices, params, dropout, stage_timeout, workers=args.workers, tolerate=args.tolerate
+                    )
                     if dropout == 0 and row["http"].get("stage_seconds"):
                         no_dropout_stage[(devices, params)] = max(row["http"]["stage_seconds"].values())
                 except Exception as err:  # noqa: BLE001
@@ -1062,7 +1106,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.skip_flower:
                 settle()
                 try:
-                    row["flower"] = _in_child(run_flower_child, devices, params, dropout)
+                    row["flower"] = _in_child(run_flower_child, devices, params, dropout, args.tolerate)
                 except Exception as err:  # noqa: BLE001
                     row["flower"] = {"engine": "flower-secagg+", "error": f"{type(err).__name__}: {err}"}
                 _emit({**row["flower"], "row": f"{devices}x{params}", "dropout": dropout}, everything)
