@@ -20,7 +20,7 @@ from coordinator.context import EngineContext
 from coordinator.errors import Invalid, NotFound
 from coordinator.finish import RoundFinisher
 from coordinator.models import Device, Event, Job, Participant, Round, utcnow
-from coordinator.observers import RoundEnded, RoundObserver, StageEnded, on_commit
+from coordinator.observers import RoundEnded, RoundObserver, RoundOpened, StageEnded, on_commit
 from coordinator.queries import get_job
 from coordinator.rounds import (
     ABANDONED,
@@ -291,7 +291,7 @@ class RoundDriver:
         r.stages = timeline.close(r.stages, now)
         if not self.observers:
             return
-        events: list[StageEnded | RoundEnded] = []
+        events: list[RoundOpened | StageEnded | RoundEnded] = []
         if left is not None:
             events.append(StageEnded(r.kind, left["stage"], now - left["started"]))
         devices = s.execute(
@@ -310,7 +310,7 @@ class RoundDriver:
         )
         self._observe(s, events)
 
-    def _observe(self, s: Session, events: list[StageEnded | RoundEnded]) -> None:
+    def _observe(self, s: Session, events: list[RoundOpened | StageEnded | RoundEnded]) -> None:
         """Tell the observers of ``events`` once this transaction commits."""
         if not self.observers:
             return
@@ -321,6 +321,8 @@ class RoundDriver:
                 for e in events:
                     if isinstance(e, StageEnded):
                         o.stage_ended(e)
+                    elif isinstance(e, RoundOpened):
+                        o.round_opened(e)
                     else:
                         o.round_ended(e)
 
@@ -410,4 +412,5 @@ class RoundDriver:
         s.add_all(Participant(round_id=r.id, device_id=d) for d in cohort)
         job.next_round += 1
         job.waiting_since = None
+        self._observe(s, [RoundOpened(kind, len(cohort))])
         log.info("job %s round %s (%s) opened with %d devices", job.id, r.number, kind, len(cohort))

@@ -1,5 +1,6 @@
-"""Hooks on what the round driver decides (a stage ended, a round ended), so that the server can count
-them (Prometheus histograms in ``server/metrics.py``) without the coordinator importing a metrics library.
+"""Hooks on what the round driver decides (a round opened, a stage ended, a round ended), so that the
+server can count them (Prometheus histograms in ``server/metrics.py``) and answer held check-ins at once
+(``server/longpoll.py``) without the coordinator importing either.
 
 An observer hears of a decision once the transaction that made it commits, never if it rolls back: a
 round that is decided again after a rollback is counted once. With several coordinator replicas on one
@@ -40,8 +41,18 @@ class RoundEnded:
     devices: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class RoundOpened:
+    """A round opened with ``devices`` selected."""
+
+    kind: str
+    devices: int
+
+
 class RoundObserver(Protocol):
     """What the round driver tells an observer."""
+
+    def round_opened(self, event: RoundOpened) -> None: ...
 
     def stage_ended(self, event: StageEnded) -> None: ...
 

@@ -123,6 +123,7 @@ def create_app(settings: ServerSettings | None = None, *, run_ticker: bool = Tru
         capacity=settings.long_poll_max_held,
         online_window=settings.eligibility_window,
     )
+    fed.driver.observers.append(long_polls)  # a round opened or moved on here: its held devices are told now
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

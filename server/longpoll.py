@@ -20,6 +20,7 @@ from types import FrameType
 from typing import Any
 
 from coordinator.context import EngineContext
+from coordinator.observers import RoundEnded, RoundOpened, StageEnded
 from coordinator.wakeups import WakeUps
 
 log = logging.getLogger("aicfl.server")
@@ -52,6 +53,7 @@ class LongPolls:
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._poked: asyncio.Event | None = None
 
     @property
     def held(self) -> int:
@@ -110,6 +112,7 @@ class LongPolls:
         """Start the loop on the running event loop (the app's startup)."""
         self.capacity = fit_open_files(self.capacity)
         self._loop = asyncio.get_running_loop()
+        self._poked = asyncio.Event()
         self._closing = False
         self._task = asyncio.create_task(self._run(), name="aicfl-long-polls")
 
@@ -122,9 +125,30 @@ class LongPolls:
                 await self._task
             self._task = None
 
+    def poke(self) -> None:
+        """Make a pass now rather than at the next interval; from any thread."""
+        loop, poked = self._loop, self._poked
+        if loop is not None and poked is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(poked.set)
+
+    # A round this process opened or moved on: its devices hear of it now, not at the next pass. Rounds that
+    # another replica drives are found by the pass every ``interval``.
+
+    def round_opened(self, event: RoundOpened) -> None:
+        self.poke()
+
+    def stage_ended(self, event: StageEnded) -> None:
+        self.poke()
+
+    def round_ended(self, event: RoundEnded) -> None:
+        """Nothing to answer: a device that took part owes no more messages."""
+
     async def _run(self) -> None:
+        assert self._poked is not None
         while True:
-            await asyncio.sleep(self.interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poked.wait(), self.interval)
+            self._poked.clear()
             if not self._held:
                 self._fresh.clear()
                 continue

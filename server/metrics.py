@@ -37,7 +37,7 @@ from coordinator import timeline
 from coordinator.audits import VERDICTS
 from coordinator.engine import Federation
 from coordinator.models import Audit, Device, Job, Participant, Round
-from coordinator.observers import RoundEnded, StageEnded
+from coordinator.observers import RoundEnded, RoundOpened, StageEnded
 from coordinator.rounds import DECLINED, DROPPED, ENDED_WITHOUT_MODEL, SECURE_STAGES, STAGES
 
 # Per-job families cover jobs that are pending, running, or ended less than this long ago.
@@ -90,6 +90,9 @@ class RoundMetrics:
             ["stage"],
             registry=registry,
         )
+
+    def round_opened(self, event: RoundOpened) -> None:
+        """Rounds are counted when they end (``round_ended``)."""
 
     def stage_ended(self, event: StageEnded) -> None:
         self.stage_seconds.labels(event.kind, event.stage).observe(max(event.seconds, 0.0))

@@ -58,7 +58,11 @@ def coord(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinator]:
 
 @pytest.fixture(scope="module")
 def devices(coord: Coordinator) -> list[Device]:
-    tokens = coord.api().json("POST", "/v1/enrollment-tokens", json={"count": MAX_HELD + 1})["tokens"]
+    return enroll_devices(coord, MAX_HELD + 1)
+
+
+def enroll_devices(coord: Coordinator, count: int) -> list[Device]:
+    tokens = coord.api().json("POST", "/v1/enrollment-tokens", json={"count": count})["tokens"]
     out = []
     for token in tokens:
         key = Ed25519PrivateKey.generate()
@@ -84,13 +88,15 @@ class InFlight:
 
     def __init__(self, coord: Coordinator, device: Device, wait: float):
         self.result: tuple[float, httpx.Response] | None = None
-        self.answered_at = 0.0
+        self.answered_at = 0.0  # monotonic
+        self.answered_wall = 0.0  # epoch seconds, as the coordinator's records
         self._thread = threading.Thread(target=self._run, args=(coord, device, wait), daemon=True)
         self._thread.start()
 
     def _run(self, coord: Coordinator, device: Device, wait: float) -> None:
         self.result = checkin(coord, device, wait)
         self.answered_at = time.monotonic()
+        self.answered_wall = time.time()
 
     def join(self, timeout: float) -> tuple[float, httpx.Response]:
         self._thread.join(timeout)

@@ -8,7 +8,7 @@ import pytest
 
 from coordinator.engine import Federation
 from coordinator.models import Job, Round
-from coordinator.observers import RoundEnded, StageEnded, on_commit
+from coordinator.observers import RoundEnded, RoundOpened, StageEnded, on_commit
 from coordinator.queries import round_detail, rounds_of
 from shared.tabular import local_statistics
 from shared.wire import ConfigureMessage
@@ -20,8 +20,12 @@ __all__ = ["fed"]  # the fixture, imported for its side effect on pytest
 
 class Recorder:
     def __init__(self) -> None:
+        self.opened: list[RoundOpened] = []
         self.stages: list[StageEnded] = []
         self.rounds: list[RoundEnded] = []
+
+    def round_opened(self, event: RoundOpened) -> None:
+        self.opened.append(event)
 
     def stage_ended(self, event: StageEnded) -> None:
         self.stages.append(event)
@@ -97,6 +101,7 @@ def test_abandoned_round_closes_its_timeline_at_the_deadline_pass(fed: Federatio
     r = current_round(fed, job.id)
     assert r.status == "abandoned"
     assert r.stages == [{"stage": "configure", "started": 1000.0, "ended": 1006.0}]
+    assert [(e.kind, e.devices) for e in seen.opened] == [(r.kind, 3)]
     assert [(e.stage, e.seconds) for e in seen.stages] == [("configure", 6.0)]
     (ended,) = seen.rounds
     assert (ended.status, ended.seconds, ended.devices) == ("abandoned", 6.0, {"dropped": 3})
