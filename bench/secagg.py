@@ -14,7 +14,7 @@ run left exiting, such as Ray's daemons after a Flower run, is not timed):
    device) and ``exact`` come from it unchanged.
 2. **aicfl over loopback HTTP**: a real coordinator process
    (``python -m server admin bootstrap`` then ``server start``, SQLite,
-   ``AICFL_TICK_INTERVAL=0.05 AICFL_ACTIVE_RETRY=0.1``) and the devices in
+   the default tick interval, ``AICFL_ACTIVE_RETRY=0.1``) and the devices in
    ``--workers`` separate OS processes, each hosting its share of the devices
    in threads. Every device has its own Ed25519 key, enrolls with a one-time
    token from the operator API, long-polls ``/v1/device/checkin`` as the
@@ -119,7 +119,6 @@ SPAWN = mp.get_context("spawn")
 ENV = {
     **os.environ,
     "PYTHONUNBUFFERED": "1",
-    "AICFL_TICK_INTERVAL": "0.05",
     "AICFL_ACTIVE_RETRY": "0.1",
 }
 # Seconds a device lets the coordinator hold its check-in (the agent's long poll, AICFL_AGENT_WAIT), and
