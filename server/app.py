@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import select
@@ -56,6 +56,20 @@ def allowed_methods(request: Request) -> list[str]:
         for method in HTTP_METHODS
         if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
     ]
+
+
+def add_routes(app: FastAPI, router: APIRouter) -> None:
+    """Serve ``router``'s routes from the app as they were built, not through ``include_router``.
+
+    Since FastAPI 0.137 ``include_router`` keeps the router behind a wrapper whose routes rebuild their
+    request handler (``get_request_handler``) on every request and are found by walking the wrapper:
+    together 13% of the coordinator's CPU in a SecAgg+ round over HTTP (py-spy). Each route here was
+    built with its router's prefix and tags and the router adds nothing else (no dependencies,
+    callbacks or responses of its own), so the routes serve as they are, in the app's own list.
+    """
+    if router.dependencies or router.callbacks or router.responses:
+        raise ValueError("a router with dependencies, callbacks or responses of its own needs include_router")
+    app.router.routes.extend(router.routes)
 
 
 def build_federation(settings: ServerSettings) -> Federation:
@@ -200,9 +214,7 @@ def create_app(settings: ServerSettings | None = None, *, run_ticker: bool = Tru
         """The public key that signs every model version."""
         return {"algorithm": "Ed25519", "public_key": b64e(public_key_bytes(fed.key))}
 
-    app.include_router(operators.router)
-    app.include_router(jobs.router)
-    app.include_router(audits.router)
-    app.include_router(device_api.router)
+    for router in (operators.router, jobs.router, audits.router, device_api.router):
+        add_routes(app, router)
     ui.mount(app)
     return app
