@@ -300,6 +300,12 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds between a device's check-ins (default: the coordinator's retry_after)",
     )
     parser.add_argument(
+        "--steady",
+        action="store_true",
+        help="idle: report only what follows the ramp-up (locust --reset-stats once every device has started), "
+        "so that enrollment does not count in the check-in percentiles",
+    )
+    parser.add_argument(
         "--db",
         default=None,
         help="database URL for the coordinator, with no admin token yet, or 'sqlite' (default: a throw-away "
@@ -334,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--workers must be 1..64")
     if not 1 <= args.rounds <= 100 or not 10 <= args.params <= 10_000_000:
         parser.error("--rounds must be 1..100 and --params 10..1e7")
+    if args.steady and args.scenario != "idle":
+        parser.error("--steady is for --scenario idle")
     if args.abuse and args.scenario == "idle":
         parser.error("--abuse needs a round: --scenario plain or secure")
     if importlib.util.find_spec("locust") is None:
@@ -406,6 +414,8 @@ def locust_command(args: argparse.Namespace, base: str, out: Path, run_seconds: 
     ]
     if args.workers > 1:
         cmd += ["--processes", str(args.workers)]
+    if args.steady:
+        cmd.append("--reset-stats")
     if args.scenario == "idle":
         return cmd + (["DeviceUser", "OperatorUser"] if args.operators else ["DeviceUser"])
     return cmd + ["RoundDeviceUser"]
@@ -548,6 +558,7 @@ def drive(
     stats, failures = read_stats(out / "locust")
     table, failed = summarise(stats, failures)
     report["locust_seconds"] = round(elapsed, 1)
+    report["steady_state_only"] = bool(args.steady)
     report["requests"] = endpoint_report(stats)
     report["failures"] = failed
     report["failure_kinds"] = [
