@@ -173,7 +173,7 @@ def _dropped(devices: int, dropout: float) -> set[int]:
 
 def _secagg_dropout(devices: int, n_drop: int) -> float:
     """The job's tolerated dropout, as server.simulate sets it (so both give the same k and t)."""
-    return max(0.2, n_drop / devices + 0.05) if n_drop else 0.2
+    return max(0.1, n_drop / devices + 0.05) if n_drop else 0.1
 
 
 def _neighbours(devices: int, tolerate: float | None) -> tuple[int | None, int | None]:

@@ -204,7 +204,7 @@ def _run(
         "evaluation": {"federated": False},
         "secure": True,
         "secagg": {
-            "dropout": max(0.2, n_drop / n + 0.05) if n_drop else 0.2,
+            "dropout": max(0.1, n_drop / n + 0.05) if n_drop else 0.1,
             "clip": clip,
             "bits": bits,
             "k": k,

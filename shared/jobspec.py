@@ -210,7 +210,11 @@ class SecAggSpec(_Strict):
     """
 
     dropout: float = Field(
-        default=0.2, ge=0, lt=1, description="share of a round's devices that may drop out"
+        default=0.1,
+        ge=0,
+        lt=1,
+        description="chance that a device drops out of a round after sharing its keys; k is chosen so that "
+        "a round at that rate fails to unmask with probability at most 1e-4",
     )
     corruption: float = Field(
         default=0.1, ge=0, lt=0.5, description="share of devices that may collude with the coordinator"

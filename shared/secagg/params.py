@@ -117,7 +117,7 @@ def _tail(k: int, p: float, start: int, step: int) -> float:
 def derive_params(
     n: int,
     *,
-    dropout: float = 0.2,
+    dropout: float = 0.1,
     corruption: float = 0.1,
     k: int | None = None,
     t: int | None = None,
@@ -161,7 +161,7 @@ def derive_params(
     between neighbourhoods, which overlap, and it errs on the safe side: for
     the old k = 30 at n = 1000 it gives 0.23 where 0.06 is measured. With
     corruption 0.1, n = 100, 1000 and 10 000 get k = 23, 30 and 40 at dropout
-    0.1; 51, 61 and 71 at the default 0.2; 99 (the complete graph), 155 and
+    0.1 (the default); 51, 61 and 71 at 0.2; 99 (the complete graph), 155 and
     181 at 0.3. At dropout 0 the start value stands (n = 10 gives the
     complete graph, 50 gives 17, 100 gives 20, 1000 gives 30, 10 000 gives
     40). Asking only that the expected survivors ``k - floor(dropout * k)``

@@ -299,9 +299,9 @@ def test_derived_params_are_consistent(n: int) -> None:
         assert p.t > p.k / 2 and p.t > 0.1 * p.k
     if n <= 10:
         assert p.k == n - 1  # small cohorts: complete graph
-    # Every neighbourhood keeps t survivors at dropout 0.2 but with probability DEFAULT_FAIL_PROB (union bound), or
+    # Every neighbourhood keeps t survivors at the default dropout 0.1 but with probability DEFAULT_FAIL_PROB (union bound), or
     # the cohort is too small for that and gets the complete graph.
-    assert n * neighbourhood_shortfall(p.k, p.t, 0.2) <= DEFAULT_FAIL_PROB or p.k == n - 1
+    assert n * neighbourhood_shortfall(p.k, p.t, 0.1) <= DEFAULT_FAIL_PROB or p.k == n - 1
     assert p.k >= min(n - 1, max(4, math.ceil(3 * math.log2(n))))
 
 
