@@ -20,7 +20,7 @@ from coordinator.context import EngineContext
 from coordinator.errors import Invalid, NotFound
 from coordinator.finish import RoundFinisher
 from coordinator.models import Device, Event, Job, Participant, Round, utcnow
-from coordinator.observers import RoundEnded, RoundObserver, RoundOpened, StageEnded, on_commit
+from coordinator.observers import RoundEnded, RoundObserver, RoundOpened, StageEnded
 from coordinator.queries import get_job
 from coordinator.rounds import (
     ABANDONED,
@@ -326,7 +326,9 @@ class RoundDriver:
                     else:
                         o.round_ended(e)
 
-        on_commit(s, tell)
+        # Once the commit has landed (not SQLAlchemy's commit event, which fires before it): a long-poll
+        # pass it starts must see the round it is told of.
+        self.ctx.after_commit(s, tell)
 
     def _eligible(self, s: Session, job: Job, now: float) -> list[str]:
         busy = (

@@ -9,15 +9,8 @@ database, each replica hears of the rounds it drove itself, so the counts of all
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
-
-from sqlalchemy import event
-from sqlalchemy.orm import Session
-
-log = logging.getLogger("aicfl.coordinator")
 
 
 @dataclass(frozen=True)
@@ -57,16 +50,3 @@ class RoundObserver(Protocol):
     def stage_ended(self, event: StageEnded) -> None: ...
 
     def round_ended(self, event: RoundEnded) -> None: ...
-
-
-def on_commit(s: Session, fn: Callable[[], None]) -> None:
-    """Call ``fn`` when the transaction of ``s`` commits (never if it rolls back); an observer's failure is
-    logged, and never fails the commit."""
-
-    def fire(_: object) -> None:
-        try:
-            fn()
-        except Exception:  # noqa: BLE001 - counting must not undo the round's decision
-            log.exception("a round observer failed")
-
-    event.listen(s.connection(), "commit", fire, once=True)

@@ -8,7 +8,7 @@ import pytest
 
 from coordinator.engine import Federation
 from coordinator.models import Job, Round
-from coordinator.observers import RoundEnded, RoundOpened, StageEnded, on_commit
+from coordinator.observers import RoundEnded, RoundOpened, StageEnded
 from coordinator.queries import round_detail, rounds_of
 from shared.tabular import local_statistics
 from shared.wire import ConfigureMessage
@@ -141,10 +141,10 @@ def test_round_from_before_timelines_shows_an_empty_one_and_still_advances(fed: 
 def test_observers_hear_only_of_committed_transactions(fed: Federation) -> None:
     heard: list[str] = []
     with fed.write() as s:
-        on_commit(s, lambda: heard.append("committed"))
+        fed.after_commit(s, lambda: heard.append("committed"))
         assert heard == []  # not before the commit
     with pytest.raises(RuntimeError), fed.write() as s:
         s.add(Job(name="x", spec={}))
-        on_commit(s, lambda: heard.append("rolled back"))
+        fed.after_commit(s, lambda: heard.append("rolled back"))
         raise RuntimeError
     assert heard == ["committed"]
