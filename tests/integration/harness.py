@@ -7,7 +7,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,22 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@contextmanager
+def running_coordinator(root: Path, settings: dict[str, str]) -> Iterator[Coordinator]:
+    """A bootstrapped coordinator started with ``settings`` (``AICFL_*``) on top of ``ENV``; stopped after."""
+    saved = dict(ENV)
+    ENV.update(settings)
+    c = Coordinator(root)
+    try:
+        c.bootstrap()
+        c.start()
+        yield c
+    finally:
+        c.stop()
+        ENV.clear()
+        ENV.update(saved)
 
 
 @dataclass

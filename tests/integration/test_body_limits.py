@@ -80,21 +80,11 @@ class PeakRss:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinator]:
-    env = {"AICFL_ENROLL_UNLIMITED_NETWORKS": "[]", "AICFL_ENROLL_RATE_PER_MINUTE": str(ENROLL_RATE)}
-    saved = {k: harness.ENV.get(k) for k in env}
-    harness.ENV.update(env)
-    c = Coordinator(tmp_path_factory.mktemp("limits"))
-    try:
-        c.bootstrap()
-        c.start()
+    with harness.running_coordinator(
+        tmp_path_factory.mktemp("limits"),
+        {"AICFL_ENROLL_UNLIMITED_NETWORKS": "[]", "AICFL_ENROLL_RATE_PER_MINUTE": str(ENROLL_RATE)},
+    ) as c:
         yield c
-    finally:
-        c.stop()
-        for k, v in saved.items():
-            if v is None:
-                harness.ENV.pop(k, None)
-            else:
-                harness.ENV[k] = v
 
 
 def send(c: Coordinator, method: str, path: str, body: Stream, headers: dict[str, str]) -> httpx.Response:

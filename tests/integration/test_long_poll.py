@@ -43,17 +43,8 @@ Device = tuple[str, Ed25519PrivateKey]
 
 @pytest.fixture(scope="module")
 def coord(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinator]:
-    saved = dict(harness.ENV)
-    harness.ENV.update(SETTINGS)
-    c = Coordinator(tmp_path_factory.mktemp("longpoll"))
-    try:
-        c.bootstrap()
-        c.start()
+    with harness.running_coordinator(tmp_path_factory.mktemp("longpoll"), SETTINGS) as c:
         yield c
-    finally:
-        c.stop()
-        harness.ENV.clear()
-        harness.ENV.update(saved)
 
 
 @pytest.fixture(scope="module")

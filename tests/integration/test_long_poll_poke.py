@@ -23,18 +23,10 @@ PASS_SECONDS = 6.0  # AICFL_TICK_INTERVAL: the ticker's and the long-poll loop's
 
 @pytest.fixture(scope="module")
 def coord(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinator]:
-    saved = dict(harness.ENV)
     # Held devices are marked online once a pass, so the window must outlast two passes.
-    harness.ENV.update({"AICFL_TICK_INTERVAL": str(PASS_SECONDS), "AICFL_ELIGIBILITY_WINDOW": "30"})
-    c = Coordinator(tmp_path_factory.mktemp("poke"))
-    try:
-        c.bootstrap()
-        c.start()
+    settings = {"AICFL_TICK_INTERVAL": str(PASS_SECONDS), "AICFL_ELIGIBILITY_WINDOW": "30"}
+    with harness.running_coordinator(tmp_path_factory.mktemp("poke"), settings) as c:
         yield c
-    finally:
-        c.stop()
-        harness.ENV.clear()
-        harness.ENV.update(saved)
 
 
 def send(coord: Coordinator, device: Device, path: str, message: dict[str, Any]) -> httpx.Response:

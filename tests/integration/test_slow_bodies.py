@@ -39,17 +39,10 @@ Device = tuple[str, Ed25519PrivateKey]
 
 @pytest.fixture(scope="module")
 def coord(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinator]:
-    saved = dict(harness.ENV)
-    harness.ENV.update({"AICFL_BODY_READ_TIMEOUT": str(TIMEOUT), "AICFL_UPLOAD_SLOTS": "1"})
-    c = Coordinator(tmp_path_factory.mktemp("slow"))
-    try:
-        c.bootstrap()
-        c.start()
+    with harness.running_coordinator(
+        tmp_path_factory.mktemp("slow"), {"AICFL_BODY_READ_TIMEOUT": str(TIMEOUT), "AICFL_UPLOAD_SLOTS": "1"}
+    ) as c:
         yield c
-    finally:
-        c.stop()
-        harness.ENV.clear()
-        harness.ENV.update(saved)
 
 
 @pytest.fixture(scope="module")
