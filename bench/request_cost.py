@@ -72,7 +72,7 @@ def measure(pid: int, calls: list[Callable[[], None]], per_client: int) -> dict[
 def main(argv: list[str] | None = None) -> int:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from server.demo import free_port
+    from server.demo import free_port, wait_healthy
     from shared.signing import b64e, public_key_bytes, sign_request
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -98,13 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         url = f"http://127.0.0.1:{port}"
         server = start_coordinator(data, port, Path(tmp) / "server.log", env, "--log-level", "warning")
         try:
-            for _ in range(300):
-                try:
-                    if httpx.get(url + "/v1/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.1)
+            wait_healthy(url, server)
             op = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"})
             n_dev = max(1, args.concurrent)
             tokens = op.post("/v1/enrollment-tokens", json={"count": n_dev, "ttl_seconds": 600}).json()[

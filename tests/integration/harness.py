@@ -15,10 +15,12 @@ from typing import Any
 
 import httpx
 import pandas as pd
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from server.demo import free_port
 from shared.api_client import ApiClient
 from shared.datasets import load_dataset
+from shared.signing import b64e, public_key_bytes
 
 ENV = {
     **os.environ,
@@ -45,6 +47,20 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def enroll_devices(coord: Coordinator, count: int) -> list[tuple[str, Ed25519PrivateKey]]:
+    """``count`` devices enrolled over HTTP, each with its own key: (device id, key)."""
+    tokens = coord.api().json("POST", "/v1/enrollment-tokens", json={"count": count})["tokens"]
+    out = []
+    for token in tokens:
+        key = Ed25519PrivateKey.generate()
+        resp = httpx.post(
+            coord.url + "/v1/enroll", json={"token": token, "public_key": b64e(public_key_bytes(key))}
+        )
+        assert resp.status_code == 200, resp.text
+        out.append((resp.json()["device_id"], key))
+    return out
 
 
 @contextmanager

@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared.signing import HEADER_TIMESTAMP, b64e, public_key_bytes, sign_request
 
+from . import harness
 from .harness import Coordinator
 
 pytestmark = pytest.mark.slow
@@ -27,13 +28,7 @@ def coord(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture
 def device(coord: Coordinator) -> tuple[str, Ed25519PrivateKey]:
-    token = coord.api().json("POST", "/v1/enrollment-tokens", json={"count": 1})["tokens"][0]
-    key = Ed25519PrivateKey.generate()
-    resp = httpx.post(
-        coord.url + "/v1/enroll", json={"token": token, "public_key": b64e(public_key_bytes(key))}
-    )
-    assert resp.status_code == 200, resp.text
-    return resp.json()["device_id"], key
+    return harness.enroll_devices(coord, 1)[0]
 
 
 def post(coord: Coordinator, headers: dict[str, str], body: bytes = b"{}") -> httpx.Response:

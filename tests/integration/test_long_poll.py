@@ -14,10 +14,10 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from shared.signing import b64e, public_key_bytes, sign_request
+from shared.signing import sign_request
 
 from . import harness
-from .harness import Coordinator
+from .harness import Coordinator, enroll_devices
 
 pytestmark = pytest.mark.slow
 PATH = "/v1/device/checkin"
@@ -50,19 +50,6 @@ def coord(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinator]:
 @pytest.fixture(scope="module")
 def devices(coord: Coordinator) -> list[Device]:
     return enroll_devices(coord, MAX_HELD + 1)
-
-
-def enroll_devices(coord: Coordinator, count: int) -> list[Device]:
-    tokens = coord.api().json("POST", "/v1/enrollment-tokens", json={"count": count})["tokens"]
-    out = []
-    for token in tokens:
-        key = Ed25519PrivateKey.generate()
-        resp = httpx.post(
-            coord.url + "/v1/enroll", json={"token": token, "public_key": b64e(public_key_bytes(key))}
-        )
-        assert resp.status_code == 200, resp.text
-        out.append((resp.json()["device_id"], key))
-    return out
 
 
 def checkin(coord: Coordinator, device: Device, wait: float) -> tuple[float, httpx.Response]:

@@ -14,8 +14,8 @@ import pytest
 from shared.signing import sign_request
 
 from . import harness
-from .harness import Coordinator
-from .test_long_poll import SPEC, Device, InFlight, enroll_devices
+from .harness import Coordinator, enroll_devices
+from .test_long_poll import SPEC, Device, InFlight
 
 pytestmark = pytest.mark.slow
 PASS_SECONDS = 6.0  # AICFL_TICK_INTERVAL: the ticker's and the long-poll loop's interval

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from server.cli.server import SERVER_KEEPALIVE_SECONDS
 from server.security import LARGE_UPLOAD_BYTES
-from shared.signing import b64e, public_key_bytes, sign_request
+from shared.signing import sign_request
 
 from . import harness
 from .harness import Coordinator, wait_for
@@ -47,13 +47,7 @@ def coord(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinator]:
 
 @pytest.fixture(scope="module")
 def device(coord: Coordinator) -> Device:
-    token = coord.api().json("POST", "/v1/enrollment-tokens", json={"count": 1})["tokens"][0]
-    key = Ed25519PrivateKey.generate()
-    resp = httpx.post(
-        coord.url + "/v1/enroll", json={"token": token, "public_key": b64e(public_key_bytes(key))}
-    )
-    assert resp.status_code == 200, resp.text
-    return resp.json()["device_id"], key
+    return harness.enroll_devices(coord, 1)[0]
 
 
 def upload_headers(device: Device | None, body: bytes) -> dict[str, str]:
