@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.coordinator_process import bootstrap_admin  # noqa: E402
 from server.demo import free_port  # noqa: E402
 from shared import codec  # noqa: E402
 from shared.jobspec import DataSchema, ModelSpec  # noqa: E402
@@ -194,14 +195,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "coord"
         env = {**os.environ, "AICFL_TICK_INTERVAL": "0.05", "AICFL_ACTIVE_RETRY": "0.1"}
-        admin = subprocess.run(
-            [sys.executable, "-m", "server", "admin", "bootstrap", "--data-dir", str(data)],
-            capture_output=True,
-            text=True,
-            check=True,
-            env=env,
-            cwd=ROOT,
-        ).stdout.strip()
+        admin = bootstrap_admin(data, env)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         with open(Path(tempfile.gettempdir()) / "aicfl-bench-server.log", "wb") as log:

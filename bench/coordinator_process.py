@@ -32,6 +32,18 @@ def status_mb(pid: int, key: str) -> float | None:
     return None
 
 
+def bootstrap_admin(data_dir: Path, env: dict[str, str] | None = None) -> str:
+    """``python -m server admin bootstrap``: a fresh data folder and its first admin token."""
+    return subprocess.run(
+        [sys.executable, "-m", "server", "admin", "bootstrap", "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        cwd=ROOT,
+    ).stdout.strip()
+
+
 def start_coordinator(
     data_dir: Path, port: int, log: Path, env: dict[str, str], *flags: str
 ) -> subprocess.Popen[bytes]:

@@ -282,13 +282,7 @@ async def main_async(args: argparse.Namespace) -> None:
         args.devices = hard - 200
     root = Path(tempfile.mkdtemp(prefix="aicfl-idle-fleet-"))
     data_dir = root / "server"
-    token = subprocess.run(
-        [sys.executable, "-m", "server", "admin", "bootstrap", "--data-dir", str(data_dir)],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=REPO,
-    ).stdout.strip()
+    token = coordinator_process.bootstrap_admin(data_dir)
     started = time.monotonic()
     ids, keys = enroll(f"sqlite:///{data_dir / 'coordinator.db'}", args.devices)
     print(f"{args.devices} devices enrolled in {time.monotonic() - started:.1f} s; data under {root}")

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.coordinator_process import start_coordinator  # noqa: E402
+from bench.coordinator_process import bootstrap_admin, start_coordinator  # noqa: E402
 
 
 def cpu_split(pid: int) -> tuple[float, float]:
@@ -85,15 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with tempfile.TemporaryDirectory(prefix="aicfl-bench-requests-") as tmp:
         data = Path(tmp) / "coord"
-        out = subprocess.run(
-            [sys.executable, "-m", "server", "admin", "bootstrap", "--data-dir", str(data)],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=ROOT,
-            check=True,
-        )
-        token = out.stdout.strip().split()[-1]
+        token = bootstrap_admin(data, env)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         server = start_coordinator(data, port, Path(tmp) / "server.log", env, "--log-level", "warning")

@@ -110,6 +110,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.coordinator_process import bootstrap_admin  # noqa: E402
+
 DEFAULT_ROWS = "10x100000,50x100000,100x100000,50x1000000,100x1000000"
 CLIP = 0.5
 BITS = 16
@@ -615,14 +617,7 @@ def run_http(
     tmp = Path(tempfile.mkdtemp(prefix="aicfl-bench-secagg-"))
     data = tmp / "coord"
     log_path = tmp / "server.log"
-    admin = subprocess.run(
-        [sys.executable, "-m", "server", "admin", "bootstrap", "--data-dir", str(data)],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=ENV,
-        cwd=ROOT,
-    ).stdout.strip()
+    admin = bootstrap_admin(data, ENV)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "wb") as log:
