@@ -130,23 +130,29 @@ ADD_NONCE = insert(DeviceNonce).values(
 )
 
 
-def _signed_device(s: Session | secure.Db, headers: dict[str, str], now: float, window_seconds: float) -> str:
-    """The public key of the device a request claims to come from, if its headers are complete and fresh."""
+def check_device_headers(headers: dict[str, str], now: float, window_seconds: float) -> None:
+    """The checks of a device request that need neither its body nor the database: every signing
+    header present, the timestamp a number within the window. ``Unauthorized`` names what is wrong."""
     missing = [h for h in DEVICE_HEADERS if not headers.get(h)]
     if missing:
         raise Unauthorized(f"unsigned device request: missing {', '.join(missing)}")
-    found = secure.run(s, DEVICE_KEY, device=headers[HEADER_DEVICE]).first()
-    if found is None:
-        raise Unauthorized("unknown device")
-    public_key, revoked_at = found
-    if revoked_at is not None:
-        raise Unauthorized("this device has been revoked")
     try:
         ts = float(headers[HEADER_TIMESTAMP])
     except ValueError:
         raise Unauthorized("device request refused: timestamp is not a number") from None
     if not abs(now - ts) <= window_seconds:
         raise Unauthorized(f"device request refused: timestamp is outside the {window_seconds:.0f} s window")
+
+
+def _signed_device(s: Session | secure.Db, headers: dict[str, str], now: float, window_seconds: float) -> str:
+    """The public key of the device a request claims to come from, if its headers are complete and fresh."""
+    check_device_headers(headers, now, window_seconds)
+    found = secure.run(s, DEVICE_KEY, device=headers[HEADER_DEVICE]).first()
+    if found is None:
+        raise Unauthorized("unknown device")
+    public_key, revoked_at = found
+    if revoked_at is not None:
+        raise Unauthorized("this device has been revoked")
     return str(public_key)
 
 

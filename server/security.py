@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 from fastapi import Depends, Request
@@ -75,8 +76,10 @@ def signed_target(request: Request) -> str:
 async def device_request(request: Request) -> AsyncIterator[tuple[str, bytes]]:
     """Authenticate a signed device request; yields the device id and the body.
 
-    Device, revocation and timestamp are checked before a large body (over 1 MiB, or of undeclared
-    length) is read, so an unsigned client cannot make the coordinator buffer a large upload. A large
+    The signing headers and the timestamp are checked before any body is awaited (no database), so
+    an unsigned client cannot hold a connection open by trickling a body; the device and its
+    revocation, before a large body (over 1 MiB, or of undeclared length) is read, so an unknown
+    device cannot make the coordinator buffer a large upload. A large
     body (or one of undeclared length) is read only once an upload slot is free,
     and the slot is held until the handler is done with the body: the others
     wait unread in their sockets (the server stops reading a request whose
@@ -92,6 +95,9 @@ async def device_request(request: Request) -> AsyncIterator[tuple[str, bytes]]:
         with fed.device_read() as db:
             auth.precheck_device(db, headers, window_seconds=window)
 
+    # Free checks first, for every body: a client without a complete, fresh set of signing headers
+    # (a slowloris, a scanner) is refused before a byte of its body is awaited.
+    auth.check_device_headers(headers, time.time(), window)
     declared = request.headers.get("content-length", "")
     chunked = "chunked" in request.headers.get("transfer-encoding", "").lower()
     slots = None

@@ -32,7 +32,7 @@ from .harness import Coordinator, wait_for
 pytestmark = pytest.mark.slow
 TIMEOUT = 2.0  # AICFL_BODY_READ_TIMEOUT
 UPLOAD = "/v1/device/rounds/1/masked_input"
-SMALL = 1_000_000  # read at once, before the signature is checked: what an anonymous client can send
+SMALL = 1_000_000  # read at once, before the signature is checked (only its headers are, first)
 LARGE = LARGE_UPLOAD_BYTES + 1  # read only by a known device, in one of the upload slots
 Device = tuple[str, Ed25519PrivateKey]
 
@@ -105,6 +105,30 @@ def answer_then_close(sock: socket.socket) -> Answer:
     return Answer(int(status_line.split()[1]), headers, body, took)
 
 
+def answer_then_close_or_first(sock: socket.socket) -> Answer:
+    """The server's first answer on ``sock``: its head and the body its Content-Length announces."""
+    began = time.monotonic()
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < _length(data):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    took = time.monotonic() - began
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return Answer(int(status_line.split()[1]), headers, body, took)
+
+
+def _length(data: bytes) -> int:
+    for line in data.partition(b"\r\n\r\n")[0].split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
 def assert_408(answer: Answer) -> None:
     assert answer.status == 408, answer
     assert answer.headers["content-type"] == "application/problem+json"
@@ -113,8 +137,10 @@ def assert_408(answer: Answer) -> None:
     assert problem["status"] == 408 and "AICFL_BODY_READ_TIMEOUT" in problem["detail"], problem
 
 
-def test_a_trickled_upload_is_answered_408_and_closed_while_others_are_served(coord: Coordinator) -> None:
-    sock = open_request(coord, upload_headers(None, b"\x00" * SMALL))
+def test_a_trickled_upload_is_answered_408_and_closed_while_others_are_served(
+    coord: Coordinator, device: Device
+) -> None:
+    sock = open_request(coord, upload_headers(device, b"\x00" * SMALL))
     trickle = Trickle(sock)
     began = time.monotonic()
     trickle.start()
@@ -128,6 +154,21 @@ def test_a_trickled_upload_is_answered_408_and_closed_while_others_are_served(co
         sock.close()
     assert_408(answer)
     assert TIMEOUT <= time.monotonic() - began < TIMEOUT + 3
+
+
+def test_an_unsigned_upload_is_refused_401_before_its_body_is_awaited(coord: Coordinator) -> None:
+    # A slowloris without signing headers holds nothing: the free header checks come before the body.
+    sock = open_request(coord, upload_headers(None, b"\x00" * SMALL), b"x")
+    trickle = Trickle(sock)
+    trickle.start()
+    try:
+        answer = answer_then_close_or_first(sock)
+    finally:
+        trickle.stop.set()
+        sock.close()
+    assert answer.status == 401, answer
+    assert "missing" in json.loads(answer.body)["detail"], answer
+    assert answer.seconds < TIMEOUT / 2, answer
 
 
 def test_a_trickled_large_upload_gives_its_upload_slot_back(coord: Coordinator, device: Device) -> None:
@@ -152,7 +193,7 @@ def test_a_client_that_leaves_mid_upload_costs_one_line_and_no_traceback(
     logged = coord.log.stat().st_size
     body = b"\x00" * LARGE
     headers = upload_headers(device, body)
-    for sent in (upload_headers(None, body[:SMALL]), headers):
+    for sent in (upload_headers(device, body[:SMALL]), headers):
         sock = open_request(coord, sent, body[:1000])
         time.sleep(0.2)
         sock.close()
