@@ -63,6 +63,7 @@ def run_aicfl(spec: Any, args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         ceiling=False,
         ray_address=args.ray_address,
+        processes=args.processes,
     )
     t0 = time.perf_counter()
     summary = simulate_job(spec, opts, Path(args.out) if args.out else None)
@@ -226,6 +227,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--plain", action="store_true", help="aicfl with secure = false, as Flower's FedAvg")
     p.add_argument("--ray-address", default=None, help="aicfl's devices on Ray (local, auto or an address)")
+    p.add_argument("--processes", type=int, default=None, help="aicfl's devices in N local worker processes")
     p.add_argument(
         "--flower-rounds", type=int, default=None, help="Flower runs this many rounds (default: --rounds)"
     )

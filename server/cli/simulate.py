@@ -12,7 +12,16 @@ from server.console import console, fmt
 from shared.api_client import CliError
 
 #: Flags that only a whole-job simulation (with a JOB.toml) reads, and only the protocol one reads.
-JOB_FLAGS = ("--split", "--rounds", "--cohort", "--data", "--out", "--ray-address", "--ray-actors")
+JOB_FLAGS = (
+    "--split",
+    "--rounds",
+    "--cohort",
+    "--data",
+    "--out",
+    "--ray-address",
+    "--ray-actors",
+    "--processes",
+)
 PROTOCOL_FLAGS = ("--params", "--drop-after")
 
 
@@ -53,6 +62,13 @@ def simulate_cmd(
     ray_actors: int | None = typer.Option(
         None, "--ray-actors", help="Ray actors (default: the cluster's CPUs)."
     ),
+    processes: int | None = typer.Option(
+        None,
+        "--processes",
+        min=1,
+        max=1024,
+        help="Run the devices in N worker processes of this machine (no Ray; default: in this process).",
+    ),
     ceiling: bool = typer.Option(True, "--ceiling/--no-ceiling", help="Train the central ceiling too."),
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -69,6 +85,7 @@ def simulate_cmd(
         "--out": out,
         "--ray-address": ray_address,
         "--ray-actors": ray_actors,
+        "--processes": processes,
         "--params": params,
         "--drop-after": drop_after,
     }
@@ -97,7 +114,19 @@ def simulate_cmd(
                 console.print(f"{key:26} {fmt(value, 5)}")
             return
         summary = _whole_job(
-            job, devices, dropout, split, rounds, cohort, data, out, ray_address, ray_actors, ceiling, seed
+            job,
+            devices,
+            dropout,
+            split,
+            rounds,
+            cohort,
+            data,
+            out,
+            ray_address,
+            ray_actors,
+            processes,
+            ceiling,
+            seed,
         )
     except SimulationError as err:
         raise CliError(str(err)) from None
@@ -118,6 +147,7 @@ def _whole_job(
     out: Path | None,
     ray_address: str | None,
     ray_actors: int | None,
+    processes: int | None,
     ceiling: bool,
     seed: int,
 ) -> dict[str, Any]:
@@ -146,6 +176,7 @@ def _whole_job(
         data=data or "mlc_churn",
         ray_address=ray_address,
         ray_actors=ray_actors,
+        processes=processes,
         ceiling=ceiling,
     )
     try:

@@ -1,16 +1,22 @@
-"""Where the devices' work runs: in this process, or on Ray actors each holding a shard of devices.
+"""Where the devices' work runs: in this process, in worker processes of this machine, or on Ray
+actors, each of the last two holding a shard of devices.
 
 Both take one stage's ``(device, task)`` pairs and return the devices' messages
 (``devices.Outcome``); the driver alone speaks to the coordinator. On Ray (``--ray-address``: an
 existing cluster's address, ``auto`` for the one this machine belongs to, ``local`` for a new one
 on this machine), each actor builds its devices' workers once and keeps them, as Flower's
-simulation keeps its ClientApps in actors; only tasks, model bytes and messages travel.
+simulation keeps its ClientApps in actors; only tasks, model bytes and messages travel. With
+``--processes N`` the same shards live in N worker processes of this machine (no Ray: nothing to
+start but the processes), so the devices' work uses the cores the driver leaves.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
+from concurrent.futures import wait as first_done
 from typing import Any, Protocol
 
 import numpy as np
@@ -51,6 +57,70 @@ class InProcess:
 
     def close(self) -> None:
         return None
+
+
+_SHARD: DeviceShard | None = None  # in a worker process of LocalProcesses: its devices
+
+
+def _start_shard(seeds: list[DeviceSeed], coordinator_key: str) -> None:
+    global _SHARD
+    _SHARD = DeviceShard(seeds, coordinator_key)
+
+
+def _shard_work(items: list[tuple[str, Task]], blobs: Mapping[tuple[int, int], bytes]) -> list[Outcome]:
+    assert _SHARD is not None, "the worker process has no shard"
+    return _SHARD.work(items, blobs)
+
+
+class LocalProcesses:
+    """The devices dealt over ``processes`` worker processes of this machine, a shard each.
+
+    As on Ray, a device's worker lives in one process for the whole job (its SecAgg+ secrets stay
+    there between stages), each process gets a model's bytes once, and the driver posts the answers
+    that are ready while the processes work. Processes are spawned, not forked: the driver holds
+    threads and an open database.
+    """
+
+    def __init__(self, seeds: Sequence[DeviceSeed], coordinator_key: str, processes: int):
+        n = max(1, min(len(seeds), processes))
+        spawn = multiprocessing.get_context("spawn")
+        chunks = [list(c) for c in np.array_split(np.arange(len(seeds)), n)]
+        self.pools = [
+            ProcessPoolExecutor(
+                1,
+                mp_context=spawn,
+                initializer=_start_shard,
+                initargs=([seeds[i] for i in c], coordinator_key),
+            )
+            for c in chunks
+        ]
+        self.where = {seeds[i].device_id: a for a, c in enumerate(chunks) for i in c}
+        self.shipped: list[set[tuple[int, int]]] = [set() for _ in self.pools]
+        self.pending: list[Future[list[Outcome]]] = []
+        self.name = f"{n} local processes"
+
+    def submit(self, items: list[tuple[str, Task]], blobs: Mapping[tuple[int, int], bytes]) -> None:
+        groups: dict[int, list[tuple[str, Task]]] = {}
+        for item in items:
+            groups.setdefault(self.where[item[0]], []).append(item)
+        for a, group in groups.items():
+            new = {k: v for k, v in blobs.items() if k not in self.shipped[a]}
+            self.shipped[a].update(new)
+            self.pending.append(self.pools[a].submit(_shard_work, group, new))
+
+    def ready(self, wait: bool) -> Iterator[list[Outcome]]:
+        while self.pending:
+            done, _ = first_done(self.pending, timeout=None if wait else 0, return_when=FIRST_COMPLETED)
+            if not done:
+                return
+            # In the order they were handed out, as far as they are done: answers keep their order.
+            first = next(f for f in self.pending if f in done)
+            self.pending.remove(first)
+            yield first.result()
+
+    def close(self) -> None:
+        for pool in self.pools:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 class RayShards:

@@ -25,7 +25,7 @@ from coordinator.errors import CoordinatorError
 from server.simulate import SimulationError, VirtualClock, scratch_federation
 from server.simulation.data import DataSetupError, SimulationData, prepare
 from server.simulation.devices import DeviceSeed, new_device_key
-from server.simulation.executors import Executor, InProcess, RayShards
+from server.simulation.executors import Executor, InProcess, LocalProcesses, RayShards
 from server.simulation.job import CHECKIN_REQUEST, JobDriver
 from server.simulation.splits import Split
 from server.simulation.summary import summarize
@@ -44,6 +44,7 @@ class SimulationOptions:
     ``cohort``: devices per round (default: every device, as Flower's ``fraction_fit = 1``).
     ``rounds``: overrides the spec's. ``data``: a bundled data set or a CSV/Parquet file.
     ``ray_address``: run the devices on Ray (``local``, ``auto`` or a cluster's address).
+    ``processes``: run the devices in this many worker processes of this machine (no Ray).
     ``ceiling``: also train the central ceiling (the demo's; seconds of CPU on the pooled rows).
     """
 
@@ -56,6 +57,7 @@ class SimulationOptions:
     data: str = "mlc_churn"
     ray_address: str | None = None
     ray_actors: int | None = None
+    processes: int | None = None
     ceiling: bool = True
 
 
@@ -96,6 +98,10 @@ def check_options(opts: SimulationOptions) -> None:
         raise SimulationError("--rounds must be at least 1")
     if opts.ray_actors is not None and opts.ray_actors < 1:
         raise SimulationError("--ray-actors must be at least 1")
+    if opts.processes is not None and opts.processes < 1:
+        raise SimulationError("--processes must be at least 1")
+    if opts.processes is not None and opts.ray_address:
+        raise SimulationError("--processes and --ray-address: the devices run in one place, choose one")
 
 
 def _enroll(fed: Federation, n: int) -> list[tuple[str, bytes]]:
@@ -149,11 +155,13 @@ def _run(
         fed.checkins.checkin(device_id, CHECKIN_REQUEST)  # online: eligible for the first cohort
     seeds = [DeviceSeed(d, raw, frame) for (d, raw), frame in zip(enrolled, data.parts, strict=True)]
     coordinator_key = b64e(public_key_bytes(fed.key))
-    executor: Executor = (
-        RayShards(seeds, coordinator_key, opts.ray_address, opts.ray_actors)
-        if opts.ray_address
-        else InProcess(seeds, coordinator_key)
-    )
+    executor: Executor
+    if opts.ray_address:
+        executor = RayShards(seeds, coordinator_key, opts.ray_address, opts.ray_actors)
+    elif opts.processes:
+        executor = LocalProcesses(seeds, coordinator_key, opts.processes)
+    else:
+        executor = InProcess(seeds, coordinator_key)
     try:
         try:
             job = fed.jobs.submit(spec.model_dump(mode="json"), "simulate")

@@ -3,7 +3,8 @@
 What is proved: a secure job with dropouts drawn in every round runs to its end through the
 coordinator engine's own rules, every SecAgg+ round's new version is the exact mean of the clipped
 updates the coordinator summed, and summary.json carries the demo's fields; a plaintext job
-runs too; bad flags are one line; and the same job runs with its devices on Ray actors.
+runs too; bad flags are one line; and the same job runs with its devices on Ray actors or in
+worker processes of this machine, dropouts included (a device's secrets stay in its process).
 """
 
 from __future__ import annotations
@@ -117,3 +118,30 @@ def test_devices_on_ray_actors_run_the_same_job(tmp_path: Path) -> None:
     assert summary["status"] == "completed" and summary["simulation"]["engine"] == "ray (2 actors)"
     assert summary["simulation"]["secagg_exact"] is True
     assert summary["rounds"][0]["participants"] == 6
+
+
+@pytest.mark.slow
+def test_devices_in_local_processes_run_the_job_with_dropouts(tmp_path: Path) -> None:
+    opts = SimulationOptions(
+        devices=8,
+        split=parse_split("rows"),
+        dropout=0.2,
+        rounds=2,
+        seed=3,
+        ceiling=False,
+        processes=2,
+    )
+    summary = simulate_job(load_spec(small_churn(tmp_path)), opts)
+    sim = summary["simulation"]
+    assert summary["status"] == "completed" and sim["engine"] == "2 local processes", sim
+    assert sim["secagg_exact"] is True
+    assert [r["status"] for r in summary["rounds"]] == ["completed"] * 2
+    # Dropouts were drawn and the engine counted them (every stage's deadline passed for someone).
+    assert sim["silent_answers"] > 0 and sim["deadlines_waited_out"] > 0, sim
+
+
+def test_processes_and_ray_together_are_refused_in_one_line() -> None:
+    cli.assert_one_error_line(
+        cli.aicfl("simulate", str(CHURN), "--processes", "2", "--ray-address", "local"),
+        "--processes and --ray-address",
+    )
