@@ -34,6 +34,7 @@ from shared.apps import (
     checked_metrics,
     load_app,
 )
+from shared.gbdt.rounds import TREE_KINDS
 from shared.jobspec import JobSpec
 from shared.robustness import capped_weight
 from shared.secagg.params import SecAggParams
@@ -81,6 +82,8 @@ class Worker:
         self._model: _Model | None = None
         # SecAgg+ secrets live in memory only: a device that restarts mid-round counts as dropped.
         self._secagg: dict[int, SecAggClient] = {}
+        # A gbdt job's bin codes and gradients under one version: (job, version, data), codes, (g, h).
+        self._trees: tuple[tuple[int, int, int], np.ndarray, tuple[np.ndarray, np.ndarray]] | None = None
 
     # -- the app and its data ------------------------------------------------
 
@@ -126,8 +129,11 @@ class Worker:
     def _context(self, task: Task, model: _Model | None) -> tuple[JobSpec, App, JobContext]:
         spec = JobSpec.model_validate(task.spec)
         app = self._app(spec)
-        # The setup comes from the signed model, not from the unsigned task.
+        # The setup comes from the signed model, not from the unsigned task; a gbdt job's binning round
+        # comes before its first version, and takes it from the task (docs/gbdt.md).
         setup = model.header.get("preprocess") if model is not None else None
+        if model is None and task.kind == "bins":
+            setup = task.preprocess
         return spec, app, JobContext(spec, setup)
 
     @staticmethod
@@ -171,7 +177,7 @@ class Worker:
         blob = self.client.request("GET", f"/v1/device/jobs/{task.job_id}/models/{ref.version}").content
         try:
             verify_model(self.coordinator_key, task.job_id, ref.version, blob, ref.sha256, ref.signature)
-            header, vector = codec.decode(blob)
+            header, vector = codec.decode(blob, dtype=codec.model_dtype(blob))
         except (SignatureError, codec.CodecError) as err:
             raise Declined(f"model refused: {err}") from None
         if header.get("job_id") != task.job_id or header.get("version") != ref.version:
@@ -185,7 +191,7 @@ class Worker:
         """Check the app, the data and the model's signature; take part or decline with the reason."""
         vocab = None
         try:
-            model = self._verified_model(task) if task.kind != "stats" else None
+            model = self._verified_model(task) if task.kind not in ("stats", "bins") else None
             spec, app, job = self._context(task, model)
             data = self._local(app, job, task)
             self._call_check(app, data, job)
@@ -276,8 +282,12 @@ class Worker:
         return {"ciphertexts": self._secure_client(task).share_keys(info.get("neighbours", {}), verify)}
 
     def masked_input(self, task: Task) -> bytes:
-        """Stage 3: train, quantise, weight by the example count, mask."""
+        """Stage 3: train, quantise, weight by the example count, mask (a gbdt job: its tree vector)."""
         client = self._secure_client(task)
+        if task.kind in TREE_KINDS:
+            vec, _ = self._tree_input(task)
+            masked = client.masked_input(vec, (task.secagg or {}).get("ciphertexts", {}), in_place=True)
+            return codec.encode(masked_input_header(task.round_id), masked)
         spec, app, job, model, data = self._prepared(task)
         metrics, holdout = self._holdout_metrics(app, job, model, data)
         new, loss, examples = self._train(spec, app, job, model, data, task)
@@ -314,6 +324,46 @@ class Worker:
         shares = client.unmask(set(info.get("survivors", [])) - me, set(info.get("dropped", [])) - me)
         self._secagg.pop(task.round_id, None)
         return {"shares": shares}
+
+    # -- gradient-boosted trees (docs/gbdt.md) ---------------------------------
+
+    def _tree_input(self, task: Task) -> tuple[np.ndarray, int]:
+        """A gbdt job's vector for this round (uint64: cell counts, or the level's histogram), and the
+        rows it covers. Bin codes and gradients are kept per version: every level of a boosting round
+        starts from the same one."""
+        from shared.gbdt import HistogramError
+        from shared.gbdt.model import ModelFormatError, from_bytes, growth_from_json
+        from shared.gbdt.rounds import bins_input, boost_setup, codes_of, device_gradients, level_input
+
+        model = self._verified_model(task) if task.kind == "level" else None
+        spec, app, job = self._context(task, model)
+        if job.setup is None:
+            raise Declined("the job's preprocessing is not fixed yet")
+        try:
+            data = self._local(app, job, task)
+        except DataError as err:
+            raise Declined(f"data does not match the job's schema: {err}") from None
+        rows = self._call("tree_rows", app.tree_rows, data)
+        if rows is None:
+            raise Declined(f"app {spec.app_ref} grows no trees")
+        x, y = rows
+        try:
+            setup = boost_setup(spec, job.setup)
+            if model is None:
+                return bins_input(setup, x, y), int(x.shape[0])
+            boosted = from_bytes(model.vector)
+            key = (task.job_id, model.version, id(data))
+            if self._trees is None or self._trees[0] != key:
+                self._trees = None
+                codes = codes_of(boosted, x)
+                self._trees = (key, codes, device_gradients(setup, boosted, codes, y))
+            _, codes, grads = self._trees
+            info = task.boosting or {}
+            growth = growth_from_json(info.get("growth") or {})
+            devices = int(info.get("devices", 1))
+            return level_input(setup, boosted, growth, codes, y, devices, grads), int(x.shape[0])
+        except (ValueError, ModelFormatError, HistogramError) as err:
+            raise Declined(f"cannot compute the trees' histogram: {err}") from None
 
     def _train(
         self, spec: JobSpec, app: App, job: JobContext, model: _Model, data: LocalData, task: Task
@@ -354,6 +404,10 @@ class Worker:
         of the example counts. ``n`` is capped at ``robustness.max_weight``: a
         device with more data counts that much (docs/robustness.md).
         """
+        if task.kind in TREE_KINDS:
+            vec, rows = self._tree_input(task)
+            header = {"kind": "update", "round_id": task.round_id, "num_examples": max(rows, 1)}
+            return codec.encode(header, vec)
         spec, app, job, model, data = self._prepared(task)
         metrics, holdout = self._holdout_metrics(app, job, model, data)
         new, loss, examples = self._train(spec, app, job, model, data, task)

@@ -163,6 +163,18 @@ class Sums:
             total, examples = robustness.check_plain_aggregate(self.ctx, s, r, msgs, total, examples)
         return total, examples, seconds
 
+    def histograms(self, r: Round, msgs: list[RoundMessage], numel: int) -> np.ndarray:
+        """The sum modulo 2**64 of a plaintext tree round's vectors (a gbdt job, ``secure = false``)."""
+        acc = self._running(r, {m.device_id for m in msgs}, numel)
+        if acc is not None:
+            return acc.total
+        total = np.zeros(numel, dtype=np.uint64)
+        for m in msgs:
+            total += codec.decode(
+                self.ctx.blobs.get(m.blob_sha256 or ""), expected_numel=numel, dtype="uint64"
+            )[1]
+        return total
+
     def masked(self, r: Round, sr: secure.SecureRound, numel: int) -> tuple[np.ndarray, float]:
         """The sum modulo 2**64 of a secure round's masked vectors, and the adding's CPU time."""
         senders = sr.sent("masked_input")

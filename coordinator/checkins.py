@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 
-from coordinator import pacing, registry, secure
+from coordinator import boosting, pacing, registry, secure
 from coordinator.context import EngineContext
 from coordinator.errors import Forbidden, NotFound
 from coordinator.models import Job, Participant, Round
@@ -131,6 +131,7 @@ class CheckIns:
             model=model,
             preprocess=preprocess if r.kind != "stats" else None,
             secagg=secure.SecureRound(s, r).task(s, device_id) if r.secure and r.secagg else None,
+            boosting=boosting.task_info(self.ctx, s, r) if r.kind == "level" else None,
         )
 
     def model_blob(self, device_id: str, job_id: int, version: int) -> bytes:

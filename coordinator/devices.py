@@ -24,7 +24,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, select, update
 
-from coordinator import apps, participation, robustness, secure
+from coordinator import apps, boosting, participation, robustness, secure
 from coordinator.aggregation import Sums
 from coordinator.context import EngineContext
 from coordinator.driver import RoundDriver
@@ -35,6 +35,7 @@ from coordinator.rounds import ACTIVE, DECLINED, DROPPED, EXCLUDED
 from coordinator.statements import ADD_MESSAGE, STAGE_DONE, PartRow, RoundRow
 from coordinator.validation import check_metrics, check_update_header
 from shared import codec
+from shared.gbdt.rounds import TREE_KINDS
 from shared.wire import (
     ConfigureMessage,
     EvaluateMessage,
@@ -204,9 +205,15 @@ class DeviceProtocol:
             if checked is None:
                 return
             r, _ = checked
-            if r.kind != "train":
+            if r.kind in TREE_KINDS:
+                numel = boosting.numel(self.ctx, s, r)
+            elif r.kind != "train":
                 raise Invalid(f"round {round_id} is a {r.kind} round: send a JSON message")
-            numel = self.ctx.num_parameters(s, r)
+            else:
+                numel = self.ctx.num_parameters(s, r)
+        if r.kind in TREE_KINDS:
+            self._tree_update(device_id, round_id, r, body, numel)
+            return
         try:
             header, vec = codec.decode(body, expected_numel=numel)
         except codec.CodecError as err:
@@ -219,6 +226,43 @@ class DeviceProtocol:
             if checked is None:  # the same update, sent again while this one was being read
                 return
             r, p = checked
+            self._store(s, round_id, device_id, "input", meta, sha, blob=sha)
+            secure.run(
+                s,
+                update(Participant)
+                .where(Participant.id == p.id)
+                .values(stage_done="input", num_examples=meta["num_examples"]),
+            )
+        self.sums.add(round_id, device_id, vec, meta["num_examples"])
+        with self.ctx.device_write() as s:
+            r2, _ = self._load(s, device_id, round_id)
+            if r2 is not None and r2.status == "running":
+                self.driver.maybe_drive(s, r2, self.ctx.clock())
+
+    def _tree_update(self, device_id: str, round_id: int, r: RoundRow, body: bytes, numel: int) -> None:
+        """A gbdt job's plaintext vector (cell counts or a level's histogram): checked against the rows the
+        device declared, stored, added to the running sum. One that cannot be used excludes its sender
+        from the round with the reason; the round goes on without it."""
+        problem: str | None = None
+        try:
+            header, vec = codec.decode(body, expected_numel=numel, dtype="uint64")
+            meta = check_update_header(header, round_id)
+        except (codec.CodecError, Invalid) as err:
+            problem = f"histogram refused: shape: {getattr(err, 'detail', str(err))}"
+        if problem is None:
+            with self.ctx.device_read() as s:
+                reason = boosting.check_plain(self.ctx, s, r, device_id, vec)
+            if reason is not None:
+                problem = f"histogram refused: {reason}"
+        if problem is not None:
+            self._exclude(device_id, round_id, problem)
+            raise Invalid(f"device excluded from round {round_id}: {problem}")
+        sha = self.ctx.blobs.put(body)
+        with self.ctx.device_write() as s:
+            checked = self._checked(s, device_id, round_id, "input", body, self.ctx.clock())
+            if checked is None:
+                return
+            _, p = checked
             self._store(s, round_id, device_id, "input", meta, sha, blob=sha)
             secure.run(
                 s,
@@ -355,6 +399,8 @@ class DeviceProtocol:
                 raise
             if r.kind == "stats":
                 numel = len(secure.SecureRound(s, r).layout())
+            elif r.kind in TREE_KINDS:
+                numel = boosting.numel(self.ctx, s, r)
             else:
                 numel = self.ctx.num_parameters(s, r) + 1
         if problem is None:

@@ -14,7 +14,7 @@ from dataclasses import replace
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from coordinator import audits, secure, timeline
+from coordinator import audits, boosting, secure, timeline
 from coordinator.aggregation import Sums
 from coordinator.context import EngineContext
 from coordinator.errors import Invalid, NotFound
@@ -30,6 +30,7 @@ from coordinator.rounds import (
     ENDED_WITHOUT_MODEL,
     REJECTED,
     STAGES,
+    SUMMED_KINDS,
     Decision,
     ParticipantView,
     RoundView,
@@ -38,6 +39,7 @@ from coordinator.rounds import (
     stages_of,
 )
 from coordinator.statements import DROP, PARTICIPANTS, RUNNING_JOBS, WAITING, RoundRow
+from shared.gbdt.rounds import is_boosted
 from shared.jobspec import JobSpec
 from shared.robustness import AggregateRejected
 from shared.secagg.primitives import SecAggError
@@ -355,7 +357,11 @@ class RoundDriver:
     def _next_kind(self, job: Job, spec: JobSpec, s: Session) -> str | None:
         if job.preprocess is None:
             return "stats"
-        if job.rounds_completed < spec.rounds:
+        if is_boosted(spec):
+            kind = boosting.next_kind(job, spec)
+            if kind is not None:
+                return kind
+        elif job.rounds_completed < spec.rounds:
             return "train"
         if self.ctx.settings.evaluate_after_last_round and spec.evaluation.federated:
             evaluated = s.scalar(
@@ -401,13 +407,13 @@ class RoundDriver:
             number=job.next_round,
             kind=kind,
             # SecAgg+ parameters and the neighbour graph are fixed once configure says who takes part.
-            secure=kind in ("train", "stats") and spec.secure,
+            secure=kind in SUMMED_KINDS and spec.secure,
             secagg=None,
             stage=STAGES[kind][0],
             stages=timeline.begin([], STAGES[kind][0], now),
             stage_deadline=now + spec.cohort.stage_timeout,
             minimum=spec.cohort.minimum,
-            model_version_in=job.current_version if kind != "stats" else None,
+            model_version_in=job.current_version if kind not in ("stats", "bins") else None,
         )
         s.add(r)
         s.flush()

@@ -17,7 +17,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from coordinator import apps, audits, registry, secure
+from coordinator import apps, audits, boosting, registry, secure
 from coordinator.aggregation import Sums
 from coordinator.context import EngineContext
 from coordinator.errors import Invalid
@@ -25,6 +25,7 @@ from coordinator.evaluation import weighted_mean
 from coordinator.models import Event, Job, ModelVersion, Round, RoundMessage, utcnow
 from coordinator.rounds import ParticipantView
 from coordinator.strategies import apply_strategy
+from shared.gbdt.rounds import TREE_KINDS, is_boosted
 from shared.jobspec import JobSpec
 from shared.robustness import AggregateRejected, aggregate_problem
 from shared.secagg.protocol import finish as secagg_finish
@@ -62,6 +63,17 @@ class RoundFinisher:
             else:
                 merged = statistics.merge([msgs[d].payload["statistics"] for d in senders], ctx)
             self.setup(s, job, spec, statistics.setup(merged, ctx), {"statistics_rows": merged.get("rows")})
+        elif r.kind in TREE_KINDS:
+            numel = boosting.numel(self.ctx, s, r)
+            if r.secure:
+                sr = secure.SecureRound(s, r)
+                masked, r.aggregation_seconds = self.sums.masked(r, sr, numel)
+                total = unmask_total(masked, **sr.reconstruction_inputs())
+                summed = sorted(sr.sent("masked_input"))
+            else:
+                summed = senders
+                total = self.sums.histograms(r, [msgs[d] for d in senders], numel)
+            boosting.finish(self.ctx, s, job, spec, r, total, summed)
         elif r.kind == "train" and r.secure:
             self._train(s, job, spec, r, [], secure.SecureRound(s, r))
         elif r.kind == "train":
@@ -91,6 +103,8 @@ class RoundFinisher:
         for a pre-trained one, register its version 0: the app's model under the job's seed."""
         app = apps.app_for(spec)
         job.preprocess = setup
+        if is_boosted(spec):
+            return  # a gbdt job's version 0 comes from its binning round (coordinator/boosting.py)
         ctx = apps.context(spec, setup)
         arch = apps.describe(app, ctx)
         existing = s.scalar(

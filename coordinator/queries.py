@@ -153,7 +153,13 @@ def job_dict(s: Session, job: Job, with_latest: bool = True) -> dict[str, Any]:
             )
         done = s.scalar(
             select(Round)
-            .where(Round.job_id == job.id, Round.kind == "train", Round.status == "completed")
+            .where(
+                Round.job_id == job.id,
+                # a gbdt job's level rounds that completed a boosting round (docs/gbdt.md)
+                Round.kind.in_(("train", "level")),
+                Round.model_version_out.is_not(None),
+                Round.status == "completed",
+            )
             .order_by(Round.number.desc())
             .limit(1)
         )

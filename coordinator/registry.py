@@ -86,4 +86,4 @@ def load_vector(blobs: BlobStore, row: ModelVersion) -> tuple[dict[str, Any], np
     data = blobs.get(row.sha256)
     if sha256_hex(data) != row.sha256:
         raise NotFound(f"model version {row.version} of job {row.job_id} is corrupt in the blob store")
-    return codec.decode(data)
+    return codec.decode(data, dtype=codec.model_dtype(data))

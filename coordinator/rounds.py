@@ -21,14 +21,19 @@ STAGES: dict[str, tuple[str, ...]] = {
     "stats": ("configure", "input"),
     "train": ("configure", "input"),
     "evaluate": ("configure", "input"),
+    # A gbdt job's binning round and tree levels (docs/gbdt.md): summed like a training update.
+    "bins": ("configure", "input"),
+    "level": ("configure", "input"),
 }
+# The kinds whose inputs are summed: under SecAgg+ when the job is secure (evaluation rounds never are).
+SUMMED_KINDS: tuple[str, ...] = ("train", "stats", "bins", "level")
 # A training round under SecAgg+ (Bell et al., CCS 2020): its unmask stage needs,
 # for each device, t answers among its neighbours rather than a minimum of devices.
 SECURE_STAGES: tuple[str, ...] = ("configure", "advertise_keys", "share_keys", "masked_input", "unmask")
 
 
 def stages_of(kind: str, secure: bool = False) -> tuple[str, ...]:
-    return SECURE_STAGES if secure and kind in ("train", "stats") else STAGES[kind]
+    return SECURE_STAGES if secure and kind in SUMMED_KINDS else STAGES[kind]
 
 
 ACTIVE = "active"

@@ -23,9 +23,12 @@ def headline(spec: JobSpec) -> str:
 
 
 def ceiling_metrics(spec: JobSpec, train_rows: Any, test_rows: Any, epochs: int) -> dict[str, float]:
-    """The same architecture trained centrally on the pooled training rows."""
+    """The same architecture trained centrally on the pooled training rows (a gbdt job: XGBoost's own
+    ``hist`` on them, :func:`xgboost_ceiling`)."""
     schema = spec.tabular
     pre = Preprocessor.from_statistics(local_statistics(train_rows, schema), schema)
+    if spec.model.zoo == "gbdt":
+        return xgboost_ceiling(spec, pre, train_rows, test_rows)
     model = build_model(architecture(spec.model, pre.input_dim, pre.output_dim), seed=spec.seed)
     x, y = pre.transform(train_rows)
     train_local(
@@ -42,6 +45,45 @@ def ceiling_metrics(spec: JobSpec, train_rows: Any, test_rows: Any, epochs: int)
     )
     xt, yt = pre.transform(test_rows)
     return evaluate(model, xt, yt, task=schema.task, target_mean=pre.target_mean, target_std=pre.target_std)
+
+
+def xgboost_ceiling(spec: JobSpec, pre: Preprocessor, train_rows: Any, test_rows: Any) -> dict[str, float]:
+    """XGBoost's ``hist`` trees, trained on the pooled rows with the job's ``[gbdt]`` settings and rounds,
+    on the same features (the preprocessing of the pooled rows), measured on the test rows."""
+    try:
+        import xgboost
+    except ImportError:
+        raise DemoError(
+            "the ceiling of a gbdt job is XGBoost on the pooled rows: pip install xgboost"
+        ) from None
+    from shared.gbdt.rounds import OBJECTIVES
+    from shared.training import metrics_from_predictions
+
+    task = spec.tabular.task
+    g = spec.gbdt
+    params: dict[str, Any] = {
+        "objective": OBJECTIVES[task],
+        "tree_method": "hist",
+        "max_bin": g.bins,
+        "max_depth": g.max_depth,
+        "eta": g.eta,
+        "lambda": g.reg_lambda,
+        "gamma": g.gamma,
+        "min_child_weight": g.min_child_weight,
+        "nthread": 2,
+        "seed": spec.seed,
+    }
+    if task == "multiclass":
+        params["num_class"] = len(pre.classes)
+    x, y = pre.transform(train_rows)
+    booster = xgboost.train(params, xgboost.DMatrix(x, label=y), num_boost_round=spec.rounds)
+    xt, yt = pre.transform(test_rows)
+    predictions = booster.predict(xgboost.DMatrix(xt))
+    if task == "regression":
+        predictions = pre.inverse_target(predictions)
+    return metrics_from_predictions(
+        task, yt, predictions, target_mean=pre.target_mean, target_std=pre.target_std
+    )
 
 
 def digits_ceiling(spec: JobSpec, data: Any, reference: bytes, epochs: int) -> dict[str, float]:

@@ -87,7 +87,7 @@ def summarize(
     versions = api.json("GET", f"/v1/jobs/{job_id}/models")
     last = versions[-1]
     blob = api.request("GET", f"/v1/jobs/{job_id}/models/{last['version']}/blob").content
-    header, vec = codec.decode(blob)
+    header, vec = codec.decode(blob, dtype=codec.model_dtype(blob))
     final = final_metrics(spec, header, vec, reference)
     # As many passes over the pooled rows as each device makes over its own in the whole job.
     epochs = max(10, rounds * spec.training.epochs)

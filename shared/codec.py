@@ -18,8 +18,10 @@ MAGIC = b"AICF\x01"
 _LEN = struct.Struct("<I")
 MAX_HEADER_BYTES = 1 << 20
 DTYPE = np.dtype("<f4")
-# float32 for models and plaintext updates; uint64 for masked vectors (arithmetic modulo 2**64).
-DTYPES: dict[str, np.dtype[Any]] = {"float32": DTYPE, "uint64": np.dtype("<u8")}
+# float32 for models and plaintext updates; uint64 for masked vectors (arithmetic modulo 2**64); uint8
+# for a model stored as bytes (a gbdt job's ensemble, shared/gbdt/model.py).
+DTYPES: dict[str, np.dtype[Any]] = {"float32": DTYPE, "uint64": np.dtype("<u8"), "uint8": np.dtype("u1")}
+MODEL_DTYPES = ("float32", "uint8")
 ALIGN = 64
 
 
@@ -29,7 +31,8 @@ class CodecError(ValueError):
 
 def encode(header: dict[str, Any], vector: np.ndarray) -> bytes:
     """Serialise a header and a 1-D float32 vector."""
-    name = "uint64" if np.asarray(vector).dtype == np.uint64 else "float32"
+    given = np.asarray(vector).dtype
+    name = "uint64" if given == np.uint64 else "uint8" if given == np.uint8 else "float32"
     vec = np.ascontiguousarray(vector, dtype=DTYPES[name])
     if vec.ndim != 1:
         raise CodecError(f"expected a 1-D vector, got shape {vec.shape}")
@@ -61,6 +64,13 @@ def decode_header(data: bytes | memoryview) -> tuple[dict[str, Any], int]:
     if not isinstance(header, dict):
         raise CodecError("header must be a JSON object")
     return header, start + hlen
+
+
+def model_dtype(data: bytes | memoryview) -> str:
+    """The dtype a stored model's header names, when it is one a model may have (else float32, which
+    :func:`decode` then refuses with the reason)."""
+    name = decode_header(data)[0].get("dtype")
+    return name if name in MODEL_DTYPES else "float32"
 
 
 def decode(

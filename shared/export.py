@@ -13,6 +13,10 @@ Formats:
   and preprocessing travel as metadata properties ``aicfl.arch`` and
   ``aicfl.preprocess`` (JSON).
 
+- ``xgboost``: a ``[model] zoo = "gbdt"`` ensemble as an XGBoost JSON model
+  (``xgboost.Booster(model_file=...)``; ``shared/gbdt/model.py``), its only
+  format; the others are the networks'.
+
 Every format exports the raw model: logits for classification, standardised
 values for regression. The preprocessing description says how to get from a
 table to ``features`` and from ``output`` back to labels or units.
@@ -33,7 +37,8 @@ from torch import nn
 
 from shared.zoo import build_model, load_flat_parameters
 
-EXPORT_FORMATS = ("state_dict", "torchscript", "onnx")
+EXPORT_FORMATS = ("state_dict", "torchscript", "onnx")  # a network's
+TREES_FORMAT = "xgboost"  # a zoo = "gbdt" ensemble's only format
 ONNX_INPUT = "features"
 ONNX_OUTPUT = "output"
 
@@ -117,8 +122,16 @@ def export_model(
     result or ``None``, embedded as it is. Raises ``ValueError`` for an unknown
     format or parameters that do not fit the architecture.
     """
-    if fmt not in EXPORT_FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    if fmt not in (*EXPORT_FORMATS, TREES_FORMAT):
+        raise ValueError(
+            f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)} ({TREES_FORMAT} for trees)"
+        )
+    if (arch.get("zoo") == "gbdt") != (fmt == TREES_FORMAT):
+        raise ValueError(f"a zoo = 'gbdt' ensemble exports as {TREES_FORMAT}, and only it does")
+    if fmt == TREES_FORMAT:
+        from shared.gbdt.model import to_xgboost
+
+        return to_xgboost(flat_params)
     model = _model(arch, flat_params)
     if fmt == "state_dict":
         buffer = io.BytesIO()

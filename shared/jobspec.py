@@ -114,7 +114,10 @@ class ModelSpec(_Strict):
     options: dict[str, Any] = Field(
         default_factory=dict, description="the app's own settings, as [model.options] (with app)"
     )
-    zoo: Literal["mlp", "logreg"] = Field(default="mlp", description="the model family from shared/zoo.py")
+    zoo: Literal["mlp", "logreg", "gbdt"] = Field(
+        default="mlp",
+        description="the model family: mlp or logreg from shared/zoo.py, or gbdt, trees grown as [gbdt] says",
+    )
     hidden: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
         default_factory=lambda: [64, 32], description="hidden layer widths (mlp)"
     )
@@ -257,6 +260,29 @@ class RobustnessSpec(_Strict):
     )
 
 
+class GbdtSpec(_Strict):
+    """Gradient-boosted trees (``[model] zoo = "gbdt"``): XGBoost's ``hist`` settings (docs/gbdt.md).
+
+    The objective follows ``[data] task``: binary:logistic, multi:softprob or reg:squarederror;
+    ``rounds`` counts boosting rounds (one tree each, or one per class).
+    """
+
+    max_depth: int = Field(default=6, ge=1, le=12, description="depth of each tree (XGBoost's max_depth)")
+    eta: float = Field(
+        default=0.3, gt=0, le=1, description="learning rate: each leaf's weight is scaled by it"
+    )
+    bins: int = Field(
+        default=256, ge=2, le=1024, description="at most this many bins per feature (XGBoost's max_bin)"
+    )
+    min_child_weight: float = Field(
+        default=1.0, ge=0, description="the least hessian a child may hold (XGBoost's min_child_weight)"
+    )
+    reg_lambda: float = Field(default=1.0, ge=0, description="L2 penalty on leaf weights (XGBoost's lambda)")
+    gamma: float = Field(
+        default=0.0, ge=0, description="the least loss reduction a split must bring (XGBoost's gamma)"
+    )
+
+
 class EvaluationSpec(_Strict):
     """Evaluation each round: central on reference data, federated on holdouts."""
 
@@ -328,6 +354,7 @@ class JobSpec(_Strict):
     secagg: SecAggSpec = Field(default_factory=SecAggSpec)
     robustness: RobustnessSpec = Field(default_factory=RobustnessSpec)
     audit: AuditSpec = Field(default_factory=AuditSpec)
+    gbdt: GbdtSpec = Field(default_factory=GbdtSpec)
 
     @model_validator(mode="after")
     def _data_for_builtin(self) -> JobSpec:
@@ -336,7 +363,31 @@ class JobSpec(_Strict):
         if self.model.app is None and (self.model.app_version is not None or self.model.options):
             raise ValueError("model: app_version and options apply to an app named in [model] app")
         self._robust_strategy_fits()
+        self._trees_fit()
         return self
+
+    def _trees_fit(self) -> None:
+        """A gbdt job: the built-in app's trees, with nothing set that only applies to a network."""
+        if self.model.zoo != "gbdt":
+            if self.gbdt != GbdtSpec():
+                raise ValueError("gbdt: the [gbdt] table applies to [model] zoo = 'gbdt'")
+            return
+        if self.model.app is not None:
+            raise ValueError("model: zoo = 'gbdt' is the built-in tabular app's; an app names its own model")
+        if self.model.initial != "random":
+            raise ValueError(
+                "model: zoo = 'gbdt' grows its trees from the devices' histograms; initial = 'pretrained'"
+                " does not apply"
+            )
+        if self.strategy != StrategySpec():
+            raise ValueError(
+                "strategy: a zoo = 'gbdt' job sums histograms, it averages no updates: leave [strategy] out"
+            )
+        if self.audit.enabled:
+            raise ValueError(
+                "audit: the SHAP audit of a zoo = 'gbdt' ensemble is not implemented yet:"
+                " set [audit] enabled = false"
+            )
 
     def _robust_strategy_fits(self) -> None:
         name, f, n = self.strategy.name, self.strategy.byzantine, self.cohort.minimum
@@ -448,6 +499,7 @@ _SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("[secagg]", SecAggSpec),
     ("[robustness]", RobustnessSpec),
     ("[audit]", AuditSpec),
+    ("[gbdt]", GbdtSpec),
 ]
 
 
@@ -463,6 +515,7 @@ def _type_text(annotation: Any) -> str:
         SecAggSpec,
         RobustnessSpec,
         AuditSpec,
+        GbdtSpec,
         Feature,
     ):
         text = text.replace(f"{cls.__module__}.{cls.__name__}", cls.__name__)

@@ -6,7 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-RoundKind = Literal["stats", "train", "evaluate"]
+# bins and level: a gbdt job's binning round and its tree levels (docs/gbdt.md).
+RoundKind = Literal["stats", "train", "evaluate", "bins", "level"]
 Stage = Literal["configure", "input", "advertise_keys", "share_keys", "masked_input", "unmask"]
 AGENT_API = "v1"
 
@@ -51,6 +52,13 @@ class Task(_Msg):
     secagg: dict[str, Any] | None = Field(
         default=None,
         description="secure rounds: parameters, context and what this stage needs (keys, shares, sets)",
+    )
+    boosting: dict[str, Any] | None = Field(
+        default=None,
+        description=(
+            "a gbdt job's level rounds: the boosting round's trees so far and their open slots"
+            " (shared.gbdt.model.growth_to_json), and the cohort size the histogram is encoded for"
+        ),
     )
 
 

@@ -54,12 +54,16 @@ def models_list(job_id: int, as_json: bool = JSON_OPT) -> None:
 def models_export(
     job_id: int,
     version: int | None = typer.Option(None, "--version", help="Default: the newest."),
-    export_format: str = typer.Option("state_dict", "--format", help="state_dict, torchscript or onnx"),
+    export_format: str = typer.Option(
+        "state_dict", "--format", help="state_dict, torchscript or onnx; xgboost for a gbdt job"
+    ),
     out: Path | None = typer.Option(None, "--out", help="Output file."),
 ) -> None:
     """Export a model version."""
-    if export_format not in ("state_dict", "torchscript", "onnx"):
-        raise CliError(f"--format must be state_dict, torchscript or onnx; got {export_format!r}")
+    if export_format not in ("state_dict", "torchscript", "onnx", "xgboost"):
+        raise CliError(
+            f"--format must be state_dict, torchscript or onnx (xgboost for a gbdt job); got {export_format!r}"
+        )
     api = client()
     if version is None:
         versions = api.json("GET", f"/v1/jobs/{job_id}/models")
@@ -69,7 +73,7 @@ def models_export(
     data = api.request(
         "GET", f"/v1/jobs/{job_id}/models/{version}/export", params={"format": export_format}
     ).content
-    ext = {"state_dict": "pt", "torchscript": "ts.pt", "onnx": "onnx"}[export_format]
+    ext = {"state_dict": "pt", "torchscript": "ts.pt", "onnx": "onnx", "xgboost": "json"}[export_format]
     target = out or Path(f"job{job_id}-v{version}.{ext}")
     target.write_bytes(data)
     print(f"wrote {target} ({len(data)} bytes, version {version}, {export_format})")

@@ -29,6 +29,7 @@ EXPORT_TYPES = {
     "state_dict": ("application/octet-stream", "pt"),
     "torchscript": ("application/octet-stream", "ts.pt"),
     "onnx": ("application/octet-stream", "onnx"),
+    "xgboost": ("application/json", "json"),  # a gbdt job's ensemble (docs/gbdt.md)
 }
 
 
@@ -203,7 +204,9 @@ def export(
     job_id: JobId,
     version: Version,
     request: Request,
-    format: str = Query("state_dict", description="state_dict, torchscript or onnx"),
+    format: str = Query(
+        "state_dict", description="state_dict, torchscript or onnx; xgboost for a gbdt job's ensemble"
+    ),
     op: Operator = Depends(operator),
 ) -> Response:
     """A model version in a standard format, with its preprocessing (state_dict)."""
@@ -220,6 +223,9 @@ def export_version(fed: Federation, job_id: int, version: int, format: str) -> t
     with fed.read() as s:
         row = registry.get_version(s, job_id, version)
         header, vec = registry.load_vector(fed.blobs, row)
-    data = export_model(header["arch"], vec, header.get("preprocess"), format)
+    try:
+        data = export_model(header["arch"], vec, header.get("preprocess"), format)
+    except ValueError as err:
+        raise Invalid(f"format: {err}") from None
     media, ext = EXPORT_TYPES[format]
     return data, media, f"job{job_id}-v{version}.{ext}"

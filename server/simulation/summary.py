@@ -30,6 +30,18 @@ SKIPPED = {
 }
 
 
+def _tree_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """A gbdt job's rounds by kind and outcome (docs/gbdt.md); nothing for another job."""
+    trees = [r for r in rounds if r["kind"] in ("bins", "level")]
+    if not trees:
+        return {}
+    count: dict[str, int] = {}
+    for r in trees:
+        key = f"{r['kind']}_{r['status']}"
+        count[key] = count.get(key, 0) + 1
+    return {"tree_rounds": count}
+
+
 def summarize(
     fed: Federation,
     job_id: int,
@@ -53,7 +65,12 @@ def summarize(
     # As many passes over the pooled rows as each device makes over its own in the whole job.
     epochs = max(10, spec.rounds * spec.training.epochs)
     central = ceiling_metrics(spec, data.train, data.test, epochs=epochs) if ceiling else None
-    train = [r for r in all_rounds if r["kind"] == "train"]
+    # A gbdt job's boosting rounds: the level rounds that completed one (each registered a version).
+    train = [
+        r
+        for r in all_rounds
+        if r["kind"] == "train" or (r["kind"] == "level" and r["model_version_out"] is not None)
+    ]
     seconds = [
         (r["ended_at"] - r["started_at"]).total_seconds()
         for r in train
@@ -93,5 +110,6 @@ def summarize(
             "coordinator_seconds": round(stats.coordinator_seconds, 3),
             "secagg_checks": [{**asdict(c), "exact": c.exact} for c in stats.checks],
             "secagg_exact": all(c.exact for c in stats.checks) if stats.checks else None,
+            **_tree_rounds(all_rounds),
         },
     }

@@ -174,6 +174,11 @@ class App(ABC):
 
         load_flat_parameters(model, vector)
 
+    def tree_rows(self, data: LocalData) -> tuple[np.ndarray, np.ndarray] | None:
+        """The training rows as a feature matrix and encoded target, for a job that grows trees
+        (``[model] zoo = "gbdt"``, docs/gbdt.md); ``None`` (the default): this app grows none."""
+        return None
+
     def describe(self, job: JobContext) -> dict[str, Any]:
         """A JSON description of the model this job trains, kept in every version's signed header."""
         return {"app": job.spec.app_ref, "app_version": self.version, "options": dict(job.options)}

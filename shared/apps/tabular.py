@@ -123,24 +123,81 @@ class TabularStatistics(Statistics):
         return statistics.decode(total, _schema(job), vocabulary)
 
 
+class TreeModel:
+    """A ``zoo = "gbdt"`` model: a boosted ensemble and its bin edges (``shared.gbdt.model``), once loaded.
+
+    Its parameters are the bytes of the version (a uint8 vector), not float32 weights: trees are
+    grown from summed histograms (docs/gbdt.md), never trained on a device.
+    """
+
+    def __init__(self) -> None:
+        self.content: Any = None  # a shared.gbdt.model.BoostedModel
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        from shared.gbdt import predict
+
+        if self.content is None:
+            raise ValueError("the boosted model has no trees loaded")
+        return predict(self.content.ensemble, x)
+
+
+def _boosted(job: JobContext) -> bool:
+    return job.spec.model.zoo == "gbdt"
+
+
 class TabularApp(App):
-    """``[model] zoo = "mlp" | "logreg"`` over the ``[data]`` schema's columns."""
+    """``[model] zoo = "mlp" | "logreg"`` over the ``[data]`` schema's columns, or ``"gbdt"``'s trees."""
 
     name = "aicfl.tabular"
     version = "1"
     statistics = TabularStatistics()
 
     def describe(self, job: JobContext) -> dict[str, Any]:
-        """The zoo architecture (``shared.zoo.architecture``), sized by the preprocessing."""
+        """The zoo architecture (``shared.zoo.architecture``), sized by the preprocessing; for gbdt, the
+        objective, the features and the ``[gbdt]`` settings."""
         from shared.zoo import architecture
 
         pre = _preprocessor(job)
+        if _boosted(job):
+            from shared.gbdt.model import FORMAT
+            from shared.gbdt.rounds import OBJECTIVES
+
+            return {
+                "zoo": "gbdt",
+                "format": FORMAT,
+                "objective": OBJECTIVES[_schema(job).task],
+                "input_dim": pre.input_dim,
+                "output_dim": pre.output_dim,
+                **job.spec.gbdt.model_dump(),
+            }
         return architecture(job.spec.model, pre.input_dim, pre.output_dim)
 
-    def build_model(self, job: JobContext) -> nn.Module:
+    def build_model(self, job: JobContext) -> Any:
         from shared.zoo import build_model
 
+        if _boosted(job):
+            return TreeModel()
         return build_model(self.describe(job))
+
+    def get_parameters(self, model: Any) -> np.ndarray:
+        if isinstance(model, TreeModel):
+            from shared.gbdt.model import to_vector
+
+            return to_vector(model.content)
+        return super().get_parameters(model)
+
+    def set_parameters(self, model: Any, vector: np.ndarray) -> None:
+        if isinstance(model, TreeModel):
+            from shared.gbdt.model import from_bytes
+
+            model.content = from_bytes(np.asarray(vector, dtype=np.uint8))
+            return
+        super().set_parameters(model, vector)
+
+    def tree_rows(self, data: LocalData) -> tuple[np.ndarray, np.ndarray]:
+        """The device's training rows as trees see them: the preprocessed features and encoded target."""
+        rows: Rows = data.train
+        return rows.arrays
 
     def load_frame(self, device: DeviceContext) -> pd.DataFrame:
         """The device's rows, read from its file with the job's column types."""
@@ -191,11 +248,23 @@ class TabularApp(App):
         return self._metrics(model, data.holdout)
 
     @staticmethod
-    def _metrics(model: nn.Module, rows: Rows, examples: bool = False) -> Metrics:
-        from shared.training import evaluate
+    def _metrics(model: Any, rows: Rows, examples: bool = False) -> Metrics:
+        from shared.training import evaluate, metrics_from_predictions
 
         assert rows.pre is not None
         x, y = rows.arrays
+        if isinstance(model, TreeModel):
+            predictions = model.predict(x)
+            if rows.schema.task == "regression":
+                predictions = rows.pre.inverse_target(predictions)
+            found = metrics_from_predictions(
+                rows.schema.task,
+                y,
+                predictions,
+                target_mean=rows.pre.target_mean,
+                target_std=rows.pre.target_std,
+            )
+            return {k: float(v) for k, v in found.items() if examples or k != "examples"}
         metrics = evaluate(
             model,
             x,

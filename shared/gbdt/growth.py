@@ -31,7 +31,7 @@ class Node:
 
     depth: int
     parent: int
-    grad: float = math.nan  # sums of its rows; a root learns them from the first histogram
+    grad: float = math.nan  # sums of its rows: an open node takes them from its level's histogram
     hess: float = math.nan
     left: int = -1
     right: int = -1
@@ -91,8 +91,10 @@ def grow_level(growth: Growth, hist: LevelHistogram, edges: BinEdges, params: Tr
     sums = []
     for s, (t, nid) in enumerate(growth.open):
         node = nodes[t][nid]
-        if math.isnan(node.grad):  # a root: its sums come from the first histogram
-            node = nodes[t][nid] = replace(node, grad=float(hist_grad[s]), hess=float(hist_hess[s]))
+        # Each open node's sums come from this level's histogram, not from its parent's split: the same
+        # rows either way, but under dropouts another cohort may have sent this level, and a split's two
+        # sides must add up to the node it divides.
+        node = nodes[t][nid] = replace(node, grad=float(hist_grad[s]), hess=float(hist_hess[s]))
         sums.append((node.grad, node.hess))
     node_grad = np.array([g for g, _ in sums])
     node_hess = np.array([h for _, h in sums])

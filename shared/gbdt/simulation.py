@@ -20,6 +20,7 @@ from shared.gbdt.binning import (
     CELLS,
     WIDTH,
     BinEdges,
+    FineGrid,
     bin_codes,
     count_cells,
     decode_counts,
@@ -87,20 +88,24 @@ def _statistics(partitions: Sequence[tuple[np.ndarray, np.ndarray]], config: Boo
 
 
 def train_in_memory(
-    partitions: Sequence[tuple[np.ndarray, np.ndarray]], config: BoostConfig
+    partitions: Sequence[tuple[np.ndarray, np.ndarray]], config: BoostConfig, grid: FineGrid | None = None
 ) -> tuple[Ensemble, Trace]:
     """Boost ``config.rounds`` rounds over the devices' ``(x, y)`` partitions; the ensemble and the trace.
 
     Each summed level histogram passes :func:`check_histogram` against the
-    cohort's row count before the coordinator grows the level.
+    cohort's row count before the coordinator grows the level. ``grid``: the
+    cells devices count their values in (default: from the partitions'
+    moments, :func:`grid_from_statistics`); the engine fixes its own
+    (``shared.gbdt.rounds.grid_for``).
     """
     check_objective(config.objective, config.num_class)
     devices = len(partitions)
     features = partitions[0][0].shape[1]
     stats = _statistics(partitions, config)
-    grid = grid_from_statistics(
-        stats, [str(f) for f in range(features)], cells=config.cells, width=config.width
-    )
+    if grid is None:
+        grid = grid_from_statistics(
+            stats, [str(f) for f in range(features)], cells=config.cells, width=config.width
+        )
     counts = decode_counts(secure_sum([encode_counts(count_cells(x, grid)) for x, _ in partitions]), grid)
     edges = quantile_edges(counts, grid, config.bins)
     sums = 1
