@@ -79,6 +79,9 @@ class Worker:
         self._apps: dict[tuple[str, str | None], App] = {}
         self.used_apps: set[str] = set()  # app references that loaded here (the agent remembers them)
         self._data: tuple[tuple[Any, ...], LocalData] | None = None
+        # The key of the data the app's check_data last passed: the same rows under the same job are
+        # not checked again every round (the whole table, on a device's battery).
+        self._checked: tuple[Any, ...] | None = None
         self._model: _Model | None = None
         # SecAgg+ secrets live in memory only: a device that restarts mid-round counts as dropped.
         self._secagg: dict[int, SecAggClient] = {}
@@ -209,12 +212,17 @@ class Worker:
         return ConfigureMessage(accepted=True, rows=data.train_examples, vocabulary=vocab)
 
     def _call_check(self, app: App, data: LocalData, job: JobContext) -> None:
+        key = self._data[0] if self._data is not None and self._data[1] is data else None
+        if key is not None and key == self._checked:
+            return
+        self._checked = None
         try:
             app.check_data(data, job)
         except (DataError, ValueError) as err:
             raise DataError(str(err)) from None
         except Exception as err:
             raise Declined(f"app check_data failed: {type(err).__name__}: {err}") from None
+        self._checked = key
 
     def _stats_local(self, task: Task) -> tuple[App, JobContext, dict[str, Any]]:
         spec, app, job = self._context(task, None)

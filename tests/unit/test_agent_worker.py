@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +116,35 @@ def test_without_holdout_rows_every_row_trains_and_no_holdout_metrics_are_sent(
     assert update.shape == codec.decode(blob)[1].shape and np.abs(update).sum() > 0
     # The model is fetched and verified once, then kept for the round's later stages.
     assert len(scripted_coordinator.requests_to("GET", "/v1/device/jobs/1/models/0")) == 1
+
+
+def test_the_data_is_checked_once_per_job_and_again_when_it_changes(
+    scripted_coordinator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shared.apps.tabular import TabularApp
+
+    checks: list[int] = []
+    original = TabularApp.check_data
+
+    def counted(self: TabularApp, data: Any, job: Any) -> None:
+        checks.append(1)
+        original(self, data, job)
+
+    monkeypatch.setattr(TabularApp, "check_data", counted)
+    raw = spec()
+    blob, ref = signed_model(1, 0, header_job=1, header_version=0, raw=raw)
+    scripted_coordinator.reply("GET", "/v1/device/jobs/1/models/0", 200, raw=blob)
+    w = worker(scripted_coordinator.url, tmp_path, 10)
+    for _ in range(3):  # three rounds' configure stages of one job, on unchanged rows
+        assert w.configure(task("train", "configure", raw, ref)).accepted
+    assert len(checks) == 1
+
+    # New rows (a later modification time) are checked again: here they break the schema.
+    bad = rows(10).assign(a=["not a number"] * 10)
+    path = tmp_path / "data.csv"
+    bad.to_csv(path, index=False)
+    stamp = path.stat().st_mtime + 5
+
+    os.utime(path, (stamp, stamp))
+    msg = w.configure(task("train", "configure", raw, ref))
+    assert len(checks) == 2 and not msg.accepted and "schema" in (msg.reason or ""), msg
