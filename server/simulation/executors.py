@@ -59,6 +59,29 @@ class InProcess:
         return None
 
 
+class Dealt:
+    """Devices dealt over ``n`` shards (a process or an actor each): who is where, and which model
+    bytes each shard already has, so that a stage's tasks go to their devices' shards with only the
+    bytes a shard lacks."""
+
+    def __init__(self, seeds: Sequence[DeviceSeed], n: int):
+        self.chunks = [[seeds[i] for i in c] for c in np.array_split(np.arange(len(seeds)), n)]
+        self.where = {seed.device_id: a for a, chunk in enumerate(self.chunks) for seed in chunk}
+        self.shipped: list[set[tuple[int, int]]] = [set() for _ in self.chunks]
+
+    def deal(
+        self, items: list[tuple[str, Task]], blobs: Mapping[tuple[int, int], bytes]
+    ) -> Iterator[tuple[int, list[tuple[str, Task]], dict[tuple[int, int], bytes]]]:
+        """Per shard: its index, its devices' tasks, and the model bytes it has not had yet."""
+        groups: dict[int, list[tuple[str, Task]]] = {}
+        for item in items:
+            groups.setdefault(self.where[item[0]], []).append(item)
+        for a, group in groups.items():
+            new = {k: v for k, v in blobs.items() if k not in self.shipped[a]}
+            self.shipped[a].update(new)
+            yield a, group, new
+
+
 _SHARD: DeviceShard | None = None  # in a worker process of LocalProcesses: its devices
 
 
@@ -84,28 +107,18 @@ class LocalProcesses:
     def __init__(self, seeds: Sequence[DeviceSeed], coordinator_key: str, processes: int):
         n = max(1, min(len(seeds), processes))
         spawn = multiprocessing.get_context("spawn")
-        chunks = [list(c) for c in np.array_split(np.arange(len(seeds)), n)]
+        self.dealt = Dealt(seeds, n)
         self.pools = [
             ProcessPoolExecutor(
-                1,
-                mp_context=spawn,
-                initializer=_start_shard,
-                initargs=([seeds[i] for i in c], coordinator_key),
+                1, mp_context=spawn, initializer=_start_shard, initargs=(chunk, coordinator_key)
             )
-            for c in chunks
+            for chunk in self.dealt.chunks
         ]
-        self.where = {seeds[i].device_id: a for a, c in enumerate(chunks) for i in c}
-        self.shipped: list[set[tuple[int, int]]] = [set() for _ in self.pools]
         self.pending: list[Future[list[Outcome]]] = []
         self.name = f"{n} local processes"
 
     def submit(self, items: list[tuple[str, Task]], blobs: Mapping[tuple[int, int], bytes]) -> None:
-        groups: dict[int, list[tuple[str, Task]]] = {}
-        for item in items:
-            groups.setdefault(self.where[item[0]], []).append(item)
-        for a, group in groups.items():
-            new = {k: v for k, v in blobs.items() if k not in self.shipped[a]}
-            self.shipped[a].update(new)
+        for a, group, new in self.dealt.deal(items, blobs):
             self.pending.append(self.pools[a].submit(_shard_work, group, new))
 
     def ready(self, wait: bool) -> Iterator[list[Outcome]]:
@@ -152,20 +165,13 @@ class RayShards:
                 raise SimulationError(f"--ray-address {address}: {err}") from None
         n = max(1, min(len(seeds), actors or int(ray.available_resources().get("CPU", 1)) or 1))
         remote: Any = ray.remote(num_cpus=1)(DeviceShard)
-        chunks = [list(c) for c in np.array_split(np.arange(len(seeds)), n)]
-        self.actors: list[Any] = [remote.remote([seeds[i] for i in c], coordinator_key) for c in chunks]
-        self.where = {seeds[i].device_id: a for a, c in enumerate(chunks) for i in c}
-        self.shipped: list[set[tuple[int, int]]] = [set() for _ in self.actors]
+        self.dealt = Dealt(seeds, n)
+        self.actors: list[Any] = [remote.remote(chunk, coordinator_key) for chunk in self.dealt.chunks]
         self.pending: list[Any] = []
         self.name = f"ray ({n} actors)"
 
     def submit(self, items: list[tuple[str, Task]], blobs: Mapping[tuple[int, int], bytes]) -> None:
-        groups: dict[int, list[tuple[str, Task]]] = {}
-        for item in items:
-            groups.setdefault(self.where[item[0]], []).append(item)
-        for a, group in groups.items():
-            new = {k: v for k, v in blobs.items() if k not in self.shipped[a]}
-            self.shipped[a].update(new)
+        for a, group, new in self.dealt.deal(items, blobs):
             self.pending.append(self.actors[a].work.remote(group, new))
 
     def ready(self, wait: bool) -> Iterator[list[Outcome]]:
