@@ -111,7 +111,7 @@ def run_xgboost_federated(spec: Any, args: argparse.Namespace) -> dict[str, Any]
 
     from server.simulation.data import prepare
     from server.simulation.splits import parse_split
-    from shared.gbdt.rounds import OBJECTIVES
+    from shared.gbdt.rounds import xgboost_params
     from shared.tabular import Preprocessor, local_statistics, merge_statistics
     from shared.training import metrics_from_predictions
 
@@ -121,19 +121,7 @@ def run_xgboost_federated(spec: Any, args: argparse.Namespace) -> dict[str, Any]
     pre = Preprocessor.from_statistics(
         merge_statistics([local_statistics(p, schema) for p in data.parts]), schema
     )
-    g = spec.gbdt
-    params: dict[str, Any] = {
-        "objective": OBJECTIVES[schema.task],
-        "tree_method": "hist",
-        "max_bin": g.bins,
-        "max_depth": g.max_depth,
-        "eta": g.eta,
-        "lambda": g.reg_lambda,
-        "gamma": g.gamma,
-        "min_child_weight": g.min_child_weight,
-        "nthread": 1,
-        "seed": spec.seed,
-    }
+    params = xgboost_params(spec, len(pre.classes) if schema.task == "multiclass" else 0, nthread=1)
     rounds = args.rounds or spec.rounds
     spawn = multiprocessing.get_context("spawn")
     port = _free_port()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from sqlalchemy import bindparam, select
@@ -58,15 +58,6 @@ def _known(ctx: EngineContext) -> _Known:
     return known
 
 
-class RoundInfo(Protocol):
-    @property
-    def id(self) -> int: ...
-    @property
-    def job_id(self) -> int: ...
-    @property
-    def kind(self) -> str: ...
-
-
 def next_kind(job: Job, spec: JobSpec) -> str | None:
     """The kind of a gbdt job's next round once its preprocessing is fixed; None when its trees are grown."""
     if job.current_version is None:
@@ -93,7 +84,9 @@ def _state(ctx: EngineContext, sha: str | None) -> dict[str, Any]:
     return {} if not sha else dict(json.loads(ctx.blobs.get(sha)))
 
 
-def _input(ctx: EngineContext, s: Session | secure.Db, r: RoundInfo) -> tuple[int, dict[str, Any] | None]:
+def _input(
+    ctx: EngineContext, s: Session | secure.Db, r: secure.RoundInfo
+) -> tuple[int, dict[str, Any] | None]:
     inputs = _known(ctx).inputs
     hit = inputs.get(r.id)
     if hit is None:
@@ -114,12 +107,12 @@ def _input(ctx: EngineContext, s: Session | secure.Db, r: RoundInfo) -> tuple[in
     return hit
 
 
-def numel(ctx: EngineContext, s: Session | secure.Db, r: RoundInfo) -> int:
+def numel(ctx: EngineContext, s: Session | secure.Db, r: secure.RoundInfo) -> int:
     """The length of a tree round's vector (uint64): the binning vector, or the level's histogram."""
     return _input(ctx, s, r)[0]
 
 
-def task_info(ctx: EngineContext, s: Session | secure.Db, r: RoundInfo) -> dict[str, Any] | None:
+def task_info(ctx: EngineContext, s: Session | secure.Db, r: secure.RoundInfo) -> dict[str, Any] | None:
     """What a level round's task tells each device: the round's trees so far and the cohort size."""
     return _input(ctx, s, r)[1] if r.kind == "level" else None
 
@@ -134,7 +127,7 @@ def declared_rows(s: Session | secure.Db, round_id: int, devices: list[str] | No
 
 
 def check_plain(
-    ctx: EngineContext, s: Session | secure.Db, r: RoundInfo, device: str, vec: np.ndarray
+    ctx: EngineContext, s: Session | secure.Db, r: secure.RoundInfo, device: str, vec: np.ndarray
 ) -> str | None:
     """Why one device's plaintext tree vector cannot be summed (``secure = false``), or None.
 

@@ -22,6 +22,7 @@ import json
 import logging
 from typing import Any
 
+import numpy as np
 from sqlalchemy import bindparam, select, update
 
 from coordinator import apps, boosting, participation, robustness, secure
@@ -220,12 +221,19 @@ class DeviceProtocol:
             raise Invalid(f"update: {err}") from None
         meta = check_update_header(header, round_id)
         robustness.check_plain_update(self, device_id, round_id, r.job_id, vec, meta["num_examples"])
+        self._accept_input(device_id, round_id, body, vec, meta)
+
+    def _accept_input(
+        self, device_id: str, round_id: int, body: bytes, vec: np.ndarray, meta: dict[str, Any]
+    ) -> None:
+        """A checked plaintext vector: stored, its sender's input recorded, added to the running sum,
+        and the round driven on if that was the last one it waited for."""
         sha = self.ctx.blobs.put(body)  # its SHA-256: the message's digest too
         with self.ctx.device_write() as s:
             checked = self._checked(s, device_id, round_id, "input", body, self.ctx.clock())
             if checked is None:  # the same update, sent again while this one was being read
                 return
-            r, p = checked
+            _, p = checked
             self._store(s, round_id, device_id, "input", meta, sha, blob=sha)
             secure.run(
                 s,
@@ -257,24 +265,7 @@ class DeviceProtocol:
         if problem is not None:
             self._exclude(device_id, round_id, problem)
             raise Invalid(f"device excluded from round {round_id}: {problem}")
-        sha = self.ctx.blobs.put(body)
-        with self.ctx.device_write() as s:
-            checked = self._checked(s, device_id, round_id, "input", body, self.ctx.clock())
-            if checked is None:
-                return
-            _, p = checked
-            self._store(s, round_id, device_id, "input", meta, sha, blob=sha)
-            secure.run(
-                s,
-                update(Participant)
-                .where(Participant.id == p.id)
-                .values(stage_done="input", num_examples=meta["num_examples"]),
-            )
-        self.sums.add(round_id, device_id, vec, meta["num_examples"])
-        with self.ctx.device_write() as s:
-            r2, _ = self._load(s, device_id, round_id)
-            if r2 is not None and r2.status == "running":
-                self.driver.maybe_drive(s, r2, self.ctx.clock())
+        self._accept_input(device_id, round_id, body, vec, meta)
 
     # -- secure stages (SecAgg+) ---------------------------------------------
 

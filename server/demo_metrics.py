@@ -56,25 +56,11 @@ def xgboost_ceiling(spec: JobSpec, pre: Preprocessor, train_rows: Any, test_rows
         raise DemoError(
             "the ceiling of a gbdt job is XGBoost on the pooled rows: pip install xgboost"
         ) from None
-    from shared.gbdt.rounds import OBJECTIVES
+    from shared.gbdt.rounds import xgboost_params
     from shared.training import metrics_from_predictions
 
     task = spec.tabular.task
-    g = spec.gbdt
-    params: dict[str, Any] = {
-        "objective": OBJECTIVES[task],
-        "tree_method": "hist",
-        "max_bin": g.bins,
-        "max_depth": g.max_depth,
-        "eta": g.eta,
-        "lambda": g.reg_lambda,
-        "gamma": g.gamma,
-        "min_child_weight": g.min_child_weight,
-        "nthread": 2,
-        "seed": spec.seed,
-    }
-    if task == "multiclass":
-        params["num_class"] = len(pre.classes)
+    params = xgboost_params(spec, len(pre.classes) if task == "multiclass" else 0, nthread=2)
     x, y = pre.transform(train_rows)
     booster = xgboost.train(params, xgboost.DMatrix(x, label=y), num_boost_round=spec.rounds)
     xt, yt = pre.transform(test_rows)

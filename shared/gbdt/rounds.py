@@ -40,6 +40,28 @@ OBJECTIVES = {"binary": "binary:logistic", "multiclass": "multi:softprob", "regr
 _ONE_HOT_STD = 0.5 / WIDTH  # so that a one-hot column's grid is [0, 1)
 
 
+def xgboost_params(spec: JobSpec, classes: int, nthread: int) -> dict[str, Any]:
+    """XGBoost's own ``hist`` parameters for the job's ``[gbdt]`` settings: what the references it is
+    measured against (pooled, or XGBoost's federated mode) train with."""
+    task = spec.tabular.task
+    g = spec.gbdt
+    params: dict[str, Any] = {
+        "objective": OBJECTIVES[task],
+        "tree_method": "hist",
+        "max_bin": g.bins,
+        "max_depth": g.max_depth,
+        "eta": g.eta,
+        "lambda": g.reg_lambda,
+        "gamma": g.gamma,
+        "min_child_weight": g.min_child_weight,
+        "nthread": nthread,
+        "seed": spec.seed,
+    }
+    if task == "multiclass":
+        params["num_class"] = classes
+    return params
+
+
 def is_boosted(spec: JobSpec) -> bool:
     """Whether the job grows trees: the built-in tabular app with ``[model] zoo = "gbdt"``."""
     return spec.model.app is None and spec.model.zoo == "gbdt"
