@@ -6,7 +6,8 @@ per boosting round, one ``level`` round per tree level: the devices' histograms 
 summed under SecAgg+ like a training update (or, with ``secure = false``, checked one by one and
 summed in the clear). The coordinator grows the level from the sum (``shared.gbdt.grow_level``);
 when a boosting round's trees are complete it registers them as the next signed version, with its
-central metrics. Between levels the round's trees so far live in the job's state blob
+central metrics; each version, 0 included, queues its SHAP audit (``coordinator/audits.py``).
+Between levels the round's trees so far live in the job's state blob
 (``Job.strategy_state_sha256``, which holds a strategy's state in a training job): an abandoned
 level round leaves it as it was, and the next level round grows the same level again.
 
@@ -25,7 +26,7 @@ import numpy as np
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
-from coordinator import apps, registry, secure
+from coordinator import apps, audits, registry, secure
 from coordinator.context import EngineContext
 from coordinator.models import Job, Round, RoundMessage
 from shared.gbdt import HistogramError, check_histogram, decode, finish_round, grow_level, start_round
@@ -213,6 +214,7 @@ def _finish_bins(
         provenance={"source": "binned", "round": r.number, "participants": devices, "rows": summed_rows},
     )
     job.current_version = row.version
+    audits.enqueue(s, job, row.version, ctx.clock())
     _save(ctx, job, start_round(setup.trees))
     r.model_version_out = row.version
     r.metrics = {
@@ -287,6 +289,7 @@ def _finish_level(
         },
     )
     job.current_version = row.version
+    audits.enqueue(s, job, row.version, ctx.clock())
     job.rounds_completed += 1
     _save(ctx, job, start_round(setup.trees))
     r.model_version_out = row.version

@@ -383,10 +383,11 @@ class JobSpec(_Strict):
             raise ValueError(
                 "strategy: a zoo = 'gbdt' job sums histograms, it averages no updates: leave [strategy] out"
             )
-        if self.audit.enabled:
+        if self.audit.enabled and self.audit.gate:
+            # Each boosting round grows on the version before it: a withheld ensemble cannot be skipped.
             raise ValueError(
-                "audit: the SHAP audit of a zoo = 'gbdt' ensemble is not implemented yet:"
-                " set [audit] enabled = false"
+                "audit: gate = true cannot hold back a zoo = 'gbdt' version (the next boosting round"
+                " grows on it): leave gate off; its audits still report drift"
             )
 
     def _robust_strategy_fits(self) -> None:

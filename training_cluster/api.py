@@ -60,10 +60,11 @@ class ClusterApi:
 
     def model(self, job_id: int, version: int) -> tuple[dict[str, Any], np.ndarray]:
         """A model version's header (``arch``: the zoo architecture or the app's ``describe``;
-        ``preprocess``: the job's setup...) and flat float32 parameters."""
+        ``preprocess``: the job's setup...) and its flat vector: float32 parameters, or for a gbdt
+        job the uint8 bytes of its ensemble (docs/gbdt.md)."""
         data = self.client.request("GET", f"/v1/jobs/{job_id}/models/{version}/blob").content
-        header, vec = codec.decode(data)
-        return header, np.array(vec, dtype=np.float32)
+        header, vec = codec.decode(data, dtype=codec.model_dtype(data))
+        return header, np.array(vec)
 
     def models(self, job_id: int) -> list[dict[str, Any]]:
         return list(self.client.json("GET", f"/v1/jobs/{job_id}/models"))

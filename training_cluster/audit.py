@@ -25,6 +25,11 @@ For each version:
    leader's TreeSHAP contributions; the job's ``[audit]`` thresholds give the
    verdict, ``ok`` or ``drift``.
 
+A gbdt version (``[model] zoo = "gbdt"``) is audited on the same input columns with shap's
+``TreeExplainer``, interventional over the same background
+(:func:`~training_cluster.audit_trees.audit_tree_version`); everything after the explainer is
+this core's.
+
 A job on an app (``[model] app``) is audited through the app
 (:func:`~training_cluster.audit_app.audit_app_version`): its ``audit_inputs`` turn the reference data into
 model inputs with a name per input value (``px_3_4`` for a pixel); every input
@@ -56,7 +61,8 @@ from torch import nn
 from shared.jobspec import AuditSpec, JobSpec
 from training_cluster.audit_plots import beeswarm_plot, class_map_plot, importance_plot
 
-ExplainerName = Literal["deep", "gradient"]
+# "tree": shap's TreeExplainer, for a gbdt version (training_cluster.audit_trees).
+ExplainerName = Literal["deep", "gradient", "tree"]
 
 # Rows per DeepLIFT batch (explained rows x background rows, doubled): big
 # enough to leave Python's per-call overhead behind, small enough for a cache.

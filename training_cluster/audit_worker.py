@@ -5,9 +5,10 @@
 a lease, fetches what it needs through :class:`~training_cluster.api.ClusterApi`
 (the job, the version's model, the reference rows, the previous version's
 report, the AutoML baseline), computes the audit
-(:func:`training_cluster.audit_tabular.audit_version`, or for a job on an app, which
-the worker imports as the coordinator does,
-:func:`training_cluster.audit_app.audit_app_version`) and sends the report back.
+(:func:`training_cluster.audit_tabular.audit_version`; for a ``zoo = "gbdt"`` job's trees
+:func:`training_cluster.audit_trees.audit_tree_version`; for a job on an app, which the worker
+imports as the coordinator does, :func:`training_cluster.audit_app.audit_app_version`) and sends
+the report back.
 
 Failures are of two kinds. A problem with the audit itself (a model that does
 not load, reference rows that do not fit the schema, an error inside shap) is
@@ -33,12 +34,14 @@ import numpy as np
 
 from shared.api_client import CliError
 from shared.apps import BUILTIN, App, JobContext, load_app
+from shared.gbdt.rounds import is_boosted
 from shared.jobspec import JobSpec
 from shared.tabular import read_table_bytes
 from training_cluster.api import ClusterApi
 from training_cluster.audit import AuditResult, warm_up
 from training_cluster.audit_app import app_version_importance, audit_app_version
 from training_cluster.audit_tabular import audit_version, version_importance
+from training_cluster.audit_trees import audit_tree_version, tree_version_importance
 
 T = TypeVar("T")
 
@@ -172,6 +175,15 @@ class _Worker:
                 version=previous_version,
                 job_setup=job.preprocess,
             )
+        elif is_boosted(job.spec):
+            importance = tree_version_importance(
+                job.spec,
+                header,
+                vector,
+                job.reference,
+                version=previous_version,
+                job_preprocess=job.preprocess,
+            )
         else:
             importance = version_importance(
                 job.spec,
@@ -201,6 +213,11 @@ class _Worker:
             "previous_version": previous_version,
             "baseline": baseline,
         }
+        if is_boosted(job.spec):
+            # The version's bytes (uint8), explained as trees.
+            return audit_tree_version(
+                job.spec, header, vector, job.reference, job_preprocess=job.preprocess, **given
+            )
         if job.app is not None:
             return audit_app_version(
                 job.spec, job.app, header, vector32, job.reference, job_setup=job.preprocess, **given

@@ -67,7 +67,10 @@ def test_gbdt_defaults_are_xgboosts() -> None:
         (("gamma = 0.1", "gamma = -1"), "gbdt.gamma: Input should be greater than or equal to 0"),
         (("reg_lambda = 0.5", "lambda = 0.5"), "gbdt.lambda: unknown field"),
         (("eta = 0.1", "eta = nan"), "gbdt.eta: must be a finite number"),
-        (("enabled = false", "enabled = true"), "audit: the SHAP audit of a zoo = 'gbdt' ensemble"),
+        (
+            ("enabled = false", "enabled = true\ngate = true"),
+            "audit: gate = true cannot hold back a zoo = 'gbdt'",
+        ),
         (('zoo = "gbdt"', 'zoo = "mlp"'), "gbdt: the [gbdt] table applies to [model] zoo = 'gbdt'"),
         (('zoo = "gbdt"', 'zoo = "gbdt"\ninitial = "pretrained"'), "model: zoo = 'gbdt' grows its trees"),
         (('zoo = "gbdt"', 'zoo = "trees"'), "model.zoo: Input should be 'mlp', 'logreg' or 'gbdt'"),
@@ -85,6 +88,12 @@ def test_gbdt_spec_mistakes_name_the_field(change: tuple[str, str], problem: str
     assert any(p.removeprefix("(spec): ").startswith(problem) for p in err.value.problems), err.value.problems
 
 
+def test_gbdt_versions_are_audited_by_default() -> None:
+    # The audit worker explains trees (training_cluster/audit_trees.py): no [audit] table, every version audited.
+    spec = parse_spec_text(GBDT[: GBDT.index("[audit]")])
+    assert spec.audit.enabled and not spec.audit.gate
+
+
 def test_gbdt_zoo_belongs_to_the_builtin_app() -> None:
     text = GBDT.replace('zoo = "gbdt"', 'zoo = "gbdt"\napp = "sensors:app"')
     with pytest.raises(JobSpecError) as err:
@@ -100,5 +109,5 @@ def test_mlp_spec_round_trips_with_the_default_gbdt_table() -> None:
 
 def test_the_gbdt_example_is_valid_and_documented() -> None:
     spec = load_spec(ROOT / "examples" / "churn_gbdt.toml")
-    assert spec.model.zoo == "gbdt" and not spec.audit.enabled
+    assert spec.model.zoo == "gbdt" and spec.audit.enabled and not spec.audit.gate
     assert "## [gbdt]" in reference_markdown()
