@@ -14,6 +14,15 @@ the ceiling (AUC for churn, accuracy for digits), and ``skipped`` says why a
 step did not run. Beside ``summary.json``, ``learning_curve.png`` draws that
 metric per round against the AutoML leader, version 0 and the ceiling.
 
+On a tabular set ``--model gbdt`` trains gradient-boosted trees instead of the
+MLP (docs/gbdt.md): the statistics round, the binning round (version 0), then
+per boosting round one level round per tree level under SecAgg+, the last of
+which registers the round's version with its central metrics. Its ceiling is
+XGBoost's own ``hist`` on the devices' rows pooled; the AutoML baseline runs
+beside it as beside the MLP, and the summary says whether the federated
+ensemble beats the leader. There is no pre-training of trees (a gbdt job's
+version 0 is its binning round's), so that step is skipped with the reason.
+
 This module runs the demo (coordinator, agents, the cluster's steps); its parts live beside it:
 ``server.demo_data`` (the device slices, reference rows and job spec), ``server.demo_metrics``
 (the final model's metrics and the central ceiling) and ``server.demo_summary`` (the summary).
@@ -39,27 +48,38 @@ from server.demo_data import (
     DIGITS,
     DIGITS_ALPHA,
     DIGITS_APP,
+    GBDT,
+    GBDT_SETTINGS,
+    MLP,
+    MODELS,
+    check_model,
     demo_spec,
     digits_app,
     digits_spec,
+    gbdt_spec,
     prepare_data,
     prepare_digits,
 )
 from server.demo_errors import DemoError
 from server.demo_metrics import ceiling_metrics, digits_ceiling, final_metrics, headline
-from server.demo_summary import summarize
+from server.demo_summary import curve_rounds, summarize
 from server.plots import CEILING, PlotError, draw, learning_curve, write_png
 from shared.api_client import ApiClient, CliError
-from shared.jobspec import validate_spec
+from shared.jobspec import JobSpecError, validate_spec
 
 __all__ = [
     "DEFAULT_ROUNDS",
     "DIGITS",
     "DIGITS_ALPHA",
     "DIGITS_APP",
+    "GBDT",
+    "GBDT_SETTINGS",
     "LEARNING_CURVE",
+    "MLP",
+    "MODELS",
     "NO_AUDIT_BY_DEFAULT",
     "NO_CLUSTER_STEPS",
+    "NO_PRETRAINED_TREES",
     "DemoError",
     "Steps",
     "ceiling_metrics",
@@ -70,6 +90,8 @@ __all__ = [
     "digits_spec",
     "final_metrics",
     "free_port",
+    "gbdt_audit_refusal",
+    "gbdt_spec",
     "headline",
     "prepare_data",
     "prepare_digits",
@@ -98,23 +120,38 @@ NO_AUDIT_BY_DEFAULT = {
 }
 
 
-def _record_ceiling(api: ApiClient, job_id: int, ceiling: dict[str, float]) -> None:
+#: Why a gbdt demo runs no Horovod pre-training.
+NO_PRETRAINED_TREES = (
+    "Horovod pre-training of version 0 does not apply to trees: a gbdt job's version 0 is the bin edges"
+    " and base score of its binning round (the job spec refuses initial = 'pretrained' for zoo = 'gbdt')"
+)
+#: What the ceiling benchmark is, by model.
+CEILING_DESCRIPTION = {
+    MLP: "the same model trained centrally on every device's rows pooled, measured on the same test rows",
+    GBDT: (
+        "XGBoost's hist with the job's [gbdt] settings and rounds, trained centrally on every device's"
+        " rows pooled, measured on the same test rows"
+    ),
+}
+
+
+def _record_ceiling(api: ApiClient, job_id: int, ceiling: dict[str, float], model: str = MLP) -> None:
     """The ceiling as one of the job's benchmarks, which the dashboard and ``aicfl rounds plot`` draw."""
     api.json(
         "PUT",
         f"/v1/jobs/{job_id}/benchmarks/{CEILING}",
         json={
             "metrics": {k: v for k, v in ceiling.items() if k != "examples"},
-            "description": "the same model trained centrally on every device's rows pooled, measured on the same test rows",
+            "description": CEILING_DESCRIPTION[model],
         },
     )
 
 
 def _draw_learning_curve(api: ApiClient, job_id: int, path: Path, summary: dict[str, Any]) -> None:
-    """The headline metric per round, centrally and on the devices, against the AutoML leader,
-    the pre-trained version 0 and the ceiling, as a PNG."""
+    """The headline metric per round (a gbdt job's: per boosting round), centrally and on the
+    devices, against the AutoML leader, the pre-trained version 0 and the ceiling, as a PNG."""
     job = api.json("GET", f"/v1/jobs/{job_id}")
-    rounds = api.json("GET", f"/v1/jobs/{job_id}/rounds")
+    rounds = curve_rounds(api.json("GET", f"/v1/jobs/{job_id}/rounds"))
     write_png(draw(learning_curve(job, rounds, summary["headline"], summary["ceiling"])), path)
 
 
@@ -179,14 +216,39 @@ class Steps:
     skipped: dict[str, str]
 
 
-def demo_steps(dataset: str, pretrain: bool | None, automl: bool | None, audit: bool | None) -> Steps:
-    """Which steps run (``None``: the dataset's default) and why the others do not.
+def gbdt_audit_refusal() -> str | None:
+    """Why the job spec refuses to audit a gbdt job, or ``None`` when it audits trees.
+
+    The spec is the one place that knows whether the audit worker explains trees (docs/gbdt.md), so
+    the demo asks it rather than keeping its own copy of the answer.
+    """
+    schema = {"target": "y", "task": "binary", "features": [{"name": "x", "type": "numeric"}]}
+    spec = gbdt_spec(schema, rounds=1, devices=2, seed=0, reference="reference.csv")
+    try:
+        validate_spec({**spec, "audit": {"enabled": True}})
+    except JobSpecError as err:
+        return str(err)
+    return None
+
+
+def demo_steps(
+    dataset: str,
+    pretrain: bool | None,
+    automl: bool | None,
+    audit: bool | None,
+    model: str = MLP,
+) -> Steps:
+    """Which steps run (``None``: the dataset's and model's default) and why the others do not.
 
     A tabular set runs all three by default. Digits cannot run the cluster's two (they read a
     table schema), and audits only when asked: its audit worker explains a CNN with ten outputs for
     every version, which on a small machine takes longer than a round and competes with the agents
-    for the same cores. A step asked for on a dataset that cannot run it is a ``DemoError``.
+    for the same cores. Trees (``model`` gbdt) have no pre-training (:data:`NO_PRETRAINED_TREES`)
+    and are audited by default as the MLP is, as long as the job spec accepts an audit of trees
+    (:func:`gbdt_audit_refusal`). A step asked for where it cannot run, or a model the dataset
+    cannot train, is a ``DemoError``.
     """
+    check_model(dataset, model)
     skipped: dict[str, str] = {}
     why = NO_CLUSTER_STEPS.get(dataset)
     run: dict[str, bool] = {}
@@ -200,11 +262,22 @@ def demo_steps(dataset: str, pretrain: bool | None, automl: bool | None, audit: 
                 raise DemoError(f"--{flag} is not available for --dataset {dataset}: {reason}")
             skipped[key] = reason
             run[key] = False
+        elif key == "pretrain" and model == GBDT:
+            if asked:
+                raise DemoError(f"--pretrain is not available for --model {GBDT}: {NO_PRETRAINED_TREES}")
+            skipped[key] = NO_PRETRAINED_TREES
+            run[key] = False
         else:
             run[key] = True if asked is None else asked
             if not run[key]:
                 skipped[key] = f"not asked for (--no-{flag})"
     default_off = NO_AUDIT_BY_DEFAULT.get(dataset)
+    if model == GBDT and audit is not False:
+        refusal = gbdt_audit_refusal()
+        if refusal is not None:
+            if audit:
+                raise DemoError(f"--audit is not available for --model {GBDT}: {refusal}")
+            default_off = f"off for --model {GBDT} while the job spec refuses it: {refusal}"
     audits = audit if audit is not None else default_off is None
     if not audits:
         skipped["audits"] = default_off if audit is None and default_off else "not asked for (--no-audit)"
@@ -225,19 +298,21 @@ def run_demo(
     pretrain_np: int = 2,
     pretrain_epochs: int = 10,
     central_share: float = 0.1,
+    model: str = MLP,
     console: Console | None = None,
 ) -> dict[str, Any]:
     """The whole federation: coordinator, audit worker, agents; for a tabular set, optionally
-    Horovod pre-training of version 0 and an H2O AutoML baseline on pooled central rows.
+    Horovod pre-training of version 0 (not for trees) and an H2O AutoML baseline on pooled central rows.
 
-    ``rounds``, ``pretrain``, ``automl`` and ``audit`` default to the dataset's
+    ``model``: :data:`MLP` or :data:`GBDT` (a tabular set's; boosting rounds for ``rounds``).
+    ``rounds``, ``pretrain``, ``automl`` and ``audit`` default to the dataset's and model's
     (:data:`DEFAULT_ROUNDS`, :func:`demo_steps`).
     """
     console = console or Console(markup=False)
     t_start = time.time()
     out = out.resolve()
     rounds = rounds if rounds is not None else DEFAULT_ROUNDS.get(dataset, 10)
-    steps = demo_steps(dataset, pretrain, automl, audit)
+    steps = demo_steps(dataset, pretrain, automl, audit, model)
     pretrain, automl, skipped = steps.pretrain, steps.automl, dict(steps.skipped)
     for sub in ("server", "devices", "logs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -252,13 +327,19 @@ def run_demo(
         central_share=central_share if (pretrain or automl) else 0.0,
         pretrained=pretrain,
         audit=steps.audit,
+        model=model,
     )
     parts, test = data["parts"], data["test"]
     reference = data["reference"]
     spec = validate_spec(data["spec"])
+    trained = (
+        f"{rounds} boosting rounds of depth-{spec.gbdt.max_depth} trees"
+        if model == GBDT
+        else f"{rounds} rounds"
+    )
     console.print(
         f"aicfl demo: {dataset}, {data['rows']} rows; {devices} devices split by"
-        f" {data['group']!r} ({', '.join(str(len(p)) for p in parts)} rows); {len(test)} test rows; {rounds} rounds"
+        f" {data['group']!r} ({', '.join(str(len(p)) for p in parts)} rows); {len(test)} test rows; {trained}"
     )
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -384,7 +465,7 @@ def run_demo(
                 _wait_for_audits(api, job["id"], audit_worker, timeout=600)
         summary = summarize(api, job["id"], spec, dataset, devices, data, rounds, reference.read_bytes())
         try:
-            _record_ceiling(api, job["id"], summary["ceiling"])
+            _record_ceiling(api, job["id"], summary["ceiling"], model)
         except CliError as err:
             skipped["ceiling_benchmark"] = f"the ceiling is not recorded with the job: {err}"
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import click
 import typer
 
 from server.console import console, fmt, metrics_text
@@ -19,6 +20,13 @@ def demo_cmd(
         "mlc_churn",
         "--dataset",
         help="mlc_churn (tabular, split by state) or digits (the examples/digits_cnn app, label skew).",
+    ),
+    model: str = typer.Option(
+        "mlp",
+        "--model",
+        click_type=click.Choice(["mlp", "gbdt"]),
+        help="mlp (the zoo network, FedAvg) or gbdt (gradient-boosted trees from SecAgg+ histograms, docs/gbdt.md);"
+        " tabular sets only.",
     ),
     out: Path = typer.Option(Path("demo-out"), "--out"),
     seed: int = typer.Option(7, "--seed"),
@@ -68,6 +76,7 @@ def demo_cmd(
             pretrain_np=pretrain_np,
             pretrain_epochs=pretrain_epochs,
             central_share=central_share,
+            model=model,
             console=console,
         )
     except DemoError as err:
@@ -82,9 +91,21 @@ def demo_cmd(
             f"{name}: final {fmt(final[name])} against the ceiling's {fmt(ceiling[name])}"
             f" (gap {final[name] - ceiling[name]:+.4f})"
         )
+    if summary.get("gbdt"):
+        g = summary["gbdt"]
+        console.print(
+            f"trees:   {g['trees']} ({g['boosting_rounds']} boosting rounds, depth {g['max_depth']},"
+            f" {g['leaves']} leaves)"
+        )
     if summary.get("baseline"):
         b = summary["baseline"]
         console.print(f"AutoML:  {b['leader']}  {metrics_text(b['metrics'])}")
+        if b.get("federated_beats_leader") is not None:
+            verdict = "beats" if b["federated_beats_leader"] else "does not beat"
+            console.print(
+                f"the federated {summary.get('model', 'model')} {verdict} the AutoML leader on {name}"
+                f" (gap {b['gap_to_leader']:+.4f})"
+            )
     if summary.get("pretrain"):
         console.print(f"version 0 pre-trained: {metrics_text(summary['pretrain']['metrics'].get('central'))}")
     verdicts = [a["verdict"] for a in summary.get("audits", [])]
