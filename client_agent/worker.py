@@ -36,6 +36,7 @@ from shared.apps import (
 )
 from shared.gbdt.rounds import TREE_KINDS
 from shared.jobspec import JobSpec
+from shared.privacy.skellam import SkellamParams, noised_input
 from shared.robustness import capped_weight
 from shared.secagg.params import SecAggParams
 from shared.secagg.protocol import SecAggClient, weighted_input
@@ -44,6 +45,11 @@ from shared.wire import ConfigureMessage, EvaluateMessage, StatsMessage, Task, m
 
 log = logging.getLogger("aicfl.agent")
 T = TypeVar("T")
+
+
+def _csprng() -> np.random.Generator:
+    """A generator seeded from the operating system's CSPRNG: rounding and noise nobody can predict."""
+    return np.random.Generator(np.random.PCG64(int.from_bytes(os.urandom(32), "little")))
 
 
 class Declined(Exception):
@@ -209,7 +215,9 @@ class Worker:
             return ConfigureMessage(accepted=False, reason=f"data does not match the job's schema: {err}")
         except Declined as err:
             return ConfigureMessage(accepted=False, reason=str(err)[:2000])
-        return ConfigureMessage(accepted=True, rows=data.train_examples, vocabulary=vocab)
+        # Under differential privacy a training round carries no count of this device's rows in the clear.
+        rows = 0 if spec.privacy is not None and task.kind == "train" else data.train_examples
+        return ConfigureMessage(accepted=True, rows=rows, vocabulary=vocab)
 
     def _call_check(self, app: App, data: LocalData, job: JobContext) -> None:
         key = self._data[0] if self._data is not None and self._data[1] is data else None
@@ -297,22 +305,60 @@ class Worker:
             masked = client.masked_input(vec, (task.secagg or {}).get("ciphertexts", {}), in_place=True)
             return codec.encode(masked_input_header(task.round_id), masked)
         spec, app, job, model, data = self._prepared(task)
+        info = task.secagg or {}
+        if spec.privacy is not None:
+            return self._noised_masked_input(task, client, spec, app, job, model, data, info)
         metrics, holdout = self._holdout_metrics(app, job, model, data)
         new, loss, examples = self._train(spec, app, job, model, data, task)
         delta = new - model.vector
         # The protocol's bound on this device's pull: values clipped to [-clip, clip] when quantised,
         # weight at most the round's weight_cap (robustness.max_weight lowers it; docs/robustness.md).
         n = capped_weight(examples, min(client.params.weight_cap, spec.robustness.max_weight))
-        rng = np.random.Generator(np.random.PCG64(int.from_bytes(os.urandom(16), "little")))
         masked = client.masked_input(
-            weighted_input(delta, n, client.params, rng),
-            (task.secagg or {}).get("ciphertexts", {}),
+            weighted_input(delta, n, client.params, _csprng()),
+            info.get("ciphertexts", {}),
             in_place=True,  # x_u is not needed again: no second vector of the model's size
         )
         header = masked_input_header(
             task.round_id, train_loss=loss, metrics=metrics, holdout_examples=holdout
         )
         return codec.encode(header, masked)
+
+    def _noised_masked_input(
+        self,
+        task: Task,
+        client: SecAggClient,
+        spec: JobSpec,
+        app: App,
+        job: JobContext,
+        model: _Model,
+        data: LocalData,
+        info: dict[str, Any],
+    ) -> bytes:
+        """Stage 3 under device-level differential privacy (docs/privacy.md): the model delta clipped,
+        scaled, rounded, this device's Skellam noise share added (``noised_input``), weight 1, then masked.
+        Nothing data-dependent travels beside it: no loss, no metrics, no example count."""
+        if spec.privacy is None or spec.privacy.level != "device":
+            level = spec.privacy.level if spec.privacy is not None else "none"
+            raise Declined(f"privacy level {level!r} does not run under secure aggregation")
+        if not info.get("privacy"):
+            raise Declined("the round names no privacy parameters: this device adds no noise without them")
+        try:
+            params = SkellamParams(**info["privacy"])
+        except (TypeError, ValueError) as err:
+            raise Declined(f"the round's privacy parameters are refused: {err}") from None
+        new, _, _ = self._train(spec, app, job, model, data, task)
+        delta = new - model.vector
+        try:
+            x = self._noised(delta, params)
+        except ValueError as err:
+            raise Declined(f"cannot noise the update: {err}") from None
+        masked = client.masked_input(x, info.get("ciphertexts", {}), in_place=True)
+        return codec.encode(masked_input_header(task.round_id), masked)
+
+    def _noised(self, delta: np.ndarray, params: SkellamParams) -> np.ndarray:
+        """x_u of a device-level round: ``noised_input`` with rounding and noise from the CSPRNG."""
+        return noised_input(delta, params, _csprng())
 
     def masked_statistics(self, task: Task) -> bytes:
         """Stage 3 of a secure statistics round: the app's summary as a masked integer vector."""
@@ -417,6 +463,12 @@ class Worker:
             header = {"kind": "update", "round_id": task.round_id, "num_examples": max(rows, 1)}
             return codec.encode(header, vec)
         spec, app, job, model, data = self._prepared(task)
+        if spec.privacy is not None:
+            # Central differential privacy: the coordinator clips and noises (it is trusted); the update
+            # counts with weight 1 and nothing data-dependent travels beside it (docs/privacy.md).
+            new, _, _ = self._train(spec, app, job, model, data, task)
+            header = {"kind": "update", "round_id": task.round_id, "num_examples": 1}
+            return codec.encode(header, new - model.vector)
         metrics, holdout = self._holdout_metrics(app, job, model, data)
         new, loss, examples = self._train(spec, app, job, model, data, task)
         n = capped_weight(examples, spec.robustness.max_weight)

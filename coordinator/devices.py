@@ -37,6 +37,7 @@ from coordinator.statements import ADD_MESSAGE, STAGE_DONE, PartRow, RoundRow
 from coordinator.validation import check_metrics, check_update_header
 from shared import codec
 from shared.gbdt.rounds import TREE_KINDS
+from shared.privacy.skellam import SkellamParams
 from shared.wire import (
     ConfigureMessage,
     EvaluateMessage,
@@ -392,6 +393,8 @@ class DeviceProtocol:
                 numel = len(secure.SecureRound(s, r).layout())
             elif r.kind in TREE_KINDS:
                 numel = boosting.numel(self.ctx, s, r)
+            elif (r.secagg or {}).get("privacy"):
+                numel = SkellamParams(**(r.secagg or {})["privacy"]).coordinates  # noised: docs/privacy.md
             else:
                 numel = self.ctx.num_parameters(s, r) + 1
         if problem is None:

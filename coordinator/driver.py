@@ -14,7 +14,7 @@ from dataclasses import replace
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from coordinator import audits, boosting, secure, timeline
+from coordinator import audits, boosting, privacy, registry, secure, timeline
 from coordinator.aggregation import Sums
 from coordinator.context import EngineContext
 from coordinator.errors import Invalid, NotFound
@@ -226,6 +226,13 @@ class RoundDriver:
                 )
                 if r.kind == "stats":
                     r.secagg = {**r.secagg, "vocabulary": secure.merged_vocabulary(s, r, accepted)}
+                if r.kind == "train" and spec.privacy is not None and spec.privacy.level == "device":
+                    # Every device clips, rounds and noises its update with these before masking it.
+                    dim = registry.get_version(s, r.job_id, r.model_version_in).num_parameters
+                    r.secagg = {
+                        **r.secagg,
+                        "privacy": privacy.device_round(spec, s, r.job_id, int(dim), len(accepted)),
+                    }
             except ValueError as err:
                 self.abandon(s, r, f"secure aggregation cannot run with {len(accepted)} devices: {err}", now)
                 return
@@ -385,6 +392,23 @@ class RoundDriver:
             return  # a pretrained job waits for `aicfl cluster pretrain` to upload version 0
         if kind == "train" and audits.gate_holds(s, job, spec, now):
             return  # the audit gate: the next round starts from a version whose audit is in
+        if kind == "train" and spec.privacy is not None:
+            dim = registry.get_version(s, job.id, job.current_version).num_parameters
+            spent = privacy.check_budget(s, job.id, spec, int(dim))
+            if spent is not None:
+                # The job ends with its budget unspent rather than overspent (next_round_fits).
+                job.status = "completed"
+                job.reason = spent
+                s.add(
+                    Event(
+                        actor="coordinator",
+                        action="job.complete",
+                        target=str(job.id),
+                        detail={"reason": spent},
+                    )
+                )
+                log.info("job %s ends: %s", job.id, spent)
+                return
         eligible = self._eligible(s, job, now)
         waited = None if job.waiting_since is None else now - job.waiting_since
         cohort = select_cohort(

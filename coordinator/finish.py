@@ -14,10 +14,11 @@ import time
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from coordinator import apps, audits, boosting, registry, secure
+from coordinator import apps, audits, boosting, privacy, registry, secure
 from coordinator.aggregation import Sums
 from coordinator.context import EngineContext
 from coordinator.errors import Invalid
@@ -25,8 +26,19 @@ from coordinator.evaluation import weighted_mean
 from coordinator.models import Event, Job, ModelVersion, Round, RoundMessage, utcnow
 from coordinator.rounds import ParticipantView
 from coordinator.strategies import apply_strategy
+from shared import codec
 from shared.gbdt.rounds import TREE_KINDS, is_boosted
 from shared.jobspec import JobSpec
+from shared.privacy import (
+    SkellamParams,
+    add_central_noise,
+    clip_l2,
+    decode_total,
+    under_clip,
+    update_noise_multiplier,
+    wrap_bound,
+)
+from shared.privacy.accounting import gaussian_round, skellam_round
 from shared.robustness import AggregateRejected, aggregate_problem
 from shared.secagg.protocol import finish as secagg_finish
 from shared.secagg.protocol import unmask_total
@@ -156,13 +168,24 @@ class RoundFinisher:
         unmask_seconds: float | None = None
         # What each contributor said beside its vector (example count, loss, metrics), in sender order.
         payloads = [m.payload for m in msgs]
-        if sr is not None:
+        dp = spec.privacy
+        if sr is not None and dp is not None:
+            payloads = [p for _, p in sorted(sr.payloads("masked_input").items())]
+            t_unmask = time.perf_counter()
+            mean_delta, examples, incremental = self._device_dp(s, spec, r, sr, current.size)
+            unmask_seconds = time.perf_counter() - t_unmask
+            mean: np.ndarray = current + mean_delta
+        elif sr is not None:
             payloads = [p for _, p in sorted(sr.payloads("masked_input").items())]
             total, incremental = self.sums.masked(r, sr, current.size + 1)
             t_unmask = time.perf_counter()
             mean_delta, examples = secagg_finish(unmask_total(total, **sr.reconstruction_inputs()), sr.params)
             unmask_seconds = time.perf_counter() - t_unmask
-            mean: np.ndarray = current + mean_delta
+            mean = current + mean_delta
+        elif dp is not None:
+            mean_delta, examples = self._central_dp(s, spec, r, msgs, current.size)
+            incremental = 0.0
+            mean = current + mean_delta
         else:
             total, examples, incremental = self.sums.plain(r, msgs, current.size)
             mean = current + total / np.float32(examples)
@@ -176,9 +199,12 @@ class RoundFinisher:
         if problem is not None:
             raise AggregateRejected(problem)
         version = registry.get_version(s, job.id).version + 1
-        # Under secure aggregation a device's example count stays inside the masked sum.
-        train_loss = weighted_mean(
-            [(int(m.get("num_examples", 1)), {"loss": m["train_loss"]}) for m in payloads]
+        # Under secure aggregation a device's example count stays inside the masked sum. Under differential
+        # privacy a device sends no loss or metrics in the clear (client_agent/worker.py).
+        train_loss = (
+            {}
+            if dp is not None
+            else weighted_mean([(int(m.get("num_examples", 1)), {"loss": m["train_loss"]}) for m in payloads])
         )
         row = self.ctx.register(
             s,
@@ -227,6 +253,93 @@ class RoundFinisher:
         r.metrics = metrics
         if fed:
             self._record_federated(s, job, current_row.version, fed)
+
+    def _device_dp(
+        self, s: Session, spec: JobSpec, r: Round, sr: secure.SecureRound, dim: int
+    ) -> tuple[npt.NDArray[np.float32], int, float]:
+        """A device-level round (distributed Skellam under SecAgg+, docs/privacy.md): unmask the signed,
+        noised sum of the survivors' ``noised_input`` vectors (weight 1 each), charge the round, and return
+        the noised mean delta, the contributors and the adding's CPU time."""
+        params = SkellamParams(**(r.secagg or {})["privacy"])
+        if params.dim != dim:
+            raise Invalid(f"the round's privacy parameters are for {params.dim} values, the model has {dim}")
+        total, incremental = self.sums.masked(r, sr, params.coordinates)
+        unmasked = unmask_total(total, **sr.reconstruction_inputs())
+        summed = len(sr.sent("masked_input"))
+        noised = decode_total(unmasked, params)
+        # Released to the coordinator now: the round is spent whatever the checks below decide.
+        privacy.record(
+            s,
+            r,
+            spec,
+            cost=skellam_round(params),
+            noise_multiplier=params.noise_multiplier,
+            clip=params.clip,
+            contributors=summed,
+            fraction_under=noised.fraction_under,
+            extra={"bits": params.bits, "min_contributors": params.min_contributors},
+        )
+        if noised.contributors != summed:
+            raise AggregateRejected(
+                f"the unmasked count coordinate says {noised.contributors} contributors, {summed} devices sent"
+                " masked inputs: some device did not follow the protocol"
+            )
+        bound = wrap_bound(
+            devices=summed,
+            bits=params.bits,
+            weight_cap=1,
+            local_variance=params.local_variance,
+            coordinates=params.coordinates - 1,
+            indicator_scale=params.indicator_scale,
+        )
+        largest = int(np.abs(unmasked.view(np.int64)[:-1]).max())
+        if largest > bound.total:
+            raise AggregateRejected(
+                f"a coordinate of the noised sum ({largest}) exceeds what {summed} devices following the"
+                f" protocol can make ({bound.total}): some device did not follow it, or the sum wrapped"
+            )
+        return (noised.total / noised.contributors).astype(np.float32), noised.contributors, incremental
+
+    def _central_dp(
+        self, s: Session, spec: JobSpec, r: Round, msgs: list[RoundMessage], dim: int
+    ) -> tuple[npt.NDArray[np.float32], int]:
+        """A central-level round (DP-FedAvg, McMahan et al., ICLR 2018; trusts the coordinator): each
+        plaintext update clipped to the clip in L2, summed with weight 1, Gaussian noise added; with an
+        adaptive clip the count under it noised too (Andrew et al.). Returns the noised mean delta and the
+        contributors."""
+        p = spec.privacy
+        assert p is not None
+        if not msgs:
+            raise Invalid("no update to aggregate")
+        z = privacy.noise_multiplier(spec, dim)
+        clip = privacy.current_clip(s, r.job_id, p)
+        adaptive = p.adaptive_quantile is not None and p.indicator_noise is not None
+        z_update = update_noise_multiplier(z, p.indicator_noise) if adaptive and p.indicator_noise else z
+        total = np.zeros(dim, dtype=np.float64)
+        under = 0
+        for m in msgs:
+            # A device sends (local - global) times its weight (1 under differential privacy).
+            vec = codec.decode(self.ctx.blobs.get(m.blob_sha256 or ""), expected_numel=dim)[1]
+            clipped = clip_l2(np.asarray(vec, dtype=np.float64) / float(m.payload["num_examples"]), clip)
+            total += clipped.values
+            under += under_clip(clipped.norm, clip)
+        rng = privacy.central_rng()
+        noised = add_central_noise(total, clip, z_update, rng)
+        fraction = None
+        if adaptive and p.indicator_noise:
+            fraction = (under + float(rng.normal(0.0, p.indicator_noise))) / len(msgs)
+        privacy.record(
+            s,
+            r,
+            spec,
+            cost=gaussian_round(z),
+            noise_multiplier=z,
+            clip=clip,
+            contributors=len(msgs),
+            fraction_under=fraction,
+            extra={"update_noise_multiplier": z_update},
+        )
+        return (noised / len(msgs)).astype(np.float32), len(msgs)
 
     def discard(self, s: Session, r: Round) -> None:
         """Once this transaction commits, forget the ended round ``r``'s running sum and delete the vectors

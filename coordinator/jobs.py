@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from coordinator import apps
+from coordinator import apps, privacy
 from coordinator.context import EngineContext
 from coordinator.driver import RoundDriver
 from coordinator.errors import Conflict, Invalid, NotFound
@@ -31,6 +31,7 @@ class JobAdmin:
         """Validate a job spec, import its app, and start the job (its first round opens on the next
         tick). An app without a statistics round gets its version 0 now."""
         spec = validate_spec(spec_data)
+        privacy.check_submission(spec)  # the noise multiplier exists, and the noised sum cannot wrap
         app = apps.app_for(spec)  # Invalid, with the import error's message, if it does not import here
         if app.statistics is None:
             apps.initial_vector(app, apps.context(spec, {}))  # a model that cannot be built is refused now

@@ -125,6 +125,9 @@ class Round(Base):
     # The round's timeline: [{"stage", "started", "ended"}] on the engine's clock (coordinator.timeline);
     # NULL for rounds from before it was recorded.
     stages: Mapped[list[Any] | None] = mapped_column(JSON, default=list)
+    # Differential privacy (coordinator/privacy.py): what the round's noised release cost, epsilon after it
+    # at the job's delta, its noise and clip; NULL for a round that released nothing noised.
+    privacy: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     __table_args__ = (
         UniqueConstraint("job_id", "number", name="uq_round_job_number"),
         Index("ix_rounds_status", "status"),

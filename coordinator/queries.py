@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from coordinator import timeline
+from coordinator import privacy, timeline
 from coordinator.errors import NotFound
 from coordinator.models import Audit, Baseline, Device, Job, ModelVersion, Participant, Round
 from coordinator.rounds import ACTIVE, DECLINED, DROPPED
@@ -41,6 +41,7 @@ def round_dict(r: Round, counts: dict[str, int], declines: dict[str, int] | None
             "minimum",
             "aggregation_seconds",
             "metrics",
+            "privacy",
         )
     }
     out["participants"] = sum(counts.values())
@@ -143,6 +144,8 @@ def job_dict(s: Session, job: Job, with_latest: bool = True) -> dict[str, Any]:
         "warnings": job_warnings(spec),
         "benchmarks": job.benchmarks or {},
     }
+    if spec.get("privacy"):
+        out["privacy"] = privacy.summary(spec["privacy"], privacy.spent_records(s, job.id))
     if with_latest:
         latest = s.scalar(select(Round).where(Round.job_id == job.id).order_by(Round.number.desc()).limit(1))
         if latest is not None:

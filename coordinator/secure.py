@@ -301,6 +301,9 @@ class SecureRound:
         out: dict[str, Any] = {"params": dict(self._params_sent), "context": (self.r.secagg or {})["context"]}
         if self.r.kind == "stats":
             out["vocabulary"] = self.vocabulary
+        noise = (self.r.secagg or {}).get("privacy")
+        if noise:
+            out["privacy"] = noise  # the round's Skellam parameters (coordinator/privacy.py)
         stage = self.r.stage
         mine = self.graph.get(device, [])
         if stage == "share_keys":
@@ -424,8 +427,9 @@ class SecureRound:
             "advertised": self.payloads("advertise_keys"),
             "b_shares": b_shares,
             "sk_shares": sk_shares,
-            # A training round's sum carries weights: its bounds are checked once unmasked.
-            "weighted": self.r.kind == "train",
+            # A training round's sum carries weights: its bounds are checked once unmasked. A noised
+            # round's (differential privacy) is signed, weight 1 each: coordinator/finish.py checks it.
+            "weighted": self.r.kind == "train" and not (self.r.secagg or {}).get("privacy"),
         }
 
 

@@ -120,9 +120,22 @@ def round_rows(rounds: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             "secure": bool((r["metrics"] or {}).get("secure")),
             "central": (r["metrics"] or {}).get("central", {}),
             "federated": (r["metrics"] or {}).get("federated", {}),
+            "privacy": privacy_fields(r.get("privacy")),
         }
         for r in rounds
     ]
+
+
+PRIVACY_FIELDS = ("level", "epsilon", "delta", "noise_multiplier", "clip", "trusts_coordinator")
+
+
+def privacy_fields(p: dict[str, Any] | None) -> dict[str, Any] | None:
+    """summary.json's ``privacy`` of a round (epsilon after it) or of the job (epsilon spent, and its
+    target): None without differential privacy (docs/privacy.md)."""
+    if not p:
+        return None
+    extra = ("target_epsilon", "rounds_spent") if "rounds_spent" in p else ()
+    return {k: p.get(k) for k in (*PRIVACY_FIELDS, *extra)}
 
 
 def summarize(
@@ -187,6 +200,7 @@ def summarize(
         "headline": headline(spec),
         "job_id": job_id,
         "secure": spec.secure,
+        "privacy": privacy_fields(job.get("privacy")),
         "rounds": rows,
         "final": final,
         "ceiling": ceiling,

@@ -134,6 +134,11 @@ class RoundOut(_Out):
         description="the stages the round went through, in order: stage, started and ended (epoch seconds; "
         "ended is null while the stage runs) and seconds",
     )
+    privacy: dict[str, Any] | None = Field(
+        default=None,
+        description="differential privacy spent by this round: level, epsilon after it at delta, noise_multiplier,"
+        " clip, trusts_coordinator (docs/privacy.md); null when it released nothing noised",
+    )
 
 
 class RoundDetailOut(RoundOut):
@@ -168,6 +173,11 @@ class JobOut(_Out):
     benchmarks: dict[str, Any] = Field(
         default_factory=dict,
         description="lines the job's metric is read against: name -> {metrics, description}",
+    )
+    privacy: dict[str, Any] | None = Field(
+        default=None,
+        description="differential privacy: level, epsilon spent of target_epsilon at delta, noise_multiplier, clip,"
+        " trusts_coordinator, rounds_spent (docs/privacy.md); null without [privacy]",
     )
 
 

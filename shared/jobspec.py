@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from shared.privacy.settings import PrivacySettings, PrivacySettingsError, validate_privacy
+
 Task = Literal["binary", "multiclass", "regression"]
 StrategyName = Literal[
     "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "bulyan"
@@ -355,6 +357,21 @@ class JobSpec(_Strict):
     robustness: RobustnessSpec = Field(default_factory=RobustnessSpec)
     audit: AuditSpec = Field(default_factory=AuditSpec)
     gbdt: GbdtSpec = Field(default_factory=GbdtSpec)
+    privacy: PrivacySettings | None = Field(
+        default=None,
+        description="differential privacy, as the [privacy] table below says (docs/privacy.md); absent: none",
+    )
+
+    @field_validator("privacy", mode="before")
+    @classmethod
+    def _privacy_settings(cls, v: Any) -> Any:
+        # One validator for the [privacy] table, shared with every level's code (shared/privacy/settings.py).
+        if v is None or isinstance(v, PrivacySettings):
+            return v
+        try:
+            return validate_privacy(v)
+        except PrivacySettingsError as err:
+            raise ValueError("\n".join(err.problems)) from None
 
     @model_validator(mode="after")
     def _data_for_builtin(self) -> JobSpec:
@@ -364,7 +381,49 @@ class JobSpec(_Strict):
             raise ValueError("model: app_version and options apply to an app named in [model] app")
         self._robust_strategy_fits()
         self._trees_fit()
+        self._privacy_fits()
         return self
+
+    def _privacy_fits(self) -> None:
+        """[privacy]: the level the engine runs with this job's aggregation, and nothing it cannot honour.
+
+        The noise multiplier (given or calibrated) and the wrap-around bound are checked when the job is
+        submitted (``coordinator/privacy.py``): they need the accountant, which a device does not install.
+        So is ``level = "example"``, which the spec accepts and the engine does not run yet.
+        """
+        p = self.privacy
+        if p is None:
+            return
+        if self.model.zoo == "gbdt":
+            raise ValueError(
+                "privacy: differential privacy is not supported for zoo = 'gbdt' jobs (the trees' histograms"
+                " are neither clipped nor noised): remove [privacy] or train an mlp or logreg"
+            )
+        if p.level == "device" and not self.secure:
+            raise ValueError(
+                "privacy: level = 'device' adds each device's noise under secure aggregation: it needs"
+                " secure = true (use level = 'central' for a job with secure = false)"
+            )
+        if p.level == "central" and self.secure:
+            raise ValueError(
+                "privacy: level = 'central' has the coordinator clip and noise the plaintext updates, which"
+                " secure aggregation hides from it: use level = 'device' with secure = true, or secure = false"
+            )
+        if p.sampling != "none":
+            raise ValueError(
+                f"privacy: sampling = '{p.sampling}' claims amplification, but a round's cohort is whichever"
+                " eligible devices check in (not a secret random sample): use sampling = 'none'"
+            )
+        if self.strategy.name in ROBUST_STRATEGIES:
+            raise ValueError(
+                f"privacy: {self.strategy.name} picks among single updates; differential privacy averages"
+                " clipped updates with noise: choose fedavg, fedavgm, fedprox, fedadam or fedyogi"
+            )
+        if self.evaluation.federated:
+            raise ValueError(
+                "evaluation: federated = true sends each device's holdout metrics in the clear, outside the"
+                " privacy budget: set [evaluation] federated = false with [privacy]"
+            )
 
     def _trees_fit(self) -> None:
         """A gbdt job: the built-in app's trees, with nothing set that only applies to a network."""
@@ -440,6 +499,10 @@ def _format_errors(err: ValidationError) -> list[str]:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(spec)"
         msg = e["msg"].removeprefix("Value error, ")
+        lines = msg.splitlines()
+        if len(lines) > 0 and all(line.startswith(f"{loc}.") for line in lines):
+            problems += lines  # a section validated on its own names its own fields (validate_privacy)
+            continue
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
         elif e["type"] == "missing":
@@ -518,6 +581,7 @@ def _type_text(annotation: Any) -> str:
         AuditSpec,
         GbdtSpec,
         Feature,
+        PrivacySettings,
     ):
         text = text.replace(f"{cls.__module__}.{cls.__name__}", cls.__name__)
     return text.replace("<class '", "").replace("'>", "")
@@ -563,4 +627,28 @@ def reference_markdown() -> str:
             type_text = _type_text(f.annotation).replace("|", "\\|")
             lines.append(f"| `{name}` | `{type_text}` | {default} | {meaning} |")
         lines.append("")
+    lines += _privacy_reference()
     return "\n".join(lines)
+
+
+def _privacy_reference() -> list[str]:
+    """The [privacy] table's rows, from ``PrivacySettings`` (a dataclass shared with the privacy code)."""
+    from dataclasses import MISSING, fields
+    from typing import get_type_hints
+
+    hints = get_type_hints(PrivacySettings)
+    lines = [
+        "## [privacy]",
+        "",
+        (PrivacySettings.__doc__ or "").strip().splitlines()[0],
+        "Checked by `shared/privacy/settings.py` (docs/privacy.md).",
+        "",
+        "| field | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for f in fields(PrivacySettings):
+        default = "required" if f.default is MISSING else f"`{f.default!r}`"
+        type_text = _type_text(hints[f.name]).replace("|", "\\|")
+        lines.append(f"| `{f.name}` | `{type_text}` | {default} | {f.metadata.get('doc', '')} |")
+    lines.append("")
+    return lines

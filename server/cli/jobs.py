@@ -122,6 +122,8 @@ def jobs_show(job_id: int, as_json: bool = JSON_OPT) -> None:
         )
         for why, n in (r.get("declines") or {}).items():
             console.print(f"  declined by {n}: {why}")
+    if j.get("privacy"):
+        console.print(privacy_text(j["privacy"]))
     if j.get("waiting_for"):
         console.print(f"waiting for {j['waiting_for']}")
     if j.get("pretrain"):
@@ -141,6 +143,16 @@ def jobs_show(job_id: int, as_json: bool = JSON_OPT) -> None:
         console.print(f"audit:     {verdict}  (version {a['version']} {a['status']})")
     for w in j.get("warnings", []):
         console.print(f"warning: {w}", style="yellow")
+
+
+def privacy_text(p: dict[str, Any]) -> str:
+    """A job's differential privacy in one line: epsilon spent of the target, at delta, and whom it trusts."""
+    trust = "  trusts the coordinator" if p.get("trusts_coordinator") else ""
+    return (
+        f"privacy:   {p['level']} level, epsilon {p['epsilon']:.4g} spent of {p['target_epsilon']:g}"
+        f" at delta {p['delta']:g} over {p['rounds_spent']} rounds, noise multiplier"
+        f" {fmt(p['noise_multiplier'], 4)}, clip {fmt(p['clip'], 4)}{trust}; sampling {p['sampling']}"
+    )
 
 
 @app.command("schema")

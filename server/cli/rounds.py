@@ -27,6 +27,8 @@ ROUND_COLUMNS = (
     Column("central", wrap=True, priority=1),
     Column("federated", wrap=True, priority=4),
     Column("reason", wrap=True),
+    # Differential privacy: epsilon spent once the round was released (docs/privacy.md); --json has the rest.
+    Column("ε", priority=8),
 )
 #: A device's part in a round.
 DEVICE_COLUMNS = (
@@ -53,7 +55,15 @@ def round_row(r: dict[str, Any]) -> list[str]:
         metrics_text(m.get("central")),
         metrics_text(m.get("federated")),
         _reasons(r),
+        epsilon_text(r.get("privacy")),
     ]
+
+
+def epsilon_text(p: dict[str, Any] | None) -> str:
+    """Epsilon spent once the round was released, at the job's delta (differential privacy); "-" without."""
+    if not p or p.get("epsilon") is None:
+        return "-"
+    return f"{p['epsilon']:.3g} (d={p['delta']:g})"
 
 
 def device_row(p: dict[str, Any]) -> list[str]:

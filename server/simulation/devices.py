@@ -120,6 +120,8 @@ def device_code() -> DeviceCode:
             super().__init__(transport, device_id, coordinator_key, device_id)  # type: ignore[arg-type]
             self.app = app
             self.trained: tuple[int, np.ndarray, int] | None = None  # round id, update, examples
+            # Under device-level differential privacy: the noised vector it masked (before the masks).
+            self.noised: np.ndarray | None = None
 
         def _app(self, spec: JobSpec) -> App:
             if spec.app_ref != BUILTIN:
@@ -132,7 +134,13 @@ def device_code() -> DeviceCode:
         ) -> tuple[np.ndarray, float, int]:
             new, loss, examples = super()._train(spec, app, job, model, data, task)
             self.trained = (task.round_id, new - model.vector, examples)
+            self.noised = None
             return new, loss, examples
+
+        def _noised(self, delta: np.ndarray, params: Any) -> np.ndarray:
+            x = super()._noised(delta, params)
+            self.noised = x.copy()  # masked in place next
+            return x
 
     return DeviceCode(SimWorker, Declined)
 
@@ -224,6 +232,10 @@ class DeviceShard:
         """The weight and the clipped update that went into the masked input (as ``weighted_input``)."""
         if w.trained is None or w.trained[0] != task.round_id:
             return None
+        if (task.secagg or {}).get("privacy"):
+            # Device-level differential privacy: the noised_input vector itself (weight 1), whose sum the
+            # coordinator must reconstruct exactly.
+            return (1, w.noised) if w.noised is not None else None
         spec = JobSpec.model_validate(task.spec)
         params = (task.secagg or {})["params"]
         _, delta, examples = w.trained

@@ -29,13 +29,14 @@ from sqlalchemy import select
 from coordinator import registry
 from coordinator.engine import Federation
 from coordinator.errors import CoordinatorError
-from coordinator.models import Job, Participant, Round
+from coordinator.models import Job, Participant, Round, RoundMessage
 from coordinator.rounds import ACTIVE, stage_index, stages_of
 from server.simulate import SimulationError, VirtualClock
 from server.simulation.devices import Outcome
 from server.simulation.dropouts import draw_dropouts, silent
 from server.simulation.executors import Executor
 from shared.jobspec import JobSpec
+from shared.privacy.skellam import SkellamParams, decode_total
 from shared.secagg.quantize import quantisation_bound
 from shared.wire import CheckinRequest, ConfigureMessage, Task
 
@@ -277,6 +278,20 @@ class JobDriver:
             )
             v_in = self.fed.vector(self.job_id, registry.get_version(s, self.job_id, r.model_version_in))[1]
             v_out = self.fed.vector(self.job_id, registry.get_version(s, self.job_id, r.model_version_out))[1]
+        if self.spec.privacy is not None:
+            with self.fed.read() as s:
+                r = s.get(Round, cur.round_id)
+                assert r is not None
+                sent = set(
+                    s.scalars(
+                        select(RoundMessage.device_id).where(
+                            RoundMessage.round_id == r.id, RoundMessage.stage == "masked_input"
+                        )
+                    )
+                )
+                params = SkellamParams(**(r.secagg or {})["privacy"])
+            self._check_noised(cur, sent, params, v_in, v_out)
+            return
         missing = summed - set(cur.plain)
         if missing or not summed:
             raise SimulationError(f"round {cur.number}: no plaintext update kept for {sorted(missing)[:3]}")
@@ -288,6 +303,23 @@ class JobDriver:
         err = float(np.max(np.abs((v_out.astype(np.float64) - v_in.astype(np.float64)) - plain)))
         bound = quantisation_bound(self.spec.secagg.clip, self.spec.secagg.bits) + 1e-6
         self.stats.checks.append(RoundCheck(cur.number, err, bound, len(summed)))
+
+    def _check_noised(
+        self, cur: _Current, sent: set[str], params: SkellamParams, v_in: np.ndarray, v_out: np.ndarray
+    ) -> None:
+        """A device-level DP round: the new version minus the old must be exactly the decoded sum of the
+        noised vectors of every device whose masked input was summed (dropped later or not), over their
+        count; the noise is in the sum, so the check is exact, not within a quantisation step."""
+        missing = sent - set(cur.plain)
+        if missing or not sent:
+            raise SimulationError(f"round {cur.number}: no noised vector kept for {sorted(missing)[:3]}")
+        total = np.zeros(params.coordinates, dtype=np.uint64)
+        for d in sorted(sent):
+            total += cur.plain[d][1]  # modulo 2**64, as the masked sum
+        noised = decode_total(total, params)
+        expected = v_in + (noised.total / noised.contributors).astype(np.float32)
+        err = float(np.max(np.abs(v_out.astype(np.float64) - expected.astype(np.float64))))
+        self.stats.checks.append(RoundCheck(cur.number, err, 0.0, len(sent)))
 
     def close(self) -> None:
         with contextlib.suppress(SimulationError):

@@ -17,7 +17,7 @@ from typing import Any
 from coordinator import queries, registry
 from coordinator.engine import Federation
 from server.demo_metrics import ceiling_metrics, final_metrics, headline
-from server.demo_summary import round_rows
+from server.demo_summary import privacy_fields, round_rows
 from server.simulation.data import SimulationData
 from server.simulation.job import RunStats
 from shared.jobspec import JobSpec
@@ -57,6 +57,7 @@ def summarize(
     with fed.read() as s:
         job = queries.get_job(s, job_id)
         status, reason = job.status, job.reason
+        job_privacy = queries.job_dict(s, job, with_latest=False).get("privacy")
         all_rounds = queries.rounds_of(s, job_id)
         versions = registry.list_versions(s, job_id)
         last = versions[-1] if versions else None
@@ -82,6 +83,7 @@ def summarize(
         "headline": headline(spec),
         "job_id": job_id,
         "secure": spec.secure,
+        "privacy": privacy_fields(job_privacy),
         "status": status,
         "reason": reason,
         "rounds": round_rows(train),

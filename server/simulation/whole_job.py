@@ -168,6 +168,8 @@ def _run(
             fed.jobs.set_reference(job.id, data.reference, "simulate")
         except CoordinatorError as err:
             raise SimulationError(f"the coordinator refused the job: {err.detail}") from None
+        except JobSpecError as err:  # what only the coordinator checks of [privacy]
+            raise SimulationError(f"the coordinator refused the job: {err}") from None
         t_ready = time.perf_counter()
         driver = JobDriver(fed, clock, job.id, spec, executor, opts.dropout, np.random.default_rng(opts.seed))
         driver.run()

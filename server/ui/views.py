@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from coordinator import queries
+from coordinator import privacy, queries
 from coordinator.models import Audit, Baseline, Device, Event, Job, ModelVersion, Participant, Round
 from coordinator.rounds import ACTIVE, DECLINED, DROPPED
 from shared.signing import b64d, model_message
@@ -190,6 +190,8 @@ def live(s: Session, job: Job, now: float | None = None) -> dict[str, Any]:
         )
         or 0,
         "round": None,
+        # Differential privacy: epsilon spent of the target (docs/privacy.md); None without [privacy].
+        "privacy": privacy.summary((job.spec or {}).get("privacy"), privacy.spent_records(s, job.id)),
     }
     if r is not None:
         row = queries.round_dict(

@@ -211,7 +211,7 @@ def test_rounds_list_at_80_columns_keeps_the_counts_the_metrics_and_the_whole_re
     assert squash(rows[2]["reason"]) == squash(
         f"fewer than 10 devices left in stage 'masked_input'; declined (2): {WITHDREW}"
     )
-    assert drawn.after == ["not shown: stage, dropped, declined, agg s, federated; --json shows all"]
+    assert drawn.after == ["not shown: stage, dropped, declined, agg s, federated, ε; --json shows all"]
 
 
 def test_a_wide_terminal_honours_columns(monkeypatch: pytest.MonkeyPatch) -> None:
