@@ -370,3 +370,47 @@ def calibrate_noise_multiplier(
         else:
             hi = mid
     return hi
+
+
+def dpsgd_costs(noise_multiplier: float, sampling_rate: float, steps: int) -> list[RoundCost]:
+    """One device's DP-SGD in one round (example level): ``steps`` Poisson-sampled Gaussian steps.
+
+    Each step of DP-SGD (Abadi et al., CCS 2016) releases the sum of the
+    per-example gradients of a Poisson sample at rate ``sampling_rate``, each
+    clipped to ``clip``, plus ``N(0, (noise_multiplier * clip)^2)`` per
+    coordinate: the Poisson-sampled Gaussian mechanism of
+    :func:`gaussian_round`, once per step, the unit being one example of the
+    device's data. ``shared.privacy.example.DpSgdReport`` gives the three
+    values; append the list to the device's ledger and call :func:`epsilon`.
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be non-negative, got {steps}")
+    return [gaussian_round(noise_multiplier, "poisson", sampling_rate=sampling_rate)] * steps
+
+
+def calibrate_dpsgd(
+    target_epsilon: float,
+    delta: float,
+    sampling_rate: float,
+    steps_per_round: int,
+    rounds: int,
+    accountant: Accountant = "rdp",
+    rel_tol: float = 1e-3,
+) -> float:
+    """The noise multiplier whose DP-SGD over ``rounds`` rounds of ``steps_per_round`` steps stays within ``target_epsilon``.
+
+    Per device, for the rounds it is planned to take part in (all of them
+    unless the cohort samples): :func:`calibrate_noise_multiplier` over
+    ``rounds * steps_per_round`` steps at ``sampling_rate``, so its epsilon
+    at ``delta`` never exceeds the target.
+    """
+    if steps_per_round < 1:
+        raise ValueError(f"steps_per_round must be at least 1, got {steps_per_round}")
+    return calibrate_noise_multiplier(
+        lambda z: gaussian_round(z, "poisson", sampling_rate=sampling_rate),
+        rounds * steps_per_round,
+        target_epsilon,
+        delta,
+        accountant,
+        rel_tol,
+    )
