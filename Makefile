@@ -33,11 +33,14 @@ demo: $(STAMP)
 
 # With line coverage of the product packages ([tool.coverage] in pyproject.toml): a summary of
 # the files not fully covered here, the whole report in htmlcov/index.html.
+# Two workers (pytest-xdist), a test module per worker at a time (--dist loadscope: a module's
+# coordinator and agents are started once): most of the suite waits on the processes it starts,
+# so two at a time fit on two cores.
 test: $(STAMP) test-tools
-	$(BIN)/pytest -q --durations=25 --cov --cov-report=term-missing:skip-covered --cov-report=html
+	$(BIN)/pytest -q -n 2 --dist loadscope --durations=25 --cov --cov-report=term-missing:skip-covered --cov-report=html
 
 test-fast: $(STAMP) test-tools
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -n 2 --dist loadscope -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -10,6 +10,11 @@ from pathlib import Path
 
 import pytest
 
+# pytest-xdist's workers start with COLUMNS=80 in their environment, where a serial run has none,
+# and rich reads COLUMNS once, when the CLI's console is made (at import): drop it before any test
+# imports the CLI, so that each test's command draws at the width that test sets, with -n or without.
+os.environ.pop("COLUMNS", None)
+
 PG_ADMIN = os.environ.get("AICFL_TEST_PG", "host=127.0.0.1 port=5432 user=postgres dbname=test")
 
 
