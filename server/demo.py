@@ -62,7 +62,7 @@ from server.demo_data import (
 )
 from server.demo_errors import DemoError
 from server.demo_metrics import ceiling_metrics, digits_ceiling, final_metrics, headline
-from server.demo_summary import curve_rounds, summarize
+from server.demo_summary import summarize
 from server.plots import CEILING, PlotError, draw, learning_curve, write_png
 from shared.api_client import ApiClient, CliError
 from shared.jobspec import JobSpecError, validate_spec
@@ -151,7 +151,7 @@ def _draw_learning_curve(api: ApiClient, job_id: int, path: Path, summary: dict[
     """The headline metric per round (a gbdt job's: per boosting round), centrally and on the
     devices, against the AutoML leader, the pre-trained version 0 and the ceiling, as a PNG."""
     job = api.json("GET", f"/v1/jobs/{job_id}")
-    rounds = curve_rounds(api.json("GET", f"/v1/jobs/{job_id}/rounds"))
+    rounds = api.json("GET", f"/v1/jobs/{job_id}/rounds")
     write_png(draw(learning_curve(job, rounds, summary["headline"], summary["ceiling"])), path)
 
 

@@ -59,18 +59,6 @@ def _spans(train: list[dict[str, Any]], all_rounds: list[dict[str, Any]]) -> lis
     return spans
 
 
-def curve_rounds(all_rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rounds the learning curve draws (``server.plots`` draws training rounds): a gbdt job's
-    boosting rounds as training rounds numbered 1, 2, ..., with their central metrics."""
-    if not any(r["kind"] == "level" for r in all_rounds):
-        return all_rounds
-    return [
-        {**r, "kind": "train", "number": r["metrics"]["boosting_round"]}
-        for r in model_rounds(all_rounds)
-        if r["status"] == "completed"
-    ]
-
-
 def _audit_summary(api: ApiClient, job_id: int, all_rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Per version: verdict, top features, drift; and how audit time compares with round time."""
     audits = api.json("GET", f"/v1/jobs/{job_id}/audits")

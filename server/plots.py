@@ -93,8 +93,19 @@ def _metrics(m: Any) -> dict[str, float]:
 
 
 def training_rounds(rounds: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """The completed training rounds, by number (the statistics and evaluation rounds train nothing)."""
-    done = [r for r in rounds if r.get("kind") == "train" and r.get("status") == "completed"]
+    """The completed rounds that each made a version from the devices' work, by number: the training
+    rounds, or a gbdt job's boosting rounds, each the level round that finished its trees, numbered
+    by its boosting round (docs/gbdt.md). Statistics, binning and evaluation rounds train nothing."""
+    done: list[Mapping[str, Any]] = []
+    for r in rounds:
+        if r.get("status") != "completed":
+            continue
+        if r.get("kind") == "train":
+            done.append(r)
+        elif r.get("kind") == "level" and r.get("model_version_out") is not None:
+            boosting_round = (r.get("metrics") or {}).get("boosting_round")
+            if boosting_round is not None:
+                done.append({**r, "kind": "train", "number": boosting_round})
     return sorted(done, key=lambda r: int(r["number"]))
 
 

@@ -65,6 +65,16 @@ def test_gbdt_job_with_real_agents_registers_signed_ensembles_that_export_to_xgb
         env=env,
     )
     assert refused.returncode != 0 and "exports as xgboost" in refused.stderr
+    # The learning curve draws the boosting round (its last level round made version 1).
+    png = tmp_path / "curve.png"
+    plotted = subprocess.run(
+        py("server", "rounds", "plot", str(job_id), "--out", str(png)),
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert plotted.returncode == 0, plotted.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     xgboost = pytest.importorskip("xgboost")
     booster = xgboost.Booster(model_file=str(target))

@@ -28,7 +28,8 @@ from server.demo import (
     run_demo,
     wait_healthy,
 )
-from server.demo_summary import _against_leader, _spans, curve_rounds, model_rounds
+from server.demo_summary import _against_leader, _spans, model_rounds
+from server.plots import training_rounds
 from shared.jobspec import JobSpecError, validate_spec
 
 SCHEMA = {"target": "y", "task": "binary", "features": [{"name": "x", "type": "numeric"}]}
@@ -210,13 +211,14 @@ def test_a_boosting_round_is_drawn_and_timed_from_its_first_level_to_its_version
     made = model_rounds(rounds)
     assert [r["number"] for r in made] == [3, 5]
     assert _spans(made, rounds) == [(T0 + 1, T0 + 4), (T0 + 5, T0 + 9)]
-    curve = curve_rounds(rounds)
+    # The learning curve (the demo's, `aicfl rounds plot`'s) draws each boosting round once.
+    curve = training_rounds(rounds)
     assert [(r["kind"], r["number"], r["metrics"]["central"]["auc"]) for r in curve] == [
         ("train", 1, 0.81),
         ("train", 2, 0.82),
     ]
-    mlp = [{"kind": "train", "number": 1, "model_version_out": 1}]
-    assert curve_rounds(mlp) is mlp
+    mlp = [{"kind": "train", "number": 1, "status": "completed", "model_version_out": 1}]
+    assert training_rounds(mlp) == mlp
 
 
 def test_the_federated_model_against_the_automl_leader() -> None:
