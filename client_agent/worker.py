@@ -34,7 +34,7 @@ from shared.apps import (
     checked_metrics,
     load_app,
 )
-from shared.gbdt.rounds import TREE_KINDS
+from shared.gbdt.rounds import TREE_KINDS, binds_trees
 from shared.jobspec import JobSpec
 from shared.privacy.skellam import SkellamParams, noised_input
 from shared.robustness import capped_weight
@@ -287,7 +287,13 @@ class Worker:
         """Stage 1: two fresh X25519 keys, signed with the identity key."""
         info = task.secagg or {}
         params = SecAggParams(**info["params"])
-        client = SecAggClient(self.device_id, base64.b64decode(info["context"]), params, self.client.key.sign)
+        context = base64.b64decode(info["context"])
+        if task.boosting is not None and not binds_trees(context, task.boosting):
+            raise Declined(
+                "the round's secure-aggregation context does not name the trees this device was sent:"
+                " devices may have been sent different trees (docs/gbdt.md)"
+            )
+        client = SecAggClient(self.device_id, context, params, self.client.key.sign)
         self._secagg = {task.round_id: client}  # one round at a time; older secrets are dropped
         return client.advertise()
 

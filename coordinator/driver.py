@@ -8,6 +8,7 @@ that a coordinator killed at any moment restarts and goes on from there.
 
 from __future__ import annotations
 
+import base64
 import logging
 from dataclasses import replace
 
@@ -39,7 +40,7 @@ from coordinator.rounds import (
     stages_of,
 )
 from coordinator.statements import DROP, PARTICIPANTS, RUNNING_JOBS, WAITING, RoundRow
-from shared.gbdt.rounds import is_boosted
+from shared.gbdt.rounds import bind_trees, is_boosted
 from shared.jobspec import JobSpec
 from shared.robustness import AggregateRejected
 from shared.secagg.primitives import SecAggError
@@ -226,6 +227,11 @@ class RoundDriver:
                 )
                 if r.kind == "stats":
                     r.secagg = {**r.secagg, "vocabulary": secure.merged_vocabulary(s, r, accepted)}
+                if r.kind == "level":
+                    # The context names the trees every device is sent (shared.gbdt.rounds.bind_trees).
+                    trees = boosting.task_info(self.ctx, s, r)
+                    context = bind_trees(base64.b64decode(r.secagg["context"]), trees or {})
+                    r.secagg = {**r.secagg, "context": base64.b64encode(context).decode()}
                 if r.kind == "train" and spec.privacy is not None and spec.privacy.level == "device":
                     # Every device clips, rounds and noises its update with these before masking it.
                     dim = registry.get_version(s, r.job_id, r.model_version_in).num_parameters

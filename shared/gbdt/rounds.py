@@ -18,6 +18,8 @@ over the cohort of the statistics round (its grid is ``[-6, 6)``), a one-hot col
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -36,6 +38,8 @@ if TYPE_CHECKING:
     from shared.jobspec import JobSpec
 
 TREE_KINDS = ("bins", "level")
+# Where a level round's SecAgg+ context names the trees its devices were sent.
+_TREES_TAG = b"/trees/"
 OBJECTIVES = {"binary": "binary:logistic", "multiclass": "multi:softprob", "regression": "reg:squarederror"}
 _ONE_HOT_STD = 0.5 / WIDTH  # so that a one-hot column's grid is [0, 1)
 
@@ -233,3 +237,28 @@ def device_gradients(
 def codes_of(model: BoostedModel, x: np.ndarray) -> np.ndarray:
     """The rows' bin codes under the model's edges."""
     return bin_codes(x, model.edges)
+
+
+def trees_digest(task: Mapping[str, Any]) -> str:
+    """SHA-256 of a level round's task for its devices (the boosting round's trees so far, their open
+    slots, the cohort size) as canonical JSON: the same on the coordinator and on every device."""
+    text = json.dumps(task, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def bind_trees(context: bytes, task: Mapping[str, Any]) -> bytes:
+    """A level round's SecAgg+ context, naming the trees its devices are sent.
+
+    A device's level histogram is computed against the trees its task names; a coordinator that sent
+    one device other trees than the rest could route that device's rows alone into a slot and read
+    its histogram from the sum. The context enters every signature of the round (Bell et al.'s
+    advertise and share stages): each device accepts only a context that names the trees it was sent
+    (:func:`binds_trees`), so devices sent different trees hold different contexts, their
+    neighbours' signatures fail and the round ends before any histogram is masked.
+    """
+    return context + _TREES_TAG + trees_digest(task).encode()
+
+
+def binds_trees(context: bytes, task: Mapping[str, Any]) -> bool:
+    """Whether a level round's context names exactly the trees ``task`` holds (:func:`bind_trees`)."""
+    return context.endswith(_TREES_TAG + trees_digest(task).encode())

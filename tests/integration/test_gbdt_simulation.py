@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from coordinator import registry
 from coordinator.engine import Federation
@@ -269,3 +269,48 @@ def test_a_bad_histogram_excludes_its_device_with_the_reason_and_the_level_compl
         assert (kind, status, device) == ("level", "completed", liar[0])
         assert why.startswith(reason), why
     assert (summary["status"], summary["final_version"]) == ("completed", 2)
+
+
+def test_devices_refuse_a_level_whose_secure_context_names_other_trees_than_they_were_sent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A coordinator that shows devices other trees than the round's SecAgg+ context names (as one
+    that shows different devices different trees must): each device declines before masking any
+    histogram, and every such level round is abandoned."""
+    from coordinator import boosting, checkins
+
+    class Lying:
+        @staticmethod
+        def task_info(ctx: Any, s: Any, r: Any) -> dict[str, Any] | None:
+            task = boosting.task_info(ctx, s, r)
+            if task is None:
+                return None
+            return {**task, "devices": task["devices"] + 1}  # a task a device would still compute
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(boosting, name)
+
+    monkeypatch.setattr(checkins, "boosting", Lying())
+    opts = SimulationOptions(devices=4, split=parse_split("group"), rounds=1, seed=2, ceiling=False)
+    with simulated(gbdt_spec(secure=True), opts) as (fed, summary, _, _), fed.read() as s:
+        levels = s.execute(
+            select(Round.id, Round.status, Round.reason).where(
+                Round.job_id == summary["job_id"], Round.kind == "level"
+            )
+        ).all()
+        reasons = set(
+            s.scalars(select(Participant.reason).where(Participant.round_id.in_([r.id for r in levels])))
+        )
+        masked = s.scalar(
+            select(func.count())
+            .select_from(Participant)
+            .where(
+                Participant.round_id.in_([r.id for r in levels]),
+                Participant.stage_done.in_(("masked_input", "unmask")),
+            )
+        )
+
+    assert levels and all(status == "abandoned" for _, status, _ in levels), levels
+    assert masked == 0
+    assert any(r and "does not name the trees this device was sent" in r for r in reasons), reasons
+    assert summary["final_version"] == 0  # no boosting round finished
