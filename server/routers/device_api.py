@@ -10,12 +10,13 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from coordinator import auth
+from coordinator.checkins import CheckinAnswer
 from coordinator.errors import Invalid
 from server.longpoll import LongPolls, Outcome
 from server.metrics import count_received
 from server.params import JobId, RoundId, Version, request_body, signed_device_request
 from server.schemas import problems
-from server.security import device_request, federation, read_body
+from server.security import SignedRequest, device_request, federation, read_body
 from shared.signing import b64e, public_key_bytes
 from shared.wire import (
     Accepted,
@@ -73,17 +74,20 @@ async def enroll(request: Request) -> EnrollResponse:
     responses=problems(401, 404, 413, 422),
     openapi_extra=signed_device_request(CheckinRequest),
 )
-async def checkin(request: Request, who: tuple[str, bytes] = Depends(device_request)) -> CheckinResponse:
+async def checkin(request: Request, who: SignedRequest = Depends(device_request)) -> CheckinResponse:
     """Report in; the answer says when to come back and what to do now, if anything.
 
     A device that says it can ``wait`` and has nothing to do now is held (no thread) until it owes a
     message in a round or the hold ends (``coordinator.pacing``, ``server.longpoll``).
     """
-    device_id, body = who
-    count_received(request, "checkin", body)
-    req = _json(body, CheckinRequest)
     checkins = federation(request).checkins
-    answer = await run_in_threadpool(checkins.answer, device_id, req)
+
+    def answer_now(device_id: str, body: bytes) -> tuple[str, CheckinRequest, CheckinAnswer]:
+        count_received(request, "checkin", body)
+        req = _json(body, CheckinRequest)
+        return device_id, req, checkins.answer(device_id, req)
+
+    device_id, req, answer = await who.run(answer_now)
     if answer.hold <= 0:
         return answer.response
     long_polls: LongPolls = request.app.state.long_polls
@@ -106,10 +110,11 @@ async def checkin(request: Request, who: tuple[str, bytes] = Depends(device_requ
     openapi_extra=signed_device_request(),
 )
 async def device_model(
-    job_id: JobId, version: Version, request: Request, who: tuple[str, bytes] = Depends(device_request)
+    job_id: JobId, version: Version, request: Request, who: SignedRequest = Depends(device_request)
 ) -> Response:
     """A model version's bytes, for a device selected in one of the job's rounds."""
-    data = await run_in_threadpool(federation(request).checkins.model_blob, who[0], job_id, version)
+    checkins = federation(request).checkins
+    data = await who.run(lambda device_id, _: checkins.model_blob(device_id, job_id, version))
     return Response(content=data, media_type="application/octet-stream")
 
 
@@ -120,13 +125,16 @@ async def device_model(
     openapi_extra=signed_device_request(ConfigureMessage),
 )
 async def configure(
-    round_id: RoundId, request: Request, who: tuple[str, bytes] = Depends(device_request)
+    round_id: RoundId, request: Request, who: SignedRequest = Depends(device_request)
 ) -> Accepted:
     """Take part in a round (model verified, data checked), or decline with a reason."""
-    device_id, body = who
-    count_received(request, "configure", body)
-    msg = _json(body, ConfigureMessage)
-    await run_in_threadpool(federation(request).devices.configure, device_id, round_id, msg)
+    devices = federation(request).devices
+
+    def configure_now(device_id: str, body: bytes) -> None:
+        count_received(request, "configure", body)
+        devices.configure(device_id, round_id, _json(body, ConfigureMessage))
+
+    await who.run(configure_now)
     return Accepted()
 
 
@@ -137,22 +145,26 @@ async def configure(
     openapi_extra=signed_device_request({"type": "object"}, binary=True),
 )
 async def round_input(
-    round_id: RoundId, request: Request, who: tuple[str, bytes] = Depends(device_request)
+    round_id: RoundId, request: Request, who: SignedRequest = Depends(device_request)
 ) -> Accepted:
     """The round's input: a binary update (training) or a JSON message (statistics, evaluation)."""
-    device_id, body = who
-    count_received(request, "input", body)
-    fed = federation(request)
-    if request.headers.get("content-type", "").startswith("application/octet-stream"):
-        await run_in_threadpool(fed.devices.update, device_id, round_id, body)
-    else:
+    devices = federation(request).devices
+    binary = request.headers.get("content-type", "").startswith("application/octet-stream")
+
+    def input_now(device_id: str, body: bytes) -> None:
+        count_received(request, "input", body)
+        if binary:
+            devices.update(device_id, round_id, body)
+            return
         try:
             payload = json.loads(body or b"{}")
         except ValueError as err:  # not JSON, or not UTF-8 (UnicodeDecodeError)
             raise Invalid(f"body is not valid JSON: {err}") from None
         if not isinstance(payload, dict):
             raise Invalid("body must be a JSON object")
-        await run_in_threadpool(fed.devices.input_json, device_id, round_id, payload)
+        devices.input_json(device_id, round_id, payload)
+
+    await who.run(input_now)
     return Accepted()
 
 
@@ -163,14 +175,17 @@ async def round_input(
     openapi_extra=signed_device_request(WithdrawMessage),
 )
 async def withdraw(
-    round_id: RoundId, request: Request, who: tuple[str, bytes] = Depends(device_request)
+    round_id: RoundId, request: Request, who: SignedRequest = Depends(device_request)
 ) -> Accepted:
     """Leave a round this device accepted, with the reason (its app failed): counted as dropped, and
     the round goes on without waiting for the stage's deadline."""
-    device_id, body = who
-    count_received(request, "withdraw", body)
-    msg = _json(body, WithdrawMessage)
-    await run_in_threadpool(federation(request).devices.withdraw, device_id, round_id, msg.reason)
+    devices = federation(request).devices
+
+    def withdraw_now(device_id: str, body: bytes) -> None:
+        count_received(request, "withdraw", body)
+        devices.withdraw(device_id, round_id, _json(body, WithdrawMessage).reason)
+
+    await who.run(withdraw_now)
     return Accepted()
 
 
@@ -181,14 +196,17 @@ async def withdraw(
     openapi_extra=signed_device_request({"type": "object"}, binary=True),
 )
 async def secure_stage(
-    round_id: RoundId, stage: str, request: Request, who: tuple[str, bytes] = Depends(device_request)
+    round_id: RoundId, stage: str, request: Request, who: SignedRequest = Depends(device_request)
 ) -> Accepted:
     """A secure-aggregation stage: advertise_keys, share_keys, unmask (JSON) or masked_input (binary)."""
-    device_id, body = who
-    count_received(request, stage, body)  # an unknown stage is counted as "other"
-    fed = federation(request)
-    if stage == "masked_input":
-        await run_in_threadpool(fed.devices.masked_input, device_id, round_id, body)
-    else:
-        await run_in_threadpool(fed.devices.secure_json, device_id, round_id, stage, body)
+    devices = federation(request).devices
+
+    def stage_now(device_id: str, body: bytes) -> None:
+        count_received(request, stage, body)  # an unknown stage is counted as "other"
+        if stage == "masked_input":
+            devices.masked_input(device_id, round_id, body)
+        else:
+            devices.secure_json(device_id, round_id, stage, body)
+
+    await who.run(stage_now)
     return Accepted()

@@ -113,3 +113,21 @@ def test_metrics_and_openapi_are_served(coord: Coordinator, tmp_path: Path) -> N
     assert httpx.get(coord.url + "/docs").status_code == 200
     paths = httpx.get(coord.url + "/openapi.json").json()["paths"]
     assert "/v1/jobs" in paths and "/v1/device/checkin" in paths
+
+
+def test_body_is_read_as_json_only_after_its_signature_holds(
+    coord: Coordinator, device: tuple[str, Ed25519PrivateKey]
+) -> None:
+    signed = sign_request(device[1], device[0], "POST", PATH, b"{}")
+    resp = post(coord, signed, b'{"agent_version": 5')  # malformed, and not the body that was signed
+    assert resp.status_code == 401 and "signature does not match" in resp.json()["detail"]
+
+
+def test_request_refused_by_its_route_still_spends_its_nonce(
+    coord: Coordinator, device: tuple[str, Ed25519PrivateKey]
+) -> None:
+    body = b'{"agent_version": 5'
+    headers = sign_request(device[1], device[0], "POST", PATH, body)
+    assert post(coord, headers, body).status_code == 422
+    again = post(coord, headers, body)
+    assert again.status_code == 401 and "replayed nonce" in again.json()["detail"]
