@@ -175,17 +175,9 @@ class _Worker:
                 version=previous_version,
                 job_setup=job.preprocess,
             )
-        elif is_boosted(job.spec):
-            importance = tree_version_importance(
-                job.spec,
-                header,
-                vector,
-                job.reference,
-                version=previous_version,
-                job_preprocess=job.preprocess,
-            )
         else:
-            importance = version_importance(
+            of_version = tree_version_importance if is_boosted(job.spec) else version_importance
+            importance = of_version(
                 job.spec,
                 header,
                 vector,
