@@ -23,10 +23,12 @@ import numpy as np
 from client_agent.transport import SignedClient
 from shared import codec
 from shared.apps import (
+    DP_METRICS,
     App,
     AppError,
     DataError,
     DeviceContext,
+    DpSgdConfig,
     JobContext,
     LocalData,
     Metrics,
@@ -93,6 +95,8 @@ class Worker:
         self._secagg: dict[int, SecAggClient] = {}
         # A gbdt job's bin codes and gradients under one version: (job, version, data), codes, (g, h).
         self._trees: tuple[tuple[int, int, int], np.ndarray, tuple[np.ndarray, np.ndarray]] | None = None
+        # Example-level DP: the round and the DP-SGD report (z, q, steps) of the last training, for the update.
+        self._dp_report: tuple[int, dict[str, float | int]] | None = None
 
     # -- the app and its data ------------------------------------------------
 
@@ -312,6 +316,15 @@ class Worker:
             return codec.encode(masked_input_header(task.round_id), masked)
         spec, app, job, model, data = self._prepared(task)
         info = task.secagg or {}
+        if spec.privacy is not None and spec.privacy.level == "example":
+            # Example-level DP under SecAgg+: DP-SGD here, weight 1, no loss or metrics; only the cost.
+            new, _, _ = self._train(spec, app, job, model, data, task)
+            masked = client.masked_input(
+                weighted_input(new - model.vector, 1, client.params, _csprng()),
+                info.get("ciphertexts", {}),
+                in_place=True,
+            )
+            return codec.encode({**masked_input_header(task.round_id), "dp": self._dp_wire(task)}, masked)
         if spec.privacy is not None:
             return self._noised_masked_input(task, client, spec, app, job, model, data, info)
         metrics, holdout = self._holdout_metrics(app, job, model, data)
@@ -442,18 +455,34 @@ class Worker:
             threads=min(self.threads, spec.training.threads),
             proximal_mu=spec.strategy.proximal_mu if spec.strategy.name == "fedprox" else 0.0,
             options=spec.model.options,
+            dp=_dp_sgd(spec),
         )
+        self._dp_report = None
         try:
             metrics = checked_metrics(self._call("train", app.train, net, data, config), "app train")
         except ValueError as err:
             raise Declined(str(err)) from None
         if "loss" not in metrics:
             raise Declined("app train returned no 'loss' metric")
+        if config.dp is not None:
+            if any(name not in metrics for name in DP_METRICS):
+                raise Declined(
+                    f"app {spec.app_ref} trained without DP-SGD: it reported no {', '.join(DP_METRICS)}"
+                )
+            report = {name.removeprefix("dp_"): metrics.pop(name) for name in DP_METRICS}
+            report["steps"] = int(report["steps"])
+            self._dp_report = (task.round_id, report)
         # An app may report how many examples it trained on (a Flower client's fit does).
         examples = int(metrics.pop("examples", data.train_examples))
         if examples < 1:
             raise Declined(f"app train reported {examples} examples")
         return self._parameters(app, net, model.vector.size), metrics["loss"], examples
+
+    def _dp_wire(self, task: Task) -> dict[str, float | int]:
+        """The DP-SGD report of this round's training (example level), as the coordinator accounts it."""
+        if self._dp_report is None or self._dp_report[0] != task.round_id:
+            raise Declined("example-level DP: this round's training made no DP-SGD report")
+        return dict(self._dp_report[1])
 
     def train(self, task: Task) -> bytes:
         """Train from the global model; return the encoded update.
@@ -470,10 +499,13 @@ class Worker:
             return codec.encode(header, vec)
         spec, app, job, model, data = self._prepared(task)
         if spec.privacy is not None:
-            # Central differential privacy: the coordinator clips and noises (it is trusted); the update
-            # counts with weight 1 and nothing data-dependent travels beside it (docs/privacy.md).
+            # Central differential privacy: the coordinator clips and noises (it is trusted); example level:
+            # DP-SGD here, its cost (z, q, steps) beside the update. Either way the update counts with
+            # weight 1 and nothing else data-dependent travels beside it (docs/privacy.md).
             new, _, _ = self._train(spec, app, job, model, data, task)
             header = {"kind": "update", "round_id": task.round_id, "num_examples": 1}
+            if spec.privacy.level == "example":
+                header["dp"] = self._dp_wire(task)
             return codec.encode(header, new - model.vector)
         metrics, holdout = self._holdout_metrics(app, job, model, data)
         new, loss, examples = self._train(spec, app, job, model, data, task)
@@ -488,3 +520,14 @@ class Worker:
             "holdout_examples": holdout,
         }
         return codec.encode(header, delta)
+
+
+def _dp_sgd(spec: JobSpec) -> DpSgdConfig | None:
+    """The DP-SGD an example-level job trains with: the noise multiplier the coordinator wrote into the
+    spec at submission (calibrated, or the job's own), the per-example clip and the public steps an epoch."""
+    p = spec.privacy
+    if p is None or p.level != "example":
+        return None
+    if p.noise_multiplier is None or p.steps_per_epoch is None:
+        raise Declined("example-level DP: the job's spec names no noise multiplier or steps_per_epoch")
+    return DpSgdConfig(p.noise_multiplier, p.clip, p.steps_per_epoch)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import bindparam, select, update
 
-from coordinator import apps, boosting, participation, robustness, secure
+from coordinator import apps, boosting, participation, privacy, robustness, secure
 from coordinator.aggregation import Sums
 from coordinator.context import EngineContext
 from coordinator.driver import RoundDriver
@@ -213,6 +213,7 @@ class DeviceProtocol:
                 raise Invalid(f"round {round_id} is a {r.kind} round: send a JSON message")
             else:
                 numel = self.ctx.num_parameters(s, r)
+                spec_data = self.ctx.job_spec(s, r.job_id, False)[0]
         if r.kind in TREE_KINDS:
             self._tree_update(device_id, round_id, r, body, numel)
             return
@@ -221,6 +222,10 @@ class DeviceProtocol:
         except codec.CodecError as err:
             raise Invalid(f"update: {err}") from None
         meta = check_update_header(header, round_id)
+        problem = privacy.report_problem(spec_data, meta.get("dp"))  # example-level DP: the cost asked
+        if problem is not None:
+            self._exclude(device_id, round_id, f"update refused: {problem}")
+            raise Invalid(f"device excluded from round {round_id}: update refused: {problem}")
         robustness.check_plain_update(self, device_id, round_id, r.job_id, vec, meta["num_examples"])
         self._accept_input(device_id, round_id, body, vec, meta)
 
@@ -397,6 +402,7 @@ class DeviceProtocol:
                 numel = SkellamParams(**(r.secagg or {})["privacy"]).coordinates  # noised: docs/privacy.md
             else:
                 numel = self.ctx.num_parameters(s, r) + 1
+            spec_data = self.ctx.job_spec(s, r.job_id, False)[0] if r.kind == "train" else {}
         if problem is None:
             try:
                 header, vec = codec.decode(body, expected_numel=numel, dtype="uint64")
@@ -405,6 +411,9 @@ class DeviceProtocol:
                 meta = check_update_header({**header, "kind": "update", "num_examples": 1}, round_id)
             except (codec.CodecError, Invalid, Conflict) as err:
                 problem = f"masked input refused: {getattr(err, 'detail', str(err))}"
+        if problem is None:
+            refused = privacy.report_problem(spec_data, meta.get("dp"))  # example-level DP: the cost asked
+            problem = f"masked input refused: {refused}" if refused is not None else None
         if problem is not None:
             self._exclude(device_id, round_id, problem)
             raise Invalid(f"device excluded from round {round_id}: {problem}")

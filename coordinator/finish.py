@@ -169,7 +169,14 @@ class RoundFinisher:
         # What each contributor said beside its vector (example count, loss, metrics), in sender order.
         payloads = [m.payload for m in msgs]
         dp = spec.privacy
-        if sr is not None and dp is not None:
+        if dp is not None and dp.level == "example":
+            # Example-level DP: each device ran DP-SGD (its update weight 1); its checked report is charged
+            # to its own ledger once the sum is released to the coordinator, before the model is applied.
+            reports = (
+                sr.payloads("masked_input") if sr is not None else {m.device_id: m.payload for m in msgs}
+            )
+            self._example_dp(s, spec, r, reports)
+        if sr is not None and dp is not None and dp.level == "device":
             payloads = [p for _, p in sorted(sr.payloads("masked_input").items())]
             t_unmask = time.perf_counter()
             mean_delta, examples, incremental = self._device_dp(s, spec, r, sr, current.size)
@@ -182,7 +189,7 @@ class RoundFinisher:
             mean_delta, examples = secagg_finish(unmask_total(total, **sr.reconstruction_inputs()), sr.params)
             unmask_seconds = time.perf_counter() - t_unmask
             mean = current + mean_delta
-        elif dp is not None:
+        elif dp is not None and dp.level == "central":
             mean_delta, examples = self._central_dp(s, spec, r, msgs, current.size)
             incremental = 0.0
             mean = current + mean_delta
@@ -299,6 +306,17 @@ class RoundFinisher:
                 f" protocol can make ({bound.total}): some device did not follow it, or the sum wrapped"
             )
         return (noised.total / noised.contributors).astype(np.float32), noised.contributors, incremental
+
+    def _example_dp(self, s: Session, spec: JobSpec, r: Round, reports: dict[str, dict[str, Any]]) -> None:
+        """Charge an example-level round (docs/privacy.md): every device whose update is in the sum extends
+        its own ledger with its DP-SGD steps. Each report was checked against the job's on arrival
+        (coordinator/devices.py); checked again here, a round holding another is rejected, yet charged."""
+        plan = privacy.example_plan(spec, privacy.noise_multiplier(spec, 0))
+        privacy.record_example(s, r, spec, reports, plan)
+        for device, payload in sorted(reports.items()):
+            problem = privacy.example_report_problem(spec, payload.get("dp"))
+            if problem is not None:
+                raise AggregateRejected(f"device {device}: {problem}")
 
     def _central_dp(
         self, s: Session, spec: JobSpec, r: Round, msgs: list[RoundMessage], dim: int

@@ -31,7 +31,8 @@ class JobAdmin:
         """Validate a job spec, import its app, and start the job (its first round opens on the next
         tick). An app without a statistics round gets its version 0 now."""
         spec = validate_spec(spec_data)
-        privacy.check_submission(spec)  # the noise multiplier exists, and the noised sum cannot wrap
+        # The noise multiplier exists (at example level written into the spec), the noised sum cannot wrap.
+        spec = privacy.check_submission(spec)
         app = apps.app_for(spec)  # Invalid, with the import error's message, if it does not import here
         if app.statistics is None:
             apps.initial_vector(app, apps.context(spec, {}))  # a model that cannot be built is refused now

@@ -13,8 +13,10 @@ sample, so no amplification is claimed.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from typing import Any
 
@@ -30,8 +32,8 @@ from shared.privacy import PrivacySettings, QuantileClip, SkellamParams, check_n
 # uses this many values instead (the wrap-around and the calibration barely depend on it: D2**2 is
 # (2**(bits-1))**2 + dim / 4 + ...), and every round checks again with the real size.
 SUBMISSION_DIM = 1_000_000
-# The levels the engine runs; the spec also accepts "example" (shared/privacy/settings.py).
-ENGINE_LEVELS = ("device", "central")
+# The levels the engine runs (shared/privacy/settings.py lists the spec's).
+ENGINE_LEVELS = ("device", "central", "example")
 _CALIBRATED: dict[tuple[Any, ...], float] = {}
 
 
@@ -73,22 +75,80 @@ def noise_multiplier(spec: JobSpec, dim: int) -> float:
     if p.noise_multiplier is not None:
         return p.noise_multiplier
     key = (p, spec.secagg.bits, min_contributors(spec), dim if p.level == "device" else 0, spec.rounds)
-    if key not in _CALIBRATED:
-        if len(_CALIBRATED) > 256:
-            _CALIBRATED.clear()
+    if key in _CALIBRATED:
+        return _CALIBRATED[key]
+    if len(_CALIBRATED) > 256:
+        _CALIBRATED.clear()
+    if p.level == "example":
+        plan = example_plan(spec, 1.0)
+        _CALIBRATED[key] = accounting.calibrate_dpsgd(
+            p.target_epsilon,
+            p.delta,
+            plan["sampling_rate"],
+            plan["steps"],
+            spec.rounds,
+            p.accountant,
+        )
+    else:
         _CALIBRATED[key] = accounting.calibrate_noise_multiplier(
             lambda z: round_cost(spec, p, dim, z), spec.rounds, p.target_epsilon, p.delta, p.accountant
         )
     return _CALIBRATED[key]
 
 
-def check_submission(spec: JobSpec) -> None:
+def example_plan(spec: JobSpec, z: float) -> dict[str, Any]:
+    """What one device's DP-SGD in one round of an example-level job must report (``DpSgdReport.wire``):
+    noise multiplier ``z``, rate ``q = 1 / steps_per_epoch`` and ``epochs * int(1 / q)`` steps (Opacus
+    takes ``int(1 / q)`` steps an epoch, one fewer than ``steps_per_epoch`` for some values)."""
+    p = spec.privacy
+    assert p is not None and p.level == "example" and p.steps_per_epoch is not None
+    q = 1.0 / p.steps_per_epoch
+    return {"noise_multiplier": z, "sampling_rate": q, "steps": spec.training.epochs * int(1.0 / q)}
+
+
+def example_report_problem(spec: JobSpec, report: Any) -> str | None:
+    """Why a device's DP-SGD report (``"dp"`` of its update) cannot be accounted as the job asked, or
+    None: it must be the job's noise multiplier, rate and step count exactly. A device that trained with
+    other parameters spent another budget than the one the coordinator would charge."""
+    if spec.privacy is None or spec.privacy.level != "example":
+        return None
+    if not isinstance(report, dict):
+        return "an example-level update must carry its DP-SGD report ('dp': noise_multiplier, sampling_rate, steps)"
+    asked = example_plan(spec, noise_multiplier(spec, 0))
+    wrong = []
+    for name, want in asked.items():
+        got = report.get(name)
+        if (
+            isinstance(got, bool)
+            or not isinstance(got, int | float)
+            or not math.isclose(got, want, rel_tol=1e-12)
+        ):
+            wrong.append(f"{name} {got!r} (asked {want!r})")
+    if wrong:
+        return "DP-SGD report differs from the job's: " + ", ".join(wrong)
+    return None
+
+
+def report_problem(spec_data: Mapping[str, Any], report: Any) -> str | None:
+    """:func:`example_report_problem` for a training update of the job whose stored spec is ``spec_data``
+    (None at once for any job but an example-level one)."""
+    settings = spec_data.get("privacy")
+    if not settings or settings.get("level") != "example":
+        return None
+    return example_report_problem(JobSpec.model_validate(spec_data), report)
+
+
+def check_submission(spec: JobSpec) -> JobSpec:
     """What only the coordinator can check of ``[privacy]``: the engine runs the level, a noise multiplier
     exists (calibration), and a device-level round of the cohort's target size cannot wrap modulo 2**64
-    (``check_no_wrap``). ``JobSpecError`` naming the problem."""
+    (``check_no_wrap``). ``JobSpecError`` naming the problem.
+
+    Returns the spec to store: at example level with the calibrated noise multiplier written into its
+    ``[privacy]`` table, since every device runs DP-SGD with it and reads it from the spec its task carries
+    (a device has no accountant to calibrate with)."""
     p = spec.privacy
     if p is None:
-        return
+        return spec
     if p.level not in ENGINE_LEVELS:
         # The hook for per-example DP-SGD: add "example" to ENGINE_LEVELS once the agent's training runs it.
         raise JobSpecError(
@@ -106,6 +166,9 @@ def check_submission(spec: JobSpec) -> None:
             check_no_wrap(skellam_params(spec, p, SUBMISSION_DIM, p.clip, z), spec.cohort.target)
         except ValueError as err:
             raise JobSpecError([f"privacy: {err}"]) from None
+    if p.level == "example" and p.noise_multiplier is None:
+        return spec.model_copy(update={"privacy": dataclasses.replace(p, noise_multiplier=z)})
+    return spec
 
 
 def device_round(spec: JobSpec, s: Session, job_id: int, dim: int, devices: int) -> dict[str, Any]:
@@ -199,14 +262,106 @@ def record(
     return out
 
 
+def _example_ledgers(records: Iterable[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """Each device's DP-SGD ledger at example level: ``dpsgd_costs`` of every round its update was in."""
+    from shared.privacy.accounting import dpsgd_costs
+
+    ledgers: dict[str, list[Any]] = {}
+    for record in records:
+        cost = record["cost"]
+        steps = dpsgd_costs(float(cost["noise_multiplier"]), float(cost["sampling_rate"]), int(cost["steps"]))
+        for device in record.get("devices", []):
+            ledgers.setdefault(device, []).extend(steps)
+    return ledgers
+
+
+def record_example(
+    s: Session, r: Round, spec: JobSpec, devices: Iterable[str], plan: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Charge an example-level round: every device in ``devices`` (those whose update was released, its
+    DP-SGD report checked equal to ``plan``) extends its own ledger with ``dpsgd_costs(**plan)``; a
+    device's epsilon is ``epsilon`` of its ledger at the job's delta, the round's the largest over all the
+    job's devices so far. Stored on the round with the same fields as the other levels."""
+    from shared.privacy import accounting
+
+    p = spec.privacy
+    assert p is not None and p.level == "example"
+    released = sorted(set(devices))
+    cost = {
+        "noise_multiplier": float(plan["noise_multiplier"]),
+        "sampling_rate": float(plan["sampling_rate"]),
+        "steps": int(plan["steps"]),
+    }
+    ledgers = _example_ledgers([*spent_records(s, r.job_id), {"cost": cost, "devices": released}])
+    # Devices with the same ledger (they took part in the same rounds) have the same epsilon: computed once.
+    by_ledger: dict[tuple[Any, ...], float] = {}
+    for ledger in ledgers.values():
+        if tuple(ledger) not in by_ledger:
+            by_ledger[tuple(ledger)] = accounting.epsilon(ledger, p.delta, p.accountant)
+    per_device = {d: by_ledger[tuple(ledger)] for d, ledger in sorted(ledgers.items())}
+    out = {
+        "level": "example",
+        "trusts_coordinator": False,
+        "epsilon": max(per_device.values(), default=0.0),
+        "delta": p.delta,
+        "target_epsilon": p.target_epsilon,
+        "noise_multiplier": cost["noise_multiplier"],
+        "clip": p.clip,
+        "next_clip": None,
+        "fraction_under": None,
+        "contributors": len(released),
+        "sampling": "none",
+        "accountant": p.accountant,
+        "cost": cost,
+        "devices": released,
+        "device_epsilon": per_device,
+    }
+    r.privacy = out
+    return out
+
+
+def _check_example_budget(s: Session, job_id: int, spec: JobSpec) -> str | None:
+    # Any device may be selected next: the one whose ledger plus the planned round spends most decides.
+    from shared.privacy import accounting
+
+    p = spec.privacy
+    assert p is not None
+    records = spent_records(s, job_id)
+    plan = example_plan(spec, noise_multiplier(spec, 0))
+    planned = accounting.dpsgd_costs(plan["noise_multiplier"], plan["sampling_rate"], plan["steps"])
+    ledgers = {tuple(x) for x in _example_ledgers(records).values()} | {()}
+    worst = max(ledgers, key=len)
+    if all(_fits_all(ledger, tuple(planned), p.target_epsilon, p.delta, p.accountant) for ledger in ledgers):
+        return None
+    would = max(accounting.epsilon([*ledger, *planned], p.delta, p.accountant) for ledger in ledgers)
+    spent = records[-1]["epsilon"] if records else 0.0
+    return (
+        f"privacy budget: one more round would spend epsilon {would:.4g} > target_epsilon {p.target_epsilon:g}"
+        f" at delta {p.delta:g} for a device that took part in {len(worst) // max(1, len(planned))} rounds;"
+        f" stopped after {len(records)} noised rounds at epsilon {spent:.4g}"
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _fits_all(
+    ledger: tuple[Any, ...], planned: tuple[Any, ...], target: float, delta: float, accountant: Any
+) -> bool:
+    from shared.privacy import accounting
+
+    return accounting.epsilon([*ledger, *planned], delta, accountant) <= target
+
+
 def check_budget(s: Session, job_id: int, spec: JobSpec, dim: int) -> str | None:
     """Before a training round opens: None when it fits the budget, else why the job ends
-    (``next_round_fits``: the rounds spent plus this one's cost, within ``target_epsilon``)."""
+    (``next_round_fits``: the rounds spent plus this one's cost, within ``target_epsilon``; at example
+    level for every device that could be selected, each with its own ledger)."""
     from shared.privacy import accounting
 
     p = spec.privacy
     if p is None:
         return None
+    if p.level == "example":
+        return _check_example_budget(s, job_id, spec)
     records = spent_records(s, job_id)
     ledger = tuple(cost_of(x) for x in records)
     nxt = round_cost(spec, p, dim, noise_multiplier(spec, dim))

@@ -47,7 +47,15 @@ def check_update_header(header: dict[str, Any], round_id: int) -> dict[str, Any]
     holdout = header.get("holdout_examples", 0)
     if not isinstance(holdout, int) or holdout < 0:
         raise Invalid("update: holdout_examples must be a non-negative integer")
-    return {"num_examples": n, "metrics": metrics, "train_loss": float(loss), "holdout_examples": holdout}
+    out = {"num_examples": n, "metrics": metrics, "train_loss": float(loss), "holdout_examples": holdout}
+    if "dp" in header:  # example-level DP: the device's DP-SGD cost, checked by coordinator/privacy.py
+        dp = header["dp"]
+        if not isinstance(dp, dict) or len(dp) > 8 or not all(finite(v) for v in dp.values()):
+            raise Invalid(
+                "update: dp must be a table of finite numbers (noise_multiplier, sampling_rate, steps)"
+            )
+        out["dp"] = dp
+    return out
 
 
 _BASELINE_FIELDS = (("metrics", dict), ("leaderboard", list), ("contributions", dict), ("provenance", dict))

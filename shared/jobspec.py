@@ -389,7 +389,7 @@ class JobSpec(_Strict):
 
         The noise multiplier (given or calibrated) and the wrap-around bound are checked when the job is
         submitted (``coordinator/privacy.py``): they need the accountant, which a device does not install.
-        So is ``level = "example"``, which the spec accepts and the engine does not run yet.
+        ``level = "example"`` runs DP-SGD in the built-in tabular app's own training loop, so only there.
         """
         p = self.privacy
         if p is None:
@@ -398,6 +398,18 @@ class JobSpec(_Strict):
             raise ValueError(
                 "privacy: differential privacy is not supported for zoo = 'gbdt' jobs (the trees' histograms"
                 " are neither clipped nor noised): remove [privacy] or train an mlp or logreg"
+            )
+        if p.level == "example" and self.model.app is not None:
+            raise ValueError(
+                f"privacy: level = 'example' runs DP-SGD in the built-in tabular app's training loop; app"
+                f" {self.model.app!r} trains with its own loop, which cannot: use level = 'device' (secure ="
+                " true) or 'central' (secure = false)"
+            )
+        if p.level == "example" and self.strategy.name == "fedprox":
+            raise ValueError(
+                "privacy: level = 'example' does not run FedProx (DP-SGD steps on the clipped per-example"
+                " gradients only, so the proximal term would vanish silently): choose fedavg, fedavgm, fedadam"
+                " or fedyogi"
             )
         if p.level == "device" and not self.secure:
             raise ValueError(

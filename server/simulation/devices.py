@@ -240,6 +240,8 @@ class DeviceShard:
         params = (task.secagg or {})["params"]
         _, delta, examples = w.trained
         n = capped_weight(examples, min(int(params["weight_cap"]), spec.robustness.max_weight))
+        if spec.privacy is not None:
+            n = 1  # example-level differential privacy: every device weighs the same
         clip = float(params["clip"])
         return n, np.clip(delta, -clip, clip)
 

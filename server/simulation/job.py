@@ -278,7 +278,7 @@ class JobDriver:
             )
             v_in = self.fed.vector(self.job_id, registry.get_version(s, self.job_id, r.model_version_in))[1]
             v_out = self.fed.vector(self.job_id, registry.get_version(s, self.job_id, r.model_version_out))[1]
-        if self.spec.privacy is not None:
+        if self.spec.privacy is not None and self.spec.privacy.level == "device":
             with self.fed.read() as s:
                 r = s.get(Round, cur.round_id)
                 assert r is not None

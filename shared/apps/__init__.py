@@ -10,10 +10,12 @@ import importlib
 import re
 
 from shared.apps.base import (
+    DP_METRICS,
     App,
     AuditInputs,
     DataError,
     DeviceContext,
+    DpSgdConfig,
     JobContext,
     LocalData,
     Metrics,
@@ -24,11 +26,13 @@ from shared.apps.base import (
 
 __all__ = [
     "BUILTIN",
+    "DP_METRICS",
     "App",
     "AppError",
     "AuditInputs",
     "DataError",
     "DeviceContext",
+    "DpSgdConfig",
     "JobContext",
     "LocalData",
     "Metrics",

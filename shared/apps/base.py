@@ -89,6 +89,22 @@ class LocalData:
 
 
 @dataclass(frozen=True)
+class DpSgdConfig:
+    """Example-level differential privacy for one round's training (docs/privacy.md): DP-SGD with noise
+    multiplier ``noise_multiplier``, per-example clip ``clip`` and ``steps_per_epoch`` Poisson-sampled
+    steps an epoch (``shared.privacy.example.train_local_dp``). An app that runs it returns the cost in
+    its metrics as :data:`DP_METRICS` (``DpSgdReport.wire`` with a ``dp_`` prefix)."""
+
+    noise_multiplier: float
+    clip: float
+    steps_per_epoch: int
+
+
+#: The metrics an app's ``train`` returns after DP-SGD: what the device reports for accounting.
+DP_METRICS = ("dp_noise_multiplier", "dp_sampling_rate", "dp_steps")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One round's local training settings (the job's ``[training]`` and ``[strategy]``)."""
 
@@ -101,6 +117,8 @@ class TrainConfig:
     threads: int = 1
     proximal_mu: float = 0.0
     options: Mapping[str, Any] = field(default_factory=dict)
+    #: Example-level differential privacy: train with DP-SGD and report :data:`DP_METRICS`; None: plain.
+    dp: DpSgdConfig | None = None
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from shared.apps.base import (
     App,
     DataError,
     DeviceContext,
+    DpSgdConfig,
     JobContext,
     LocalData,
     Metrics,
@@ -229,6 +230,8 @@ class TabularApp(App):
 
         rows: Rows = data.train
         x, y = rows.arrays
+        if config.dp is not None:
+            return self._train_dp(model, rows, config, config.dp)
         result = train_local(
             model,
             x,
@@ -243,6 +246,35 @@ class TabularApp(App):
             threads=config.threads,
         )
         return {"loss": float(result["loss"])}
+
+    @staticmethod
+    def _train_dp(model: nn.Module, rows: Rows, config: TrainConfig, dp: DpSgdConfig) -> Metrics:
+        """Example-level differential privacy: the same training with DP-SGD (docs/privacy.md), the
+        round's cost in :data:`DP_METRICS`."""
+        from shared.privacy.example import train_local_dp
+
+        x, y = rows.arrays
+        report = train_local_dp(
+            model,
+            x,
+            y,
+            task=rows.schema.task,
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            learning_rate=config.learning_rate,
+            optimizer=config.optimizer,  # type: ignore[arg-type]
+            seed=config.seed,
+            noise_multiplier=dp.noise_multiplier,
+            clip=dp.clip,
+            steps_per_epoch=dp.steps_per_epoch,
+            proximal_mu=config.proximal_mu,
+            threads=config.threads,
+        )
+        wire = report.wire()
+        return {
+            "loss": report.loss if math.isfinite(report.loss) else 0.0,
+            **{f"dp_{name}": float(value) for name, value in wire.items()},
+        }
 
     def evaluate(self, model: nn.Module, data: LocalData) -> Metrics:
         return self._metrics(model, data.holdout)

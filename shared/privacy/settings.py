@@ -74,6 +74,12 @@ class PrivacySettings:
     population: int | None = _doc(
         "devices the cohort is drawn from, with poisson or fixed sampling (>= 1)", None
     )
+    steps_per_epoch: int | None = _doc(
+        "level = example only, and required there: DP-SGD steps per epoch on every device; each step"
+        " samples each example with probability 1 / steps_per_epoch, so neither the rate nor the step count"
+        " depends on a device's example count (>= 1)",
+        None,
+    )
 
 
 _FIELDS = {f.name: f for f in fields(PrivacySettings)}
@@ -98,7 +104,9 @@ def validate_privacy(data: Mapping[str, Any], section: str = "privacy") -> Priva
     population; PLD accounting with fixed-size sampling (dp-accounting's PLD
     has no sampling without replacement); PLD accounting or fixed-size
     sampling at device level (the Skellam mechanism has an RDP bound only,
-    and a bound for Poisson sampling only: ``shared/privacy/accounting.py``).
+    and a bound for Poisson sampling only: ``shared/privacy/accounting.py``);
+    level = example without ``steps_per_epoch``, and ``steps_per_epoch`` at
+    any other level.
     """
     if not isinstance(data, Mapping):
         raise PrivacySettingsError([f"{section}: expected a table of fields"])
@@ -157,6 +165,20 @@ def validate_privacy(data: Mapping[str, Any], section: str = "privacy") -> Priva
             bad("population", f"must be a whole number of devices, at least 1 (got {raw!r})")
         else:
             values["population"] = raw
+    if data.get("steps_per_epoch") is not None:
+        raw = data["steps_per_epoch"]
+        if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
+            bad("steps_per_epoch", f"must be a whole number of steps, at least 1 (got {raw!r})")
+        elif values.get("level", "example") != "example":
+            bad("steps_per_epoch", f"applies to level = example (DP-SGD) only, not level = {values['level']}")
+        else:
+            values["steps_per_epoch"] = raw
+    elif values.get("level") == "example":
+        bad(
+            "steps_per_epoch",
+            "required with level = example: it fixes each step's sampling rate (1 / steps_per_epoch), so that"
+            " neither the rate nor the step count reveals a device's example count",
+        )
 
     if "adaptive_quantile" in values and data.get("indicator_noise") is None:
         bad(

@@ -40,10 +40,9 @@ def test_real_agents_run_a_device_dp_job_until_its_budget_ends_it(coord: Coordin
             "noise_multiplier": 1.5,
         },
     }
+    # Bad privacy settings are refused at submission, over HTTP too, naming the field.
     example = {**spec, "privacy": {**spec["privacy"], "level": "example"}}
-    with pytest.raises(
-        CliError, match=r"privacy: level = 'example' \(per-example DP-SGD on each device\) is not run"
-    ):
+    with pytest.raises(CliError, match=r"privacy.steps_per_epoch: required with level = example"):
         coord.api().json("POST", "/v1/jobs", json=example)
     job = coord.api().json("POST", "/v1/jobs", json=spec)
     assert job["privacy"]["epsilon"] == 0.0 and job["privacy"]["trusts_coordinator"] is False

@@ -107,17 +107,6 @@ def test_central_level_with_plaintext_rounds_is_accepted() -> None:
     assert spec.privacy is not None and spec.privacy.level == "central"
 
 
-def test_example_level_is_a_valid_spec_that_the_coordinator_refuses_until_the_engine_runs_it() -> None:
-    spec = validate_spec(job({"level": "example"}))  # the settings type is shared with DP-SGD's code
-    assert spec.privacy is not None and spec.privacy.level == "example"
-    with pytest.raises(JobSpecError) as err:
-        privacy.check_submission(spec)
-    assert err.value.problems == [
-        "privacy: level = 'example' (per-example DP-SGD on each device) is not run by the engine yet;"
-        " use level = 'device' (with secure = true) or level = 'central' (with secure = false)"
-    ]
-
-
 def test_the_coordinator_refuses_a_sum_that_could_wrap_and_names_what_to_lower() -> None:
     spec = validate_spec(job({"noise_multiplier": 1e15}))
     with pytest.raises(JobSpecError) as err:
