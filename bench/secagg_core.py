@@ -40,10 +40,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import shared.secagg.protocol as protocol  # noqa: E402
+from shared.privacy.skellam import SkellamParams, decode_total, noised_input  # noqa: E402
 from shared.secagg import (  # noqa: E402
     SecAggClient,
     SecAggError,
     decode_share,
+    dequantize_weighted_mean,
     derive_params,
     neighbour_graph,
     unmask_total,
@@ -119,15 +121,25 @@ class Clock:
 
 
 def one_round(
-    devices: int, params_count: int, drop_after: str, drop_fraction: float, backend: str = "prime"
+    devices: int,
+    params_count: int,
+    drop_after: str,
+    drop_fraction: float,
+    backend: str = "prime",
+    dp: SkellamParams | None = None,
 ) -> dict[str, Any]:
+    """One round; with ``dp`` every device sends ``noised_input`` (device-level DP) and the sum is decoded."""
     with shamir_backend(backend):
-        out = _one_round(devices, params_count, drop_after, drop_fraction)
+        out = _one_round(devices, params_count, drop_after, drop_fraction, dp)
     return {"shamir": backend, **out}
 
 
-def _one_round(devices: int, params_count: int, drop_after: str, drop_fraction: float) -> dict[str, Any]:
+def _one_round(
+    devices: int, params_count: int, drop_after: str, drop_fraction: float, dp: SkellamParams | None = None
+) -> dict[str, Any]:
     params = derive_params(devices)
+    if dp is not None and dp.dim != params_count:
+        raise ValueError(f"the DP parameters are for dim={dp.dim}, the round has {params_count} values")
     context = b"bench/job/round"
     ids = [f"device-{i:04d}" for i in range(devices)]
     rng = np.random.default_rng(0)
@@ -151,10 +163,15 @@ def _one_round(devices: int, params_count: int, drop_after: str, drop_fraction: 
         stage_cpu[stage] += spent
         return out
 
+    # The trained updates exist before the round; encoding them (quantise, or clip + round + noise) is its first step.
+    updates = {d: rng.normal(0, 0.1, params_count).astype(np.float32) for d in ids}
+    round_start = time.perf_counter()
     quant_start = time.process_time()
-    inputs = {
-        d: weighted_input(rng.normal(0, 0.1, params_count).astype(np.float32), 100, params, rng) for d in ids
-    }
+    if dp is None:
+        inputs = {d: weighted_input(updates.pop(d), 100, params, rng) for d in ids}
+    else:
+        device_rng = np.random.Generator(np.random.PCG64(int.from_bytes(os.urandom(32))))
+        inputs = {d: noised_input(updates.pop(d), dp, device_rng) for d in ids}
     quant_cpu = (time.process_time() - quant_start) / devices
 
     drop_count = round(drop_fraction * devices)
@@ -189,7 +206,7 @@ def _one_round(devices: int, params_count: int, drop_after: str, drop_fraction: 
 
     # What the coordinator does as masked inputs arrive: a running uint64 sum (the plaintext floor's work).
     sum_start = time.process_time()
-    total = np.zeros(params_count + 1, dtype=np.uint64)
+    total = np.zeros(params_count + 1 if dp is None else dp.coordinates, dtype=np.uint64)
     for y in masked.values():
         total += y
     sum_cpu = time.process_time() - sum_start
@@ -214,6 +231,14 @@ def _one_round(devices: int, params_count: int, drop_after: str, drop_fraction: 
         server_wall = time.perf_counter() - wall_start
     finally:
         protocol.shamir_combine = original
+    decode_start = time.process_time()
+    if dp is None:
+        dequantize_weighted_mean(result[:-1], int(result[-1]), params.clip, params.bits)
+    else:
+        noised = decode_total(result, dp)
+        np.divide(noised.total, noised.contributors, out=noised.total)
+    decode_cpu = time.process_time() - decode_start
+    round_wall = time.perf_counter() - round_start
 
     plain = np.zeros_like(total)
     for d in survivors:
@@ -237,6 +262,8 @@ def _one_round(devices: int, params_count: int, drop_after: str, drop_fraction: 
         "shamir_combine_cpu_s": shamir.seconds,
         "shamir_share_of_unmask": shamir.seconds / server_cpu if server_cpu else 0.0,
         "running_sum_cpu_s": sum_cpu,
+        "decode_cpu_s": decode_cpu,
+        "round_wall_s": round_wall,
     }
 
 

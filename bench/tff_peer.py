@@ -16,8 +16,9 @@ Both sides, in one invocation, run ``examples/churn.toml``'s job (``--job``) ove
 
 **aicfl** runs the job through ``server.simulation.simulate_job`` (the engine and the agent's
 worker per device, SecAgg+ when the job is secure; ``--plain`` sets ``secure = false``). Its
-device-level DP is not wired into the engine yet: ``--aicfl-dp`` is the hook for that run and is
-refused until ``simulate_job`` takes a ``[privacy]`` section.
+``--aicfl-dp`` runs aicfl's own device-level DP (distributed Skellam under SecAgg+) at the ε
+TFF's DP run spent (``--dp``; or ``--epsilon`` with ``--aicfl-only``), same δ and clip, the noise
+multiplier calibrated by aicfl's coordinator for that ε over the rounds.
 
 **TensorFlow Federated** 0.87 runs in its own virtualenv (``scripts/install_tff.sh``), as
 ``bench/tff_side.py`` in a child process of its own process group, over the arrays this script
@@ -216,15 +217,28 @@ def run_tff(spec: Any, args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def run_aicfl(spec: Any, args: argparse.Namespace) -> dict[str, Any]:
+def dp_spec(spec: Any, args: argparse.Namespace, epsilon: float) -> Any:
+    """The job with aicfl's device-level DP at ``epsilon`` (δ and clip as TFF's): distributed Skellam
+    under SecAgg+, the noise multiplier calibrated by the coordinator to spend ``epsilon`` over the rounds,
+    every device's share sized for the whole cohort."""
+    from shared.jobspec import validate_spec
+
+    data = spec.model_dump(mode="json", exclude_none=True)
+    data["secure"] = True
+    # Each device's noise share is sized for cohort.minimum contributors: all of them, as TFF's
+    # aggregator sizes its shares for the clients of the round (no dropout in either run).
+    data["cohort"] = {**data["cohort"], "target": args.devices, "minimum": args.devices}
+    data["evaluation"] = {**data.get("evaluation", {}), "federated": False}
+    data["privacy"] = {"level": "device", "target_epsilon": epsilon, "delta": args.delta, "clip": args.clip}
+    return validate_spec(data)
+
+
+def run_aicfl(spec: Any, args: argparse.Namespace, epsilon: float | None = None) -> dict[str, Any]:
     from server.simulation.splits import parse_split
     from server.simulation.whole_job import SimulationOptions, simulate_job
 
     if args.aicfl_dp:
-        # The hook for aicfl's device-level DP run at TFF's ε: set the job's [privacy] section
-        # (level = "device", the noise multiplier calibrated to tff_epsilon's last value) once
-        # simulate_job applies it.
-        raise SystemExit("tff_peer: aicfl's DP is not wired into simulate_job yet (--aicfl-dp)")
+        spec = dp_spec(spec, args, epsilon)
     opts = SimulationOptions(
         devices=args.devices,
         split=parse_split(args.split),
@@ -249,6 +263,7 @@ def run_aicfl(spec: Any, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "engine": f"aicfl ({summary['simulation']['engine']})",
         "secure": summary["secure"],
+        "privacy": summary.get("privacy"),
         "status": summary["status"],
         "rounds": curve,
         "final_auc": summary["final"].get("auc"),
@@ -297,8 +312,9 @@ def main() -> None:
     p.add_argument(
         "--aicfl-dp",
         action="store_true",
-        help="aicfl's own DP run at TFF's ε (not wired into the engine yet)",
+        help="aicfl's own device-level DP run at TFF's ε (with --dp; with --aicfl-only give --epsilon)",
     )
+    p.add_argument("--epsilon", type=float, default=None, help="ε for --aicfl-dp without TFF's run")
     p.add_argument("--tff-python", default=str(TFF_PYTHON))
     p.add_argument("--timeout", type=float, default=900, help="seconds TFF's side may take")
     p.add_argument("--json", action="store_true", help="also print both reports as JSON")
@@ -336,8 +352,15 @@ def main() -> None:
             raise SystemExit(1) from None
         if tff["leftover_worker_binaries"]:
             print(f"tff_peer: worker_binary left running: {tff['leftover_worker_binaries']}", file=sys.stderr)
+    epsilon = args.epsilon
+    if args.aicfl_dp and epsilon is None:
+        if not (tff and tff.get("dp")):
+            p.error("--aicfl-dp needs TFF's DP run (--dp) or --epsilon")
+        epsilon = float(tff["dp"]["epsilon_after_each"][-1])
+    if args.aicfl_dp and not (epsilon is not None and epsilon > 0):
+        p.error(f"--epsilon must be positive, got {epsilon}")
     if not args.tff_only:
-        aicfl = run_aicfl(spec, args)
+        aicfl = run_aicfl(spec, args, epsilon)
     if args.json:
         print(json.dumps({"tff": tff, "aicfl": aicfl}))
     print(side_by_side(tff, aicfl))
@@ -346,6 +369,12 @@ def main() -> None:
         print(
             f"tff DP: distributed Skellam, noise multiplier {tff['dp']['noise_multiplier']}, "
             f"clip {tff['dp']['clip']}: ε = {eps[-1]} at δ = {args.delta} after {len(eps)} rounds"
+        )
+    if aicfl and aicfl.get("privacy"):
+        priv = aicfl["privacy"]
+        print(
+            f"aicfl DP: device level (Skellam under SecAgg+), noise multiplier {priv.get('noise_multiplier')}, "
+            f"clip {priv.get('clip')}: ε = {priv.get('epsilon')} of {priv.get('target_epsilon')} at δ = {args.delta}"
         )
 
 
