@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import shared.secagg.protocol as protocol  # noqa: E402
-from shared.privacy.skellam import SkellamParams, decode_total, noised_input  # noqa: E402
+from shared.privacy.skellam import SkellamParams, decode_total, noise_share, noised_input  # noqa: E402
 from shared.secagg import (  # noqa: E402
     SecAggClient,
     SecAggError,
@@ -167,11 +167,17 @@ def _one_round(
     updates = {d: rng.normal(0, 0.1, params_count).astype(np.float32) for d in ids}
     round_start = time.perf_counter()
     quant_start = time.process_time()
+    draw_cpu = 0.0  # of which the Skellam shares' draws (a device can make them between stages)
     if dp is None:
         inputs = {d: weighted_input(updates.pop(d), 100, params, rng) for d in ids}
     else:
         device_rng = np.random.Generator(np.random.PCG64(int.from_bytes(os.urandom(32))))
-        inputs = {d: noised_input(updates.pop(d), dp, device_rng) for d in ids}
+        inputs = {}
+        for d in ids:
+            draw_start = time.process_time()
+            drawn = noise_share(dp, device_rng)
+            draw_cpu += time.process_time() - draw_start
+            inputs[d] = noised_input(updates.pop(d), dp, device_rng, noise=drawn)
     quant_cpu = (time.process_time() - quant_start) / devices
 
     drop_count = round(drop_fraction * devices)
@@ -256,6 +262,7 @@ def _one_round(
         "client_cpu_s_max": max(cpu.values()),
         "client_stage_cpu_s_mean": {k: v / devices for k, v in stage_cpu.items()},
         "client_quantise_cpu_s_mean": quant_cpu,
+        "client_noise_draw_cpu_s_mean": draw_cpu / devices,
         "server_unmask_cpu_s": server_cpu,
         "server_unmask_wall_s": server_wall,
         "shamir_combine_calls": shamir.calls,

@@ -14,6 +14,7 @@ import base64
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -38,7 +39,7 @@ from shared.apps import (
 )
 from shared.gbdt.rounds import TREE_KINDS, binds_trees
 from shared.jobspec import JobSpec
-from shared.privacy.skellam import SkellamParams, noised_input
+from shared.privacy.skellam import NoiseShare, SkellamParams, noise_share, noised_input
 from shared.robustness import capped_weight
 from shared.secagg.params import SecAggParams
 from shared.secagg.protocol import SecAggClient, weighted_input
@@ -52,6 +53,33 @@ T = TypeVar("T")
 def _csprng() -> np.random.Generator:
     """A generator seeded from the operating system's CSPRNG: rounding and noise nobody can predict."""
     return np.random.Generator(np.random.PCG64(int.from_bytes(os.urandom(32), "little")))
+
+
+class _NoiseDraw:
+    """A device-level DP round's Skellam share, drawn in a thread while the device waits between stages.
+
+    The share depends only on the round's parameters (``shared.privacy.skellam.noise_share``), so it
+    need not wait for the update: drawn after share_keys, it is off the round's critical path.
+    numpy's Poisson draw releases the GIL, so the thread does not hold up the agent's requests.
+    """
+
+    def __init__(self, params: SkellamParams):
+        self.params = params
+        self._share: NoiseShare | None = None
+        self._thread = threading.Thread(target=self._draw, name="aicfl-noise-share", daemon=True)
+        self._thread.start()
+
+    def _draw(self) -> None:
+        try:
+            self._share = noise_share(self.params, _csprng())
+        except Exception:  # never a crash in a thread: masked_input draws the share itself instead
+            log.exception("drawing the noise share ahead failed; it is drawn at masked input instead")
+
+    def take(self) -> NoiseShare | None:
+        """The share, once drawn (waiting for the draw if need be); None if the draw failed."""
+        self._thread.join()
+        share, self._share = self._share, None  # one vector only: never handed out twice
+        return share
 
 
 class Declined(Exception):
@@ -93,6 +121,8 @@ class Worker:
         self._model: _Model | None = None
         # SecAgg+ secrets live in memory only: a device that restarts mid-round counts as dropped.
         self._secagg: dict[int, SecAggClient] = {}
+        # A device-level DP round's noise share, drawn ahead at share_keys; kept and dropped with _secagg.
+        self._noise: dict[int, _NoiseDraw] = {}
         # A gbdt job's bin codes and gradients under one version: (job, version, data), codes, (g, h).
         self._trees: tuple[tuple[int, int, int], np.ndarray, tuple[np.ndarray, np.ndarray]] | None = None
         # Example-level DP: the round and the DP-SGD report (z, q, steps) of the last training, for the update.
@@ -299,13 +329,28 @@ class Worker:
             )
         client = SecAggClient(self.device_id, context, params, self.client.key.sign)
         self._secagg = {task.round_id: client}  # one round at a time; older secrets are dropped
+        self._noise = {}
         return client.advertise()
 
     def share_keys(self, task: Task) -> dict[str, Any]:
         """Stage 2: Shamir shares of this device's secrets, encrypted to each neighbour."""
         info = task.secagg or {}
         verify = identity_verifier(info.get("identity_keys", {}))
-        return {"ciphertexts": self._secure_client(task).share_keys(info.get("neighbours", {}), verify)}
+        out = {"ciphertexts": self._secure_client(task).share_keys(info.get("neighbours", {}), verify)}
+        self._draw_noise_ahead(task)
+        return out
+
+    def _draw_noise_ahead(self, task: Task) -> None:
+        """Under device-level DP, start drawing this round's Skellam share while the device waits for
+        masked_input: the draw (most of the encoding's time at 1e6 values) leaves the critical path."""
+        info = task.secagg or {}
+        if task.kind != "train" or not info.get("privacy") or task.round_id not in self._secagg:
+            return
+        try:
+            params = SkellamParams(**info["privacy"])
+        except (TypeError, ValueError):
+            return  # masked_input refuses them, with the reason
+        self._noise = {task.round_id: _NoiseDraw(params)}
 
     def masked_input(self, task: Task) -> bytes:
         """Stage 3: train, quantise, weight by the example count, mask (a gbdt job: its tree vector)."""
@@ -375,9 +420,18 @@ class Worker:
         masked = client.masked_input(x, info.get("ciphertexts", {}), in_place=True)
         return codec.encode(masked_input_header(task.round_id), masked)
 
+    def _drawn_noise(self, params: SkellamParams) -> NoiseShare | None:
+        """The share drawn ahead at share_keys for the round in progress and these parameters, taken once
+        (``_noise`` holds one round, as ``_secagg`` does); None if there is none (the draw failed, or the
+        parameters changed since share_keys): ``noised_input`` then draws it with the update."""
+        pending = [d for r, d in self._noise.items() if r in self._secagg and d.params == params]
+        self._noise = {}
+        return pending[0].take() if pending else None
+
     def _noised(self, delta: np.ndarray, params: SkellamParams) -> np.ndarray:
-        """x_u of a device-level round: ``noised_input`` with rounding and noise from the CSPRNG."""
-        return noised_input(delta, params, _csprng())
+        """x_u of a device-level round: ``noised_input`` with rounding from the CSPRNG, and the noise
+        share drawn ahead (or, without one, drawn here from the CSPRNG)."""
+        return noised_input(delta, params, _csprng(), noise=self._drawn_noise(params))
 
     def masked_statistics(self, task: Task) -> bytes:
         """Stage 3 of a secure statistics round: the app's summary as a masked integer vector."""
@@ -396,6 +450,7 @@ class Worker:
         me = {self.device_id}
         shares = client.unmask(set(info.get("survivors", [])) - me, set(info.get("dropped", [])) - me)
         self._secagg.pop(task.round_id, None)
+        self._noise.pop(task.round_id, None)
         return {"shares": shares}
 
     # -- gradient-boosted trees (docs/gbdt.md) ---------------------------------

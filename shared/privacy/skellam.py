@@ -223,7 +223,59 @@ def honest_floor(minimum: int, corruption: float) -> int:
     return max(1, math.floor(minimum * (1.0 - corruption)))
 
 
-def noised_input(update: np.ndarray, params: SkellamParams, rng: np.random.Generator) -> U64:
+@dataclass(frozen=True, eq=False)
+class NoiseShare:
+    """One device's Skellam noise share for one round, drawn before its update exists (:func:`noise_share`).
+
+    The share depends only on the round's :class:`SkellamParams`, never on
+    the update, so a device may draw it while it waits between SecAgg+
+    stages and add it at masked input. It keeps the parameters it was drawn
+    for, so that :func:`noised_input` refuses a share of another round's
+    mechanism. Use it for one vector only: a share added twice is noise the
+    coordinator can cancel by differencing.
+    """
+
+    params: SkellamParams
+    values: I64
+
+
+def noise_share(params: SkellamParams, rng: np.random.Generator) -> NoiseShare:
+    """A device's Skellam(``params.local_variance``) share for every coordinate but the contributor count.
+
+    Exactly the draw :func:`noised_input` makes when given no share, and the
+    first thing it takes from ``rng``: drawing the share ahead and passing it
+    gives the same vector, to the bit, as letting :func:`noised_input` draw
+    it from the same generator. ``rng`` must be seeded from a CSPRNG
+    (:func:`skellam_noise`) and fresh for each round.
+    """
+    return NoiseShare(params, skellam_noise(params.local_variance, params.coordinates - 1, rng))
+
+
+def _checked_share(noise: NoiseShare, params: SkellamParams) -> I64:
+    if not isinstance(noise, NoiseShare):
+        raise ValueError(
+            f"the noise share must be a NoiseShare from noise_share(), got {type(noise).__name__}"
+        )
+    if noise.params != params:
+        raise ValueError(f"the noise share was drawn for {noise.params}, this round's mechanism is {params}")
+    values = noise.values
+    if (
+        not isinstance(values, np.ndarray)
+        or values.dtype != np.int64
+        or values.shape != (params.coordinates - 1,)
+    ):
+        got = (
+            f"{values.dtype} of shape {values.shape}"
+            if isinstance(values, np.ndarray)
+            else type(values).__name__
+        )
+        raise ValueError(f"the noise share must be {params.coordinates - 1} int64 values, got {got}")
+    return values
+
+
+def noised_input(
+    update: np.ndarray, params: SkellamParams, rng: np.random.Generator, noise: NoiseShare | None = None
+) -> U64:
     """A device's vector for SecAgg+: its clipped, scaled, rounded update plus its noise share, as uint64.
 
     Steps, each from the papers: clip to ``params.clip`` in L2
@@ -235,17 +287,24 @@ def noised_input(update: np.ndarray, params: SkellamParams, rng: np.random.Gener
     coordinates; append 1, the contributor count. Signed values go into the
     uint64 vector in two's complement, so the masked sum modulo 2**64 is the
     signed sum. ``rng`` must be seeded from a CSPRNG (:func:`skellam_noise`).
+
+    ``noise``: the share drawn ahead with :func:`noise_share` for these
+    ``params`` (a device draws it while it waits between stages); without
+    it the share is drawn here, first, from ``rng``. A share for other
+    parameters, or not of ``coordinates - 1`` int64 values, is refused with
+    a ValueError.
     """
     values = np.asarray(update).ravel()
     if values.size != params.dim:
         raise ValueError(f"update has {values.size} values, the round expects dim={params.dim}")
+    share = _checked_share(noise, params) if noise is not None else noise_share(params, rng).values
     clipped = clip_l2(values, params.clip)
     rounded = randomised_round(clipped.values * params.scale, params.update_l2, rng)
     signed = np.empty(params.coordinates, dtype=np.int64)
     signed[: params.dim] = rounded
     if params.indicator_noise is not None:
         signed[params.dim] = params.indicator_scale * (2 * under_clip(clipped.norm, params.clip) - 1)
-    signed[:-1] += skellam_noise(params.local_variance, params.coordinates - 1, rng)
+    signed[:-1] += share
     signed[-1] = 1
     return signed.view(np.uint64)
 
