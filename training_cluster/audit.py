@@ -1,10 +1,13 @@
-"""The SHAP audit's shared core: explaining a model, validating the attributions, drift and the verdict.
+"""The SHAP audit's shared core: drawing the rows, explaining a model and validating the attributions.
 
 Pure computation; no HTTP (the loop that claims audits and returns reports is
-:mod:`training_cluster.audit_worker`). The two audits built on it: a zoo model on
-tabular rows (:mod:`training_cluster.audit_tabular`, :func:`audit_version`) and an
-app's model (:mod:`training_cluster.audit_app`, :func:`audit_app_version`); their
-plots are :mod:`training_cluster.audit_plots`. Both are importable from here too.
+:mod:`training_cluster.audit_worker`). Beside it: the comparisons behind the verdict
+(:mod:`training_cluster.audit_drift`), the report every audit ends with
+(:mod:`training_cluster.audit_report`) and the plots (:mod:`training_cluster.audit_plots`). The
+audits built on them: a zoo model on tabular rows (:mod:`training_cluster.audit_tabular`,
+:func:`audit_version`), an app's model (:mod:`training_cluster.audit_app`,
+:func:`audit_app_version`) and a tree ensemble (:mod:`training_cluster.audit_trees`). Their public
+names are importable from here too.
 For each version:
 
 1. draw the explained rows and the background rows from the reference data,
@@ -46,10 +49,9 @@ times faster on a small MLP. If shap's internals move, the code falls back to
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -58,7 +60,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.jobspec import AuditSpec, JobSpec
+from shared.jobspec import AuditSpec
 from training_cluster.audit_plots import beeswarm_plot, class_map_plot, importance_plot
 
 # "tree": shap's TreeExplainer, for a gbdt version (training_cluster.audit_trees).
@@ -73,7 +75,7 @@ _VALIDATION_PERMUTATIONS = 10
 # One thread: the matrices of a zoo model are small enough that a second thread costs more in
 # synchronisation than it saves (measured 0.25 s against 0.9 s on 2 busy cores, bench/audit.py);
 # workers scale out as processes instead.
-_DEFAULT_THREADS = 1
+DEFAULT_THREADS = 1
 
 
 class AuditError(ValueError):
@@ -141,7 +143,7 @@ def choose_explainer(model: nn.Module) -> ExplainerName:
 
 
 @contextmanager
-def _torch_threads(threads: int) -> Iterator[None]:
+def torch_threads(threads: int) -> Iterator[None]:
     previous = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
     try:
@@ -248,7 +250,7 @@ def explain(
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     bt = torch.from_numpy(np.ascontiguousarray(background, dtype=np.float32))
     model.eval()
-    with _torch_threads(threads or _DEFAULT_THREADS):
+    with torch_threads(threads or DEFAULT_THREADS):
         if name == "deep":
             values, expected = _deep(model, xt, bt)
         elif name == "gradient":
@@ -335,201 +337,11 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-# --------------------------------------------------------------------------- comparisons
-
-
-def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
-    """Spearman's rank correlation (average ranks for ties); None when undefined (constant or < 2 items)."""
-    from scipy.stats import spearmanr
-
-    if len(a) < 2 or len(set(a)) < 2 or len(set(b)) < 2:
-        return None
-    rho = float(spearmanr(a, b).statistic)
-    return None if math.isnan(rho) else rho
-
-
-def _shares(importance: dict[str, float]) -> dict[str, float]:
-    total = sum(importance.values())
-    if total <= 0:
-        return dict.fromkeys(importance, 0.0)
-    return {name: value / total for name, value in importance.items()}
-
-
-def _top(importance: dict[str, float], k: int) -> list[str]:
-    return [name for name, _ in sorted(importance.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
-
-
-def compare_with_previous(
-    importance: dict[str, float], previous: dict[str, float] | None, audit: AuditSpec
-) -> tuple[dict[str, Any], list[str]]:
-    """The drift section of a report and the reasons for a ``drift`` verdict (none: ``ok``).
-
-    Drift when the Spearman correlation of the importances with the previous
-    version's is below ``audit.min_rank_correlation``, or when a feature's share
-    of the total importance moved by more than ``audit.max_share_shift``. With
-    no previous importances there is nothing to compare: no drift.
-    """
-    thresholds = {
-        "min_rank_correlation": audit.min_rank_correlation,
-        "max_share_shift": audit.max_share_shift,
-    }
-    if previous is None:
-        return {"rank_correlation": None, "shifted": [], "thresholds": thresholds}, []
-    common = [name for name in importance if name in previous]
-    rho = spearman([importance[n] for n in common], [float(previous[n]) for n in common])
-    after = _shares(importance)
-    before = _shares({name: float(v) for name, v in previous.items()})
-    moves = []
-    for name in sorted(set(after) | set(before)):
-        was, now = before.get(name, 0.0), after.get(name, 0.0)
-        if abs(now - was) > audit.max_share_shift:
-            moves.append((name, was, now))
-    moves.sort(key=lambda m: -abs(m[2] - m[1]))
-    shifted = [{"feature": name, "share_before": was, "share_after": now} for name, was, now in moves]
-    reasons = []
-    if rho is not None and rho < audit.min_rank_correlation:
-        reasons.append(
-            f"rank correlation of feature importances with the previous version is {rho:.3f},"
-            f" below {audit.min_rank_correlation:g}"
-        )
-    for name, was, now in moves:
-        reasons.append(
-            f"{name}'s share of total importance moved from {was:.1%} to {now:.1%}"
-            f" (more than {audit.max_share_shift:.0%})"
-        )
-    return {"rank_correlation": rho, "shifted": shifted, "thresholds": thresholds}, reasons
-
-
-def compare_with_baseline(
-    importance: dict[str, float], baseline: dict[str, Any] | None, top: int
-) -> dict[str, Any] | None:
-    """Agreement with the AutoML leader's mean |TreeSHAP| per feature: rank correlation and top-k overlap."""
-    if not baseline:
-        return None
-    contributions = baseline.get("contributions") or {}
-    theirs = contributions.get("features") or {}
-    if not theirs:
-        return None
-    theirs = {str(k): float(v) for k, v in theirs.items()}
-    common = [name for name in importance if name in theirs]
-    k = min(top, len(common)) if common else 0
-    ours_top = set(_top({n: importance[n] for n in common}, k))
-    their_top = set(_top({n: theirs[n] for n in common}, k))
-    return {
-        "model": contributions.get("model") or baseline.get("leader"),
-        "rank_correlation": spearman([importance[n] for n in common], [theirs[n] for n in common]),
-        "top_overlap": len(ours_top & their_top) / k if k else None,
-        "features": len(common),
-    }
-
-
-# --------------------------------------------------------------------------- plots
-
-
-def _importance(values: np.ndarray, features: list[str]) -> dict[str, float]:
-    # Mean |SHAP| per class, summed over classes (the total of a stacked bar).
-    per = np.abs(values).mean(axis=0).sum(axis=1)
-    return {name: float(v) for name, v in zip(features, per, strict=True)}
-
-
-def summarise(
-    spec: JobSpec,
-    *,
-    started: float,
-    version: int,
-    seed: int,
-    previous: dict[str, Any] | None,
-    previous_version: int | None,
-    baseline: dict[str, Any] | None,
-    model: nn.Module,
-    xr: np.ndarray,
-    xb: np.ndarray,
-    groups: np.ndarray | None,
-    attributions: Attributions,
-    values: np.ndarray,
-    features: list[str],
-    classes: Sequence[str] | None,
-    output: str,
-    additivity: float,
-    threads: int | None,
-    plots: bool,
-    swarm_data: Callable[[], np.ndarray],
-    shape: dict[str, Any] | None = None,
-    more_plots: Callable[[], dict[str, bytes]] | None = None,
-) -> AuditResult:
-    """The steps both audits share once a version is explained: importances (per class when
-    ``classes`` names the outputs), validation, drift against ``previous``, the verdict, the plots and
-    the report.
-
-    ``values``: per-feature attributions ``(rows, features, outputs)``; ``groups`` sums the model's
-    columns into them for the validation (None: one column a feature). ``shape``: report fields
-    that follow ``background``; ``more_plots``: plots after the beeswarm.
-    """
-    audit = spec.audit
-    importance = _importance(values, features)
-    by_class: dict[str, dict[str, float]] | None = None
-    if classes is not None:
-        per_class = np.abs(values).mean(axis=0)
-        by_class = {
-            label: {name: float(per_class[i, j]) for i, name in enumerate(features)}
-            for j, label in enumerate(classes)
-        }
-
-    validation = None
-    if audit.validate_rows > 0:
-        k = min(audit.validate_rows, len(xr))
-        with _torch_threads(threads or _DEFAULT_THREADS):
-            validation = validate(model, xr[:k], xb, values[:k], groups, seed=seed)
-
-    previous_importance = None
-    if previous is not None and previous.get("importance"):
-        previous_importance = {str(k): float(v) for k, v in previous["importance"].items()}
-    drift, reasons = compare_with_previous(importance, previous_importance, audit)
-    verdict = "drift" if reasons else "ok"
-
-    images: dict[str, bytes] = {}
-    if plots:
-        order = _top(importance, len(importance))
-        title = f"{spec.name} v{version}: {output}"
-        images["importance.png"] = importance_plot(by_class or {"all": importance}, order, title)
-        if classes is not None:
-            # One value per row: towards the class the model predicts for that row.
-            predicted = attributions.outputs.argmax(axis=1)
-            swarm = values[np.arange(len(xr)), :, predicted]
-            swarm_title = f"{spec.name} v{version}: SHAP towards each row's predicted class"
-        else:
-            swarm, swarm_title = values[:, :, 0], title
-        images["beeswarm.png"] = beeswarm_plot(swarm, swarm_data(), features, swarm_title)
-        if more_plots is not None:
-            images.update(more_plots())
-
-    report: dict[str, Any] = {
-        "version": version,
-        "previous_version": previous_version if previous_importance is not None else None,
-        "explainer": attributions.explainer,
-        "output": output,
-        "rows": int(len(xr)),
-        "background": int(len(xb)),
-        **(shape or {}),
-        "expected_value": [float(v) for v in attributions.expected],
-        "importance": importance,
-        "importance_by_class": by_class,
-        "shares": _shares(importance),
-        "top_features": _top(importance, audit.top),
-        "additivity_max_error": additivity,
-        "validation": validation,
-        "drift": drift,
-        "baseline": compare_with_baseline(importance, baseline, audit.top),
-        "verdict": verdict,
-        "reasons": reasons,
-        "seconds": time.perf_counter() - started,
-    }
-    return AuditResult(report=report, verdict=verdict, plots=images, values=values, features=features)
-
-
 # The audits and plots built on this core, importable from here as before; loaded on first use,
 # since they import this module (no cycle when a module loads).
 _ELSEWHERE = {
+    "audit_drift": ("compare_with_baseline", "compare_with_previous", "spearman"),
+    "audit_report": ("summarise",),
     "audit_tabular": (
         "audit_version",
         "version_importance",
@@ -571,6 +383,8 @@ if TYPE_CHECKING:
         audit_app_version,
         class_maps,
     )
+    from training_cluster.audit_drift import compare_with_baseline, compare_with_previous, spearman
+    from training_cluster.audit_report import summarise
     from training_cluster.audit_tabular import (
         audit_version,
         feature_groups,

@@ -19,12 +19,12 @@ from training_cluster.audit import (
     AuditError,
     AuditResult,
     ExplainerName,
-    _importance,
     draw_rows,
     explain,
-    summarise,
 )
+from training_cluster.audit_drift import mean_abs_importance
 from training_cluster.audit_plots import class_map_plot
+from training_cluster.audit_report import summarise
 
 # DeepLIFT is exact up to float rounding; a larger gap (beyond this share of the largest output)
 # means a rule was missing (a functional nonlinearity, a module used twice), and expected
@@ -223,7 +223,7 @@ def app_version_importance(
     attributions, _ = _explain_app(
         flat, inputs.x[rows], inputs.x[background], explainer=explainer, seed=version, threads=threads
     )
-    return _importance(attributions.values, inputs.features)
+    return mean_abs_importance(attributions.values, inputs.features)
 
 
 def audit_app_version(

@@ -16,12 +16,12 @@ from training_cluster.audit import (
     AuditError,
     AuditResult,
     ExplainerName,
-    _importance,
     draw_rows,
     explain,
-    summarise,
     to_features,
 )
+from training_cluster.audit_drift import mean_abs_importance
+from training_cluster.audit_report import summarise
 
 
 def load_model(header: dict[str, Any], vector: np.ndarray) -> nn.Module:
@@ -98,7 +98,7 @@ def version_importance(
     rows, background = draw_rows(len(x), spec.audit, spec.seed if seed is None else seed, version)
     attributions = explain(model, x[rows], x[background], explainer=explainer, seed=version, threads=threads)
     features, groups = feature_groups(pre)
-    return _importance(to_features(attributions.values, groups), features)
+    return mean_abs_importance(to_features(attributions.values, groups), features)
 
 
 def audit_version(

@@ -34,11 +34,11 @@ from training_cluster.audit import (
     Attributions,
     AuditError,
     AuditResult,
-    _importance,
     draw_rows,
-    summarise,
     to_features,
 )
+from training_cluster.audit_drift import mean_abs_importance
+from training_cluster.audit_report import summarise
 from training_cluster.audit_tabular import _feature_data, feature_groups, output_description, preprocessor_for
 
 _SHAP_FOR_TREES = (0, 50)
@@ -184,7 +184,7 @@ def tree_version_importance(
     booster = booster_of(model.ensemble, threads)
     attributions = explain_trees(model.ensemble, booster, x[rows], x[background])
     features, groups = feature_groups(pre)
-    return _importance(to_features(attributions.values, groups), features)
+    return mean_abs_importance(to_features(attributions.values, groups), features)
 
 
 def audit_tree_version(
