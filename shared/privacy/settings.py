@@ -1,7 +1,7 @@
 """The settings of a job's future ``[privacy]`` section, and their validation.
 
 A frozen dataclass and one validator over a parsed TOML table, so that
-``shared/jobspec.py`` can call :func:`validate_privacy` from its own model
+``shared/jobspec/`` can call :func:`validate_privacy` from its own model
 and report the problems as it reports its own: one ``"privacy.<field>:
 <what is wrong>"`` line per problem, every problem at once.
 """
@@ -31,7 +31,7 @@ class PrivacySettingsError(ValueError):
 
 
 def _doc(text: str, default: Any = MISSING) -> Any:
-    # The field's meaning travels with it, for the job spec reference that jobspec.py generates.
+    # The field's meaning travels with it, for the job spec reference that shared/jobspec generates.
     return field(default=default, metadata={"doc": text})
 
 
