@@ -64,6 +64,8 @@ class Device(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
     agent_version: Mapped[str] = mapped_column(String(64), default="")
     peak_rss_mb: Mapped[float | None] = mapped_column(Float, default=None)
+    # The device list's order: a page is one range read of this index (keyset paging).
+    __table_args__ = (Index("ix_devices_enrolled", "enrolled_at", "id"),)
 
 
 class DeviceNonce(Base):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from coordinator import privacy, timeline
@@ -235,25 +235,40 @@ def list_jobs(s: Session) -> list[dict[str, Any]]:
     return [job_dict(s, j, with_latest=False) for j in s.scalars(select(Job).order_by(Job.id))]
 
 
-def list_devices(s: Session, eligibility_window: float) -> list[dict[str, Any]]:
+DEVICE_COLUMNS = (
+    Device.id,
+    Device.name,
+    Device.platform,
+    Device.enrolled_at,
+    Device.last_seen,
+    Device.revoked_at,
+    Device.agent_version,
+    Device.peak_rss_mb,
+)
+
+
+def list_devices(
+    s: Session, eligibility_window: float, limit: int | None = None, after: str | None = None
+) -> tuple[list[dict[str, Any]], bool]:
+    """Devices in enrolment order (then id), at most ``limit`` of them after the device ``after``,
+    and whether more follow. Plain column rows, not ORM objects: a fleet of thousands is listed a page
+    at a time, and a page costs one indexed range read (keyset paging, no OFFSET to walk past).
+
+    Raises ``LookupError`` when ``after`` names no device."""
     now = time.time()
+    q = select(*DEVICE_COLUMNS).order_by(Device.enrolled_at, Device.id)
+    if after is not None:
+        mark = s.scalar(select(Device.enrolled_at).where(Device.id == after))
+        if mark is None:
+            raise LookupError(after)
+        q = q.where(or_(Device.enrolled_at > mark, and_(Device.enrolled_at == mark, Device.id > after)))
+    if limit is not None:
+        q = q.limit(limit + 1)
     out = []
-    for d in s.scalars(select(Device).order_by(Device.enrolled_at)):
-        row = {
-            c: getattr(d, c)
-            for c in (
-                "id",
-                "name",
-                "platform",
-                "enrolled_at",
-                "last_seen",
-                "revoked_at",
-                "agent_version",
-                "peak_rss_mb",
-            )
-        }
-        row["online"] = (
-            d.revoked_at is None and d.last_seen is not None and d.last_seen >= now - eligibility_window
-        )
+    floor = now - eligibility_window
+    for r in s.execute(q):
+        row = r._asdict()
+        row["online"] = r.revoked_at is None and r.last_seen is not None and r.last_seen >= floor
         out.append(row)
-    return out
+    more = limit is not None and len(out) > limit
+    return (out[:limit] if more else out), more

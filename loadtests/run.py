@@ -40,6 +40,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from datetime import datetime
 from pathlib import Path
@@ -102,6 +103,17 @@ def call(
             detail = err.reason
         raise RunError(f"{method} {url}: HTTP {err.code}: {detail}") from None
     return json.loads(body) if body and body[:1] in b"[{" else body.decode()
+
+
+def all_devices(base: str, token: str) -> list[dict[str, Any]]:
+    """Every enrolled device, a page of 1,000 at a time (the coordinator pages its device list)."""
+    out: list[dict[str, Any]] = []
+    while True:
+        after = f"&after={urllib.parse.quote(out[-1]['id'])}" if out else ""
+        page = call(f"{base}/v1/devices?limit=1000{after}", token=token, timeout=60)
+        out.extend(page)
+        if len(page) < 1000:
+            return out
 
 
 def run_module(args: list[str], env: dict[str, str], timeout: float) -> str:
@@ -574,7 +586,7 @@ def drive(
             if " ERROR " in line or "Traceback" in line
         ),
     }
-    devices = call(base + "/v1/devices", token=admin, timeout=60)
+    devices = all_devices(base, admin)
     cutoff = time.time() - 90
     report["devices_enrolled"] = len(devices)
     report["devices_seen_last_90s"] = sum(1 for d in devices if d["last_seen"] and d["last_seen"] >= cutoff)

@@ -160,7 +160,7 @@ def summarize(
         ceiling = ceiling_metrics(spec, pd.concat(data["parts"]), data["test"], epochs=epochs)
     else:
         ceiling = ceiling_metrics(spec, data["train"], data["test"], epochs=epochs)
-    rss = [d["peak_rss_mb"] for d in api.json("GET", "/v1/devices") if d["peak_rss_mb"]]
+    rss = [d["peak_rss_mb"] for d in api.pages("/v1/devices") if d["peak_rss_mb"]]
     job = api.json("GET", f"/v1/jobs/{job_id}")
     pretrain = None
     if job.get("pretrain"):

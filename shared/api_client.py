@@ -63,6 +63,25 @@ class ApiClient:
                 " (is the URL a coordinator's?)"
             ) from None
 
+    def pages(self, path: str, **kw: Any) -> list[Any]:
+        """Every item of a paged list: ``path``'s pages, following each answer's ``Link: rel="next"``
+        (its query names the next page; the path stays ``path``)."""
+        items: list[Any] = []
+        params: Any = kw.pop("params", None)
+        while True:
+            resp = self.request("GET", path, params=params, **kw)
+            try:
+                page = resp.json()
+            except ValueError:
+                raise CliError(f"{self.url}{path} answered with {_kind(resp)}, not JSON") from None
+            if not isinstance(page, list):
+                raise CliError(f"{self.url}{path} answered with {type(page).__name__}, not a list")
+            items.extend(page)
+            nxt = resp.links.get("next", {}).get("url")
+            if not nxt or not page:
+                return items
+            params = httpx.URL(nxt).params
+
 
 def _problem_message(resp: httpx.Response) -> str:
     try:

@@ -61,7 +61,7 @@ def device_row(d: dict[str, Any], now: float) -> list[str]:
 
 @app.command("list")
 def devices_list(as_json: bool = JSON_OPT) -> None:
-    rows = client().json("GET", "/v1/devices")
+    rows = client().pages("/v1/devices")
     if as_json:
         return emit_json(rows)
     now = time.time()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from coordinator import auth, queries
 from coordinator.auth import Operator
+from coordinator.errors import Invalid
 from server.schemas import DeviceOut, EnrollmentTokensOut, TokenOut, problems
 from server.security import admin, federation, operator
 
@@ -48,11 +49,46 @@ def create_enrollment_tokens(
     return EnrollmentTokensOut(tokens=tokens, expires_in_seconds=body.ttl_seconds)
 
 
-@router.get("/devices", response_model=list[DeviceOut], responses=problems(401))
-def list_devices(request: Request, op: Operator = Depends(operator)) -> list[DeviceOut]:
+DEVICE_PAGE = 500
+DEVICE_PAGE_MAX = 1000
+
+
+@router.get(
+    "/devices",
+    response_model=list[DeviceOut],
+    responses={
+        200: {
+            "headers": {
+                "Link": {
+                    "description": 'the next page, `<URL>; rel="next"`, while more devices follow',
+                    "schema": {"type": "string"},
+                }
+            }
+        },
+        **problems(401, 422),
+    },
+)
+def list_devices(
+    request: Request,
+    response: Response,
+    limit: int = Query(
+        DEVICE_PAGE, ge=1, le=DEVICE_PAGE_MAX, description="devices on this page (at most 1000)"
+    ),
+    after: str | None = Query(
+        None, max_length=64, description="the last device id of the previous page (from the Link header)"
+    ),
+    op: Operator = Depends(operator),
+) -> list[DeviceOut]:
+    """Enrolled devices in enrolment order, a page at a time; a `Link` header names the next page."""
     fed = federation(request)
     with fed.read() as s:
-        rows = queries.list_devices(s, fed.settings.eligibility_window)
+        try:
+            rows, more = queries.list_devices(s, fed.settings.eligibility_window, limit, after)
+        except LookupError:
+            raise Invalid(f"after: no device {after!r} (pass the last id of the previous page)") from None
+    if more:
+        url = request.url.include_query_params(limit=limit, after=rows[-1]["id"])
+        response.headers["Link"] = f'<{url.path}?{url.query}>; rel="next"'
     return [DeviceOut.model_validate(r) for r in rows]
 
 
