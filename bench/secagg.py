@@ -20,7 +20,9 @@ run left exiting, such as Ray's daemons after a Flower run, is not timed):
    token from the operator API, long-polls ``/v1/device/checkin`` as the
    agent does (``wait``: the coordinator holds the request until the device
    owes a message; after its masked input a device holds 2 s and then asks
-   once without a hold whether it is still in a running round) and speaks the SecAgg+ stages as
+   once without a hold whether it is still in a running round), sends each
+   stage's message with ``?wait`` and takes its next task from the answer
+   (``next``) instead of checking in, and speaks the SecAgg+ stages as
    ``tests/integration/test_secure_http.py`` does: configure (it downloads the
    model and checks its signature, as the agent does), statistics input,
    advertise_keys, share_keys, masked_input (a synthetic float32 update of the
@@ -405,13 +407,18 @@ def _device_loop(d: _HttpDevice, stop: Any, shared: dict[str, Any]) -> None:
             if shared["cpu_start"] is None:
                 shared["cpu_start"] = time.process_time()
 
+    answered: dict[str, Any] | None = None  # the next check-in's answer, carried by a stage's (?wait)
     while not stop.is_set():
         try:
-            # As the agent does: the coordinator holds the check-in until the device owes a message.
-            # Once the device sent its masked input it holds shorter, then asks once without a hold
-            # whether it is still in a running round (a hold's answer does not say), so that it can stop.
+            # As the agent does: the coordinator holds the check-in (or the stage message sent with
+            # ?wait) until the device owes a message. Once the device sent its masked input it holds
+            # shorter, then asks once without a hold whether it is still in a running round (a hold's
+            # answer does not say), so that it can stop.
             wait = HOLD_TRAINED if d.trained else HOLD
-            resp = d.call("POST", "/v1/device/checkin", json.dumps({"wait": wait}).encode()).json()
+            if answered is not None:
+                resp, answered = answered, None
+            else:
+                resp = d.call("POST", "/v1/device/checkin", json.dumps({"wait": wait}).encode()).json()
             if resp.get("task") is None and d.trained:
                 resp = d.call("POST", "/v1/device/checkin", b"{}").json()
         except Exception as err:  # noqa: BLE001 - report and keep polling
@@ -433,6 +440,18 @@ def _device_loop(d: _HttpDevice, stop: Any, shared: dict[str, Any]) -> None:
             mark_train_start()
         path = f"/v1/device/rounds/{t['round_id']}/{stage}"
         info = t.get("secagg") or {}
+
+        def post(
+            body: bytes, ctype: str = "application/json", last: bool = False, path: str = path
+        ) -> dict[str, Any] | None:
+            """The stage's message; unless it is the device's last, asking for its next task (?wait)."""
+            if last:
+                d.call("POST", path, body, ctype)
+                return None
+            hold = HOLD_TRAINED if d.trained else HOLD
+            answer: dict[str, Any] = d.call("POST", f"{path}?wait={hold:g}", body, ctype).json()
+            return answer.get("next")
+
         c0 = time.thread_time()
         try:
             if stage == "configure":
@@ -449,22 +468,22 @@ def _device_loop(d: _HttpDevice, stop: Any, shared: dict[str, Any]) -> None:
                 msg: dict[str, Any] = {"accepted": True, "rows": EXAMPLES}
                 if kind == "stats":  # the statistics round is secure too: value sets go at configure
                     msg["vocabulary"] = shared["vocabulary"]
-                d.call("POST", path, json.dumps(msg).encode())
+                answered = post(json.dumps(msg).encode())
             elif stage == "input":  # a statistics round without secure aggregation (secure = false)
-                d.call("POST", path, json.dumps({"statistics": shared["stats"]}).encode())
+                answered = post(json.dumps({"statistics": shared["stats"]}).encode())
             elif stage == "advertise_keys":
                 d.client = SecAggClient(
                     d.id, base64.b64decode(info["context"]), SecAggParams(**info["params"]), d.key.sign
                 )
-                d.call("POST", path, json.dumps(d.client.advertise()).encode())
+                answered = post(json.dumps(d.client.advertise()).encode())
             elif stage == "share_keys":
                 cts = d.client.share_keys(info["neighbours"], identity_verifier(info["identity_keys"]))
-                d.call("POST", path, json.dumps({"ciphertexts": cts}).encode())
+                answered = post(json.dumps({"ciphertexts": cts}).encode())
             elif stage == "masked_input" and kind == "stats":
                 x = secagg_statistics.encode(shared["stats"], shared["schema"], info["vocabulary"])
                 y = d.client.masked_input(x, info["ciphertexts"])
                 header = masked_input_header(t["round_id"])
-                d.call("POST", path, codec.encode(header, y), "application/octet-stream")
+                answered = post(codec.encode(header, y), "application/octet-stream")
             elif stage == "masked_input":
                 d.trained = True
                 g0 = time.thread_time()
@@ -484,7 +503,7 @@ def _device_loop(d: _HttpDevice, stop: Any, shared: dict[str, Any]) -> None:
                 header = masked_input_header(t["round_id"])
                 body = codec.encode(header, y)
                 del x, y
-                d.call("POST", path, body, "application/octet-stream")
+                answered = post(body, "application/octet-stream", last=d.drop)
                 del body
                 with shared["lock"]:  # the plain sum of what went in, to check the new version against
                     clipped = np.clip(update, -CLIP, CLIP).astype(np.float64)
@@ -497,7 +516,7 @@ def _device_loop(d: _HttpDevice, stop: Any, shared: dict[str, Any]) -> None:
             elif stage == "unmask":
                 me = {d.id}
                 shares = d.client.unmask(set(info["survivors"]) - me, set(info["dropped"]) - me)
-                d.call("POST", path, json.dumps({"shares": shares}).encode())
+                answered = post(json.dumps({"shares": shares}).encode(), last=kind == "train")
         except Exception as err:  # noqa: BLE001 - report; the coordinator decides what it means
             d.errors.append(f"{kind}/{stage}: {type(err).__name__}: {err}")
         if kind == "train":

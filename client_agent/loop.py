@@ -14,13 +14,15 @@ from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from pydantic import ValidationError
+
 from client_agent.config import AgentHome, ResumeState
 from client_agent.identity import load_identity
 from client_agent.transport import CoordinatorError, SignedClient, TransientError
 from client_agent.worker import Declined, Worker
 from shared.apps import AppError, preload
 from shared.secagg.primitives import SecAggError
-from shared.wire import CheckinRequest, CheckinResponse, Task
+from shared.wire import Accepted, CheckinRequest, CheckinResponse, Task
 
 log = logging.getLogger("aicfl.agent")
 BINARY = "application/octet-stream"
@@ -182,12 +184,13 @@ class Agent:
         backoff = Backoff()
         self.warm_up()
         log.info("agent %s checking in with %s", self.cfg.device_id, self.cfg.coordinator)
+        answered: CheckinResponse | None = None  # the next check-in's answer, carried by a stage's
         while not self.stop.is_set():
             try:
-                resp = self.checkin()
+                resp, answered = (answered if answered is not None else self.checkin()), None
                 backoff.reset()
                 if resp.task is not None:
-                    self.handle(resp.task)
+                    answered = self.handle(resp.task)
                     continue
                 # Never later than told (the coordinator counts on it), a little earlier at random.
                 delay = resp.retry_after * self._rng.uniform(0.9, 1.0)
@@ -217,8 +220,10 @@ class Agent:
         except CoordinatorError as err:  # the round ended or moved on meanwhile: nothing to leave
             log.info("round %s: withdrawal not needed: %s", task.round_id, err.detail)
 
-    def handle(self, task: Task) -> None:
-        """Do one stage of a round, at most once, and never for a stale round."""
+    def handle(self, task: Task) -> CheckinResponse | None:
+        """Do one stage of a round, at most once, and never for a stale round; the coordinator's answer
+        to the device's next check-in when the message carried it (``?wait``), else None."""
+        answered = None
         if task.round_id < self.state.last_round_id:
             log.warning(
                 "ignoring task for round %s: already worked on newer round %s",
@@ -226,14 +231,14 @@ class Agent:
                 self.state.last_round_id,
             )
             self.stop.wait(1.0)
-            return
+            return None
         if task.round_id != self.state.round_id:
             self.state = ResumeState(
                 round_id=task.round_id, stages_sent=[], last_round_id=task.round_id, apps=self.state.apps
             )
         if task.stage in self.state.stages_sent:
             self.stop.wait(0.5)
-            return
+            return None
         crash_at = os.environ.get("AICFL_AGENT_CRASH_AT")  # fault injection for tests: "ROUND:STAGE"
         if crash_at and crash_at == f"{task.round}:{task.stage}":
             log.error("AICFL_AGENT_CRASH_AT=%s: exiting abruptly", crash_at)
@@ -249,7 +254,7 @@ class Agent:
                 self.outbox[key] = message
             else:
                 log.info("round %s stage %s: sending the same message again", task.round_id, task.stage)
-            self.client.request("POST", path, message[0], content_type=message[1])
+            answered = self._send(path, *message)
         except CoordinatorError as err:
             # Dropped, deadline passed, round over: nothing to retry for this stage.
             log.warning("round %s stage %s not accepted: %s", task.round_id, task.stage, err.detail)
@@ -262,6 +267,27 @@ class Agent:
         self.state.stages_sent.append(task.stage)
         self.state.apps = sorted(set(self.state.apps) | self.worker.used_apps)
         self.home.save_state(self.state)
+        return answered
+
+    def _send(self, path: str, body: bytes, content_type: str) -> CheckinResponse | None:
+        """POST a stage's message; a long-polling agent asks for its next task in the same request
+        (``?wait``: held until it owes its next message, as a check-in is), a stopping one does not."""
+        if self.wait <= 0 or self.stop.is_set():
+            self.client.request("POST", path, body, content_type=content_type)
+            return None
+        resp = self._interruptible(
+            lambda: self.client.request(
+                "POST",
+                f"{path}?wait={self.wait:g}",
+                body,
+                content_type=content_type,
+                timeout=self.wait + HOLD_MARGIN_SECONDS,
+            )
+        )
+        try:  # a coordinator older than this answers without ``next``: check in as before
+            return Accepted.model_validate_json(resp.content).next
+        except ValidationError:
+            return None
 
     def _compose(self, task: Task) -> tuple[bytes, str]:
         """The message of ``task``'s stage, and its content type."""

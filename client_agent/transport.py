@@ -64,15 +64,19 @@ class SignedClient:
         content_type: str = "application/json",
         timeout: float | None = None,
     ) -> httpx.Response:
-        """Send a signed request; ``timeout``: seconds to wait for each read (a held check-in's answer),
-        instead of the client's."""
+        """Send a signed request; ``timeout``: seconds to wait for each read (a held answer), when longer
+        than the client's."""
         headers = sign_request(self.key, self.device_id, method, path, body)
         if body:
             headers["Content-Type"] = content_type
         extra: dict[str, Any] = {}
         if timeout is not None:
+            base = self._http.timeout
             extra["timeout"] = httpx.Timeout(
-                self._http.timeout.connect, read=timeout, write=timeout, pool=timeout
+                base.connect,
+                read=max(timeout, base.read or 0.0),
+                write=max(timeout, base.write or 0.0),
+                pool=max(timeout, base.pool or 0.0),
             )
         try:
             resp = self._http.request(method, path, content=body, headers=headers, **extra)

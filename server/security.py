@@ -80,9 +80,12 @@ class SignedRequest:
     """A device request whose signing headers are complete and fresh and whose body is read, but whose
     signature is not yet verified: a route reaches its device and body only through ``run``."""
 
-    def __init__(self, body: bytes, verify: Callable[[bytes], str]):
+    def __init__(
+        self, body: bytes, verify: Callable[[bytes], str], release: Callable[[], None] = lambda: None
+    ):
         self._body = body
         self._verify = verify
+        self.release = release  # frees the upload slot before the request is held (idempotent)
 
     async def run(self, work: Callable[[str, bytes], T]) -> T:
         """Verify the signature and spend the nonce, then ``work(device_id, body)``: in one worker thread.
@@ -131,6 +134,16 @@ async def device_request(request: Request) -> AsyncIterator[SignedRequest]:
         await run_in_threadpool(precheck)
         slots = request.app.state.upload_slots
         await slots.acquire()
+    held = slots
+
+    def release() -> None:
+        # Once the route is done with the body; before a hold (?wait), so that a request held for
+        # its next task does not keep other devices' uploads waiting.
+        nonlocal held
+        if held is not None:
+            free, held = held, None
+            free.release()
+
     try:
         body = await read_body(request)
         method, target = request.method, signed_target(request)
@@ -139,7 +152,6 @@ async def device_request(request: Request) -> AsyncIterator[SignedRequest]:
             with fed.device_write() as db:
                 return auth.authenticate_device_id(db, headers, method, target, signed, window_seconds=window)
 
-        yield SignedRequest(body, verify)
+        yield SignedRequest(body, verify, release)
     finally:
-        if slots is not None:
-            slots.release()
+        release()

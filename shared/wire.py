@@ -117,6 +117,14 @@ class WithdrawMessage(_Msg):
 class Accepted(_Msg):
     ok: bool = True
     detail: str = ""
+    next: CheckinResponse | None = Field(
+        default=None,
+        description=(
+            "the device's next check-in answer, when it sent the message with ?wait=SECONDS: the request"
+            " is held, as a check-in with that wait is, until the device owes its next message (its task),"
+            " or answers retry_after 0 when the hold ends with nothing to do"
+        ),
+    )
 
 
 def masked_input_header(

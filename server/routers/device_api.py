@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -88,16 +89,54 @@ async def checkin(request: Request, who: SignedRequest = Depends(device_request)
         return device_id, req, checkins.answer(device_id, req)
 
     device_id, req, answer = await who.run(answer_now)
+    return await _held(request, device_id, req, answer)
+
+
+async def _held(
+    request: Request, device_id: str, req: CheckinRequest, answer: CheckinAnswer
+) -> CheckinResponse:
+    """``answer``, or, when it may be held, the device's task once it owes a message (no thread)."""
     if answer.hold <= 0:
         return answer.response
     long_polls: LongPolls = request.app.state.long_polls
     outcome = await long_polls.hold(device_id, answer.hold, request.receive)
     if outcome is Outcome.WOKEN:
-        woken = await run_in_threadpool(checkins.checkin, device_id, req)
+        woken = await run_in_threadpool(federation(request).checkins.checkin, device_id, req)
         return woken if woken.task is not None else CheckinResponse(retry_after=0.0)
     if outcome is Outcome.EXPIRED:
         return CheckinResponse(retry_after=0.0)  # nothing happened: come back and wait again
     return answer.response  # not held (too many held, shutting down) or the device has gone
+
+
+# A round message sent with ?wait=S is also the device's next check-in: the answer carries its next task
+# (held, as a check-in with that wait is, until it owes one). Half of a SecAgg+ round's requests were
+# the check-ins between its stages.
+Wait = Annotated[
+    float,
+    Query(
+        ge=0,
+        le=3600,
+        description="seconds this request may be held for the device's next task (`next` in the answer)",
+    ),
+]
+
+
+async def _accepted(
+    request: Request, who: SignedRequest, work: Callable[[str, bytes], None], wait: float
+) -> Accepted:
+    """Run a round message's ``work``; with ``wait``, answer with the device's next check-in as well."""
+    checkins = federation(request).checkins
+    req = CheckinRequest(wait=wait)
+
+    def work_then_answer(device_id: str, body: bytes) -> tuple[str, CheckinAnswer | None]:
+        work(device_id, body)
+        return device_id, (checkins.answer(device_id, req) if wait > 0 else None)
+
+    device_id, answer = await who.run(work_then_answer)
+    who.release()  # done with the body: no upload slot is held while the answer waits
+    if answer is None:
+        return Accepted()
+    return Accepted(next=await _held(request, device_id, req, answer))
 
 
 @router.get(
@@ -125,7 +164,7 @@ async def device_model(
     openapi_extra=signed_device_request(ConfigureMessage),
 )
 async def configure(
-    round_id: RoundId, request: Request, who: SignedRequest = Depends(device_request)
+    round_id: RoundId, request: Request, wait: Wait = 0.0, who: SignedRequest = Depends(device_request)
 ) -> Accepted:
     """Take part in a round (model verified, data checked), or decline with a reason."""
     devices = federation(request).devices
@@ -134,8 +173,7 @@ async def configure(
         count_received(request, "configure", body)
         devices.configure(device_id, round_id, _json(body, ConfigureMessage))
 
-    await who.run(configure_now)
-    return Accepted()
+    return await _accepted(request, who, configure_now, wait)
 
 
 @router.post(
@@ -145,7 +183,7 @@ async def configure(
     openapi_extra=signed_device_request({"type": "object"}, binary=True),
 )
 async def round_input(
-    round_id: RoundId, request: Request, who: SignedRequest = Depends(device_request)
+    round_id: RoundId, request: Request, wait: Wait = 0.0, who: SignedRequest = Depends(device_request)
 ) -> Accepted:
     """The round's input: a binary update (training) or a JSON message (statistics, evaluation)."""
     devices = federation(request).devices
@@ -164,8 +202,7 @@ async def round_input(
             raise Invalid("body must be a JSON object")
         devices.input_json(device_id, round_id, payload)
 
-    await who.run(input_now)
-    return Accepted()
+    return await _accepted(request, who, input_now, wait)
 
 
 @router.post(
@@ -196,7 +233,11 @@ async def withdraw(
     openapi_extra=signed_device_request({"type": "object"}, binary=True),
 )
 async def secure_stage(
-    round_id: RoundId, stage: str, request: Request, who: SignedRequest = Depends(device_request)
+    round_id: RoundId,
+    stage: str,
+    request: Request,
+    wait: Wait = 0.0,
+    who: SignedRequest = Depends(device_request),
 ) -> Accepted:
     """A secure-aggregation stage: advertise_keys, share_keys, unmask (JSON) or masked_input (binary)."""
     devices = federation(request).devices
@@ -208,5 +249,4 @@ async def secure_stage(
         else:
             devices.secure_json(device_id, round_id, stage, body)
 
-    await who.run(stage_now)
-    return Accepted()
+    return await _accepted(request, who, stage_now, wait)

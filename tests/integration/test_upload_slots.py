@@ -134,3 +134,31 @@ def test_a_refused_upload_gives_its_slot_back(server: tuple[str, Any, Held]) -> 
             pool.map(lambda _: signed_post(url, device, path, BODY, "application/octet-stream"), range(SLOTS))
         )
     assert results == [200] * SLOTS and held.done == SLOTS
+
+
+def test_an_upload_held_for_its_next_task_has_given_its_slot_back(server: tuple[str, Any, Held]) -> None:
+    """A masked input sent with ?wait is held for the device's next task after its body is taken; the
+    slot is free by then, so the other uploads do not queue behind the holds."""
+    url, fed, held = server
+    device = enroll(url, fed)
+    path = "/v1/device/rounds/1/masked_input?wait=4"
+    held.release.set()  # the handler takes each body at once
+    started = time.monotonic()
+    with ThreadPoolExecutor(UPLOADS) as pool:
+        uploads = [pool.submit(held_post, url, device, path) for _ in range(UPLOADS)]
+        wait_until(lambda: held.done == UPLOADS, "the uploads queued behind the held answers")
+        taken = time.monotonic() - started
+        assert not any(u.done() for u in uploads), "an answer was not held"
+        answers = [u.result() for u in uploads]
+    assert taken < 3.0, f"every body was taken only after {taken:.1f} s: slots were held through the holds"
+    for status, answer in answers:
+        assert status == 200
+        assert answer["next"] == {"retry_after": 0.0, "task": None}  # nothing to do: come back at once
+
+
+def held_post(url: str, device: tuple[str, Ed25519PrivateKey], path: str) -> tuple[int, Any]:
+    headers = sign_request(device[1], device[0], "POST", path, BODY)
+    resp = httpx.post(
+        url + path, content=BODY, headers={**headers, "Content-Type": "application/octet-stream"}, timeout=20
+    )
+    return resp.status_code, resp.json()

@@ -147,3 +147,30 @@ def test_the_peak_memory_reported_is_this_process_s_not_the_parent_s_it_was_star
     )
     del ballast
     assert float(out.stdout) < 150, out.stdout
+
+
+def test_the_next_task_carried_by_a_stage_answer_is_worked_on_without_checking_in(
+    scripted_coordinator, tmp_path: Path
+) -> None:
+    """A long-polling agent sends each stage with ?wait and takes its next task from the answer; an
+    answer without one (a coordinator older than this, or nothing to do) sends it back to checking in."""
+    configure, statistics = task(9, "configure"), task(9, "input")
+    scripted_coordinator.reply(
+        "POST", CHECKIN, 200, {"retry_after": 0, "task": configure.model_dump(mode="json")}
+    )
+    scripted_coordinator.reply(
+        "POST", CHECKIN, 401, {"detail": "revoked"}
+    )  # the second check-in ends the run
+    scripted_coordinator.reply(
+        "POST",
+        "/v1/device/rounds/9/configure",
+        200,
+        {"ok": True, "next": {"retry_after": 0, "task": statistics.model_dump(mode="json")}},
+    )
+    scripted_coordinator.reply("POST", "/v1/device/rounds/9/input", 200, {"ok": True})
+    agent = make_agent(tmp_path, scripted_coordinator.url)
+    assert agent.wait > 0
+    assert agent.run() == 3
+    sent = [r.path for r in scripted_coordinator.received]
+    assert sent == [CHECKIN, "/v1/device/rounds/9/configure", "/v1/device/rounds/9/input", CHECKIN]
+    assert "statistics" in scripted_coordinator.requests_to("POST", "/v1/device/rounds/9/input")[0].json()
