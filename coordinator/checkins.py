@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import random
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import select
 
@@ -57,21 +59,13 @@ class CheckIns:
     def answer(self, device_id: str, req: CheckinRequest) -> CheckinAnswer:
         """The device's task, or when to come back; and, if it can wait, how long to hold it for a task."""
         now = self.ctx.clock()
-        task: Task | None = None
         with self.ctx.device_read() as s:
             found = secure.run(s, CHECKIN, device=device_id).all()
             if not found:  # pragma: no cover - authenticated before
                 raise NotFound("unknown device")
             last_seen, agent_version, peak_rss_mb = found[0][:3]
             rows = [row[3:-1] for row in found if row[-1] is not None]  # participants.id: NULL when not in
-            for row in rows:
-                r, stage_done = RoundRow(*row[:-1]), row[-1]
-                if (
-                    stage_index(r.kind, stage_done, r.secure) < stage_index(r.kind, r.stage, r.secure)
-                    and now < r.stage_deadline
-                ):
-                    task = self._task(s, r, device_id)
-                    break
+            task = self._owed(s, rows, device_id, now)
         # Write the device row only when something changed or a second has passed.
         if (
             last_seen is None
@@ -99,6 +93,39 @@ class CheckIns:
             draw = self._rng.random()
         p = pacing.plan(situation, req.wait, self.pacing, draw)
         return CheckinAnswer(CheckinResponse(retry_after=p.retry_after, task=task), p.hold)
+
+    def woken(self, device_ids: Collection[str]) -> dict[str, CheckinResponse | None]:
+        """The answers of held devices found owing a message (``coordinator.wakeups``): each one's task,
+        read for all of them in one transaction (None where a device has none after all). What a
+        check-in of each would answer, without its bookkeeping: a held device's ``last_seen`` is kept
+        by the hold."""
+        now = self.ctx.clock()
+        out: dict[str, CheckinResponse | None] = {}
+        with self.ctx.device_read() as s:
+            for device_id in device_ids:
+                found = secure.run(s, CHECKIN, device=device_id).all()
+                rows = [row[3:-1] for row in found if row[-1] is not None]
+                task = self._owed(s, rows, device_id, now)
+                if task is None:
+                    out[device_id] = None
+                    continue
+                with self._rng_lock:
+                    draw = self._rng.random()
+                told = pacing.plan("task", 0.0, self.pacing, draw).retry_after
+                out[device_id] = CheckinResponse(retry_after=told, task=task)
+        return out
+
+    def _owed(self, s: secure.Db, rows: list[Any], device_id: str, now: float) -> Task | None:
+        """The task of the first of ``rows`` (running rounds the device is in, with its last stage
+        done) whose current stage the device still owes a message before its deadline."""
+        for row in rows:
+            r, stage_done = RoundRow(*row[:-1]), row[-1]
+            if (
+                stage_index(r.kind, stage_done, r.secure) < stage_index(r.kind, r.stage, r.secure)
+                and now < r.stage_deadline
+            ):
+                return self._task(s, r, device_id)
+        return None
 
     def _job_may_select(self, now: float) -> bool:
         """Whether a running (or pending) job may select devices, as read in the last second."""

@@ -136,6 +136,7 @@ def create_app(settings: ServerSettings | None = None, *, run_ticker: bool = Tru
         interval=settings.tick_interval,
         capacity=settings.long_poll_max_held,
         online_window=settings.eligibility_window,
+        answers=fed.checkins.woken,
     )
     fed.driver.observers.append(long_polls)  # a round opened or moved on here: its held devices are told now
 

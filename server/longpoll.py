@@ -15,13 +15,14 @@ import enum
 import logging
 import signal
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from types import FrameType
-from typing import Any
+from typing import Any, NamedTuple
 
 from coordinator.context import EngineContext
 from coordinator.observers import RoundEnded, RoundOpened, StageEnded
 from coordinator.wakeups import WakeUps
+from shared.wire import CheckinResponse
 
 log = logging.getLogger("aicfl.server")
 
@@ -36,17 +37,35 @@ class Outcome(enum.Enum):
     GONE = "gone"  # the device closed its connection
 
 
+class Woken(NamedTuple):
+    """How a hold ended, and the device's answer when the pass that woke it read it."""
+
+    outcome: Outcome
+    answer: CheckinResponse | None = None
+
+
 class LongPolls:
     """The check-ins this process holds, by device, and the loop that wakes them."""
 
-    def __init__(self, ctx: EngineContext, *, interval: float, capacity: int, online_window: float):
+    def __init__(
+        self,
+        ctx: EngineContext,
+        *,
+        interval: float,
+        capacity: int,
+        online_window: float,
+        answers: Callable[[Collection[str]], dict[str, CheckinResponse | None]] | None = None,
+    ):
         self.wakeups = WakeUps(ctx)
+        # Reads the woken devices' answers in the pass that found them (one thread hop, one transaction
+        # for all), so that a woken request answers without a hop and a transaction of its own.
+        self.answers = answers
         self.clock = ctx.clock
         self.interval = interval
         self.capacity = capacity
         # A held device's last_seen is written again before half the window has passed.
         self.refresh_every = max(interval, online_window / 2)
-        self._held: dict[str, set[asyncio.Future[Outcome]]] = {}
+        self._held: dict[str, set[asyncio.Future[Woken]]] = {}
         self._count = 0
         self._fresh: set[str] = set()  # held since the last pass
         self._seen: dict[str, float] = {}  # when each held device's last_seen was last written
@@ -60,17 +79,17 @@ class LongPolls:
         """Requests held now."""
         return self._count
 
-    async def hold(self, device_id: str, seconds: float, receive: Callable[[], Awaitable[Any]]) -> Outcome:
+    async def hold(self, device_id: str, seconds: float, receive: Callable[[], Awaitable[Any]]) -> Woken:
         """Hold a check-in until its device owes a message, its connection closes, or ``seconds`` pass.
 
         ``receive``: the request's ASGI receive, whose next message (the body was read) is the
-        client's disconnect.
+        client's disconnect. A device woken by a pass comes with its answer when the pass read it.
         """
         if self._closing:
-            return Outcome.CLOSING
+            return Woken(Outcome.CLOSING)
         if self._count >= self.capacity:
-            return Outcome.REFUSED
-        fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+            return Woken(Outcome.REFUSED)
+        fut: asyncio.Future[Woken] = asyncio.get_running_loop().create_future()
         self._held.setdefault(device_id, set()).add(fut)
         self._count += 1
         self._fresh.add(device_id)
@@ -81,7 +100,7 @@ class LongPolls:
             done, _ = await asyncio.wait(either, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
             if fut in done:
                 return fut.result()
-            return Outcome.GONE if gone in done else Outcome.EXPIRED
+            return Woken(Outcome.GONE if gone in done else Outcome.EXPIRED)
         finally:
             gone.cancel()
             if not fut.done():
@@ -94,11 +113,13 @@ class LongPolls:
                     del self._held[device_id]
                     self._seen.pop(device_id, None)
 
-    def wake(self, device_id: str, outcome: Outcome = Outcome.WOKEN) -> None:
-        """Answer the device's held check-ins."""
+    def wake(
+        self, device_id: str, outcome: Outcome = Outcome.WOKEN, answer: CheckinResponse | None = None
+    ) -> None:
+        """Answer the device's held check-ins (with ``answer``, when the pass read it)."""
         for fut in self._held.get(device_id, ()):
             if not fut.done():
-                fut.set_result(outcome)
+                fut.set_result(Woken(outcome, answer))
 
     def release_all(self) -> None:
         """Answer every held check-in and hold no more: the process is shutting down."""
@@ -162,14 +183,22 @@ class LongPolls:
         now = self.clock()
         fresh = {d for d in self._fresh if d in self._held}
         self._fresh = set()
-        for device_id in await asyncio.to_thread(self.wakeups.due, fresh, now):
-            self.wake(device_id)
+        for device_id, answer in (await asyncio.to_thread(self._due, fresh, now)).items():
+            self.wake(device_id, Outcome.WOKEN, answer)
         stale = [d for d, t in self._seen.items() if now - t >= self.refresh_every]
         if stale:
             await asyncio.to_thread(self.wakeups.mark_seen, stale, now)
             for d in stale:
                 if d in self._seen:
                     self._seen[d] = now
+
+    def _due(self, fresh: set[str], now: float) -> dict[str, CheckinResponse | None]:
+        """The held devices that owe a message now, with their answers when ``answers`` reads them."""
+        due = self.wakeups.due(fresh, now)
+        held = [d for d in due if d in self._held]  # a hold may have ended meanwhile: not read for
+        if self.answers is None or not held:
+            return dict.fromkeys(due)
+        return {**dict.fromkeys(due), **self.answers(held)}
 
     # -- shutdown ------------------------------------------------------------
 

@@ -99,9 +99,10 @@ async def _held(
     if answer.hold <= 0:
         return answer.response
     long_polls: LongPolls = request.app.state.long_polls
-    outcome = await long_polls.hold(device_id, answer.hold, request.receive)
+    outcome, woken = await long_polls.hold(device_id, answer.hold, request.receive)
     if outcome is Outcome.WOKEN:
-        woken = await run_in_threadpool(federation(request).checkins.checkin, device_id, req)
+        if woken is None:  # the pass found it owing but read no task (it had none by then, or no reader)
+            woken = await run_in_threadpool(federation(request).checkins.checkin, device_id, req)
         return woken if woken.task is not None else CheckinResponse(retry_after=0.0)
     if outcome is Outcome.EXPIRED:
         return CheckinResponse(retry_after=0.0)  # nothing happened: come back and wait again
