@@ -52,6 +52,7 @@ import os
 import random
 import sys
 import threading
+import time
 from collections import deque
 from functools import cache
 from pathlib import Path
@@ -93,6 +94,7 @@ from shared.signing import (  # noqa: E402
 )
 from shared.tabular import local_statistics  # noqa: E402
 from shared.wire import (  # noqa: E402
+    Accepted,
     CheckinRequest,
     CheckinResponse,
     ConfigureMessage,
@@ -318,13 +320,24 @@ def _ledger(kind: str, record: dict[str, Any]) -> None:
             fh.write(json.dumps(record) + "\n")
 
 
+_BYTES_WRITTEN = [0.0]  # when this process last wrote its bytes record
+
+
 @events.test_stop.add_listener
 def _write_bytes(**_: Any) -> None:
-    """Each process's request-body bytes and drops, for run.py's per-device cost."""
+    """Each process's request-body bytes and drops, for run.py's per-device cost: at the end, and at most
+    once a second as they grow (a worker stopped while its devices' requests are held may never hear of
+    the end)."""
     folder = os.environ.get(LEDGER_ENV)
     if folder and (SENT_BYTES or DROPS or RESENT):
         record = {"sent": SENT_BYTES, "drops": DROPS, "late": LATE, "resent": RESENT}
         ledger_path(folder, "bytes").write_text(json.dumps(record) + "\n")
+        _BYTES_WRITTEN[0] = time.monotonic()
+
+
+def _bytes_grew() -> None:
+    if time.monotonic() - _BYTES_WRITTEN[0] >= 1.0:
+        _write_bytes()
 
 
 class RoundDeviceUser(DeviceUser):
@@ -364,20 +377,28 @@ class RoundDeviceUser(DeviceUser):
         self.secagg: dict[int, SecAggClient] = {}
 
     def on_task(self, t: Task) -> None:
+        # With AICFL_LOAD_WAIT (long polls) each message is sent with ?wait, as the agent sends it, and
+        # the answer's next task is worked on at once, without a check-in.
+        nxt: Task | None = t
+        while nxt is not None:
+            nxt = self._stage(nxt)
+
+    def _stage(self, t: Task) -> Task | None:
+        """Answer one stage's task; the next task when the answer carried one."""
         key = (t.round_id, t.stage)
         if t.round_id in self.dropped or key in self.sent:
-            return
+            return None
         if self.dropout and self.rng.random() < self.dropout:
             self.dropped.add(t.round_id)
             self.secagg.pop(t.round_id, None)
             DROPS[f"{t.kind}/{t.stage}"] = DROPS.get(f"{t.kind}/{t.stage}", 0) + 1
-            return
+            return None
         self.sent.add(key)
         try:
             body, ctype = self._message(t)
         except StopStage:
-            return
-        accepted = self._post(f"/v1/device/rounds/{t.round_id}/{t.stage}", body, ctype, t.stage)
+            return None
+        accepted, answered = self._post(f"/v1/device/rounds/{t.round_id}/{t.stage}", body, ctype, t.stage)
         if accepted and t.kind == "train" and t.stage in ("input", "masked_input"):
             _ledger(
                 "contrib",
@@ -392,6 +413,11 @@ class RoundDeviceUser(DeviceUser):
             )
         if t.stage == "unmask":
             self.secagg.pop(t.round_id, None)
+        if answered is None:
+            return None
+        if self.fixed_pace is None:
+            self.pace = min(max(answered.retry_after, 0.0), MAX_RETRY_AFTER)
+        return answered.task
 
     # -- HTTP ----------------------------------------------------------------
 
@@ -401,11 +427,18 @@ class RoundDeviceUser(DeviceUser):
             headers["Content-Type"] = ctype
         return headers
 
-    def _post(self, path: str, body: bytes, ctype: str, stage: str, again: bool = True) -> bool:
+    def _post(
+        self, path: str, body: bytes, ctype: str, stage: str, again: bool = True
+    ) -> tuple[bool, CheckinResponse | None]:
+        """Send a stage's message: whether it was taken, and the next check-in's answer it carried."""
         name = f"/v1/device/rounds/[id]/{stage}"
+        if self.hold is not None:  # held until the device owes its next message: timed apart
+            path, name = f"{path}?wait={self.hold:g}", f"{name}?wait"
         SENT_BYTES[name] = SENT_BYTES.get(name, 0) + len(body)
+        _bytes_grew()
         headers = self._signed("POST", path, body, ctype)
         resend = False
+        answered = None
         with self.client.post(path, data=body, headers=headers, name=name, catch_response=True) as resp:  # type: ignore[arg-type]
             if resp.status_code == 0 and again:
                 # The connection was closed under the request (the server's keep-alive expired while
@@ -419,13 +452,15 @@ class RoundDeviceUser(DeviceUser):
                 # the agent logs it and moves on; counted apart, not as a failure.
                 resp.success()
                 LATE[stage] = LATE.get(stage, 0) + 1
-                return False
+                return False, None
             elif resp.status_code != 200:
                 resp.failure(_detail(resp))
-                return False
+                return False, None
+            else:
+                answered = Accepted.model_validate_json(resp.content).next
         if resend:
-            return self._post(path, body, ctype, stage, again=False)
-        return True
+            return self._post(path.split("?", 1)[0], body, ctype, stage, again=False)
+        return True, answered
 
     def _model(self, t: Task) -> None:
         """Download the round's model, check its hash and signature, remember its size."""
