@@ -83,6 +83,7 @@ def _serve(
     from pydantic import ValidationError
 
     from server.app import create_app
+    from server.gc_tuning import tune_for_serving
     from server.settings import ServerSettings
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -114,6 +115,7 @@ def _serve(
         shown,
         port,
     )
+    tune_for_serving()  # after the app is built: its objects are never walked again
     try:
         uvicorn.run(
             application,
