@@ -4,35 +4,26 @@ it is answered at once with no ``next``, and a bad ``wait`` is a 422 that names 
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-from shared.signing import sign_request
 
 from . import harness
 from .harness import Coordinator, enroll_devices
+from .test_long_poll import SPEC as LONG_POLL_SPEC
+from .test_long_poll import Device
+from .test_long_poll_poke import send
 
 pytestmark = pytest.mark.slow
 DEVICES = 3
 SPEC: dict[str, Any] = {
+    **LONG_POLL_SPEC,
     "name": "next-task",
-    "rounds": 1,
-    "secure": False,
-    "data": {
-        "features": [{"name": "a", "type": "numeric"}, {"name": "b", "type": "categorical"}],
-        "target": "y",
-        "task": "binary",
-    },
     "cohort": {"target": DEVICES, "minimum": DEVICES, "selection_timeout": 5, "stage_timeout": 60},
 }
-Device = tuple[str, Ed25519PrivateKey]
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +33,8 @@ def coord(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinator]:
         yield c
 
 
-def post(coord: Coordinator, device: Device, path: str, payload: dict[str, Any]) -> httpx.Response:
-    body = json.dumps(payload).encode()
-    headers = {**sign_request(device[1], device[0], "POST", path, body), "Content-Type": "application/json"}
-    return httpx.post(coord.url + path, content=body, headers=headers, timeout=60)
-
-
 def task_of(coord: Coordinator, device: Device) -> dict[str, Any]:
-    resp = post(coord, device, "/v1/device/checkin", {"wait": 20})
+    resp = send(coord, device, "/v1/device/checkin", {"wait": 20})
     assert resp.status_code == 200, resp.text
     task = resp.json()["task"]
     assert task is not None
@@ -59,7 +44,7 @@ def task_of(coord: Coordinator, device: Device) -> dict[str, Any]:
 def test_a_message_with_wait_is_answered_with_the_next_task_when_its_stage_opens(coord: Coordinator) -> None:
     devices = enroll_devices(coord, DEVICES)
     for d in devices:  # online, so that the job can select them
-        assert post(coord, d, "/v1/device/checkin", {}).status_code == 200
+        assert send(coord, d, "/v1/device/checkin", {}).status_code == 200
     job = coord.api().json("POST", "/v1/jobs", json=SPEC)
     try:
         tasks = [task_of(coord, d) for d in devices]
@@ -69,13 +54,13 @@ def test_a_message_with_wait_is_answered_with_the_next_task_when_its_stage_opens
 
         # Bad waits: refused by name, and the message is not taken (the device can still send it).
         for bad in ("-1", "abc", "3601"):
-            resp = post(coord, devices[0], f"{configure}?wait={bad}", message)
+            resp = send(coord, devices[0], f"{configure}?wait={bad}", message)
             assert resp.status_code == 422 and "wait" in resp.text, resp.text
 
         answer: dict[str, Any] = {}
 
         def first() -> None:
-            resp = post(coord, devices[0], f"{configure}?wait=30", message)
+            resp = send(coord, devices[0], f"{configure}?wait=20", message)
             answer["status"], answer["body"], answer["at"] = resp.status_code, resp.json(), time.monotonic()
 
         held = threading.Thread(target=first, daemon=True)
@@ -83,7 +68,7 @@ def test_a_message_with_wait_is_answered_with_the_next_task_when_its_stage_opens
         time.sleep(1.0)
         assert held.is_alive(), "answered before the next stage opened: it owes nothing yet"
         for d in devices[1:]:
-            resp = post(coord, d, configure, message)  # no wait: answered at once, as before
+            resp = send(coord, d, configure, message)  # no wait: answered at once, as before
             assert resp.status_code == 200 and resp.json()["next"] is None, resp.text
         last_configured = time.monotonic()
         held.join(30)
