@@ -60,12 +60,10 @@ class CheckIns:
         """The device's task, or when to come back; and, if it can wait, how long to hold it for a task."""
         now = self.ctx.clock()
         with self.ctx.device_read() as s:
-            found = secure.run(s, CHECKIN, device=device_id).all()
+            found, rows, task = self._lookup(s, device_id, now)
             if not found:  # pragma: no cover - authenticated before
                 raise NotFound("unknown device")
             last_seen, agent_version, peak_rss_mb = found[0][:3]
-            rows = [row[3:-1] for row in found if row[-1] is not None]  # participants.id: NULL when not in
-            task = self._owed(s, rows, device_id, now)
         # Write the device row only when something changed or a second has passed.
         if (
             last_seen is None
@@ -103,9 +101,7 @@ class CheckIns:
         out: dict[str, CheckinResponse | None] = {}
         with self.ctx.device_read() as s:
             for device_id in device_ids:
-                found = secure.run(s, CHECKIN, device=device_id).all()
-                rows = [row[3:-1] for row in found if row[-1] is not None]
-                task = self._owed(s, rows, device_id, now)
+                task = self._lookup(s, device_id, now)[2]
                 if task is None:
                     out[device_id] = None
                     continue
@@ -115,17 +111,20 @@ class CheckIns:
                 out[device_id] = CheckinResponse(retry_after=told, task=task)
         return out
 
-    def _owed(self, s: secure.Db, rows: list[Any], device_id: str, now: float) -> Task | None:
-        """The task of the first of ``rows`` (running rounds the device is in, with its last stage
-        done) whose current stage the device still owes a message before its deadline."""
+    def _lookup(self, s: secure.Db, device_id: str, now: float) -> tuple[list[Any], list[Any], Task | None]:
+        """The device's check-in rows (its own columns, then one per running round); the running rounds
+        it takes part in; and the task of the first whose current stage it still owes a message before
+        its deadline."""
+        found = list(secure.run(s, CHECKIN, device=device_id).all())
+        rows = [row[3:-1] for row in found if row[-1] is not None]  # participants.id: NULL when not in
         for row in rows:
             r, stage_done = RoundRow(*row[:-1]), row[-1]
             if (
                 stage_index(r.kind, stage_done, r.secure) < stage_index(r.kind, r.stage, r.secure)
                 and now < r.stage_deadline
             ):
-                return self._task(s, r, device_id)
-        return None
+                return found, rows, self._task(s, r, device_id)
+        return found, rows, None
 
     def _job_may_select(self, now: float) -> bool:
         """Whether a running (or pending) job may select devices, as read in the last second."""

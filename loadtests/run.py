@@ -40,7 +40,6 @@ import tempfile
 import threading
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from datetime import datetime
 from pathlib import Path
@@ -106,14 +105,14 @@ def call(
 
 
 def all_devices(base: str, token: str) -> list[dict[str, Any]]:
-    """Every enrolled device, a page of 1,000 at a time (the coordinator pages its device list)."""
-    out: list[dict[str, Any]] = []
-    while True:
-        after = f"&after={urllib.parse.quote(out[-1]['id'])}" if out else ""
-        page = call(f"{base}/v1/devices?limit=1000{after}", token=token, timeout=60)
-        out.extend(page)
-        if len(page) < 1000:
-            return out
+    """Every enrolled device, following the coordinator's pages of its device list."""
+    from shared.api_client import ApiClient
+
+    api = ApiClient(base, token, timeout=60)
+    try:
+        return api.pages("/v1/devices", params={"limit": 1000})
+    finally:
+        api.close()
 
 
 def run_module(args: list[str], env: dict[str, str], timeout: float) -> str:
