@@ -184,10 +184,12 @@ class Agent:
         backoff = Backoff()
         self.warm_up()
         log.info("agent %s checking in with %s", self.cfg.device_id, self.cfg.coordinator)
-        answered: CheckinResponse | None = None  # the next check-in's answer, carried by a stage's
+        # The answer a stage's message carried (``?wait``): it stands for the next check-in.
+        answered: CheckinResponse | None = None
         while not self.stop.is_set():
             try:
-                resp, answered = (answered if answered is not None else self.checkin()), None
+                resp = answered if answered is not None else self.checkin()
+                answered = None
                 backoff.reset()
                 if resp.task is not None:
                     answered = self.handle(resp.task)
