@@ -20,6 +20,7 @@ from coordinator import boosting, pacing, registry, secure
 from coordinator.context import EngineContext
 from coordinator.errors import Forbidden, NotFound
 from coordinator.models import Job, Participant, Round
+from coordinator.pacing import Situation
 from coordinator.rounds import stage_index
 from coordinator.statements import CHECKIN, DEVICE_SEEN_SET, RoundRow
 from shared.wire import CheckinRequest, CheckinResponse, ModelRef, Task
@@ -87,9 +88,17 @@ class CheckIns:
             situation = "in_round"
         else:
             situation = "selectable" if self._job_may_select(now) else "idle"
+        return self._plan(situation, req.wait, task)
+
+    def in_round(self, wait: float) -> CheckinAnswer:
+        """The answer of a device known, without reading, to be in a running round and to owe nothing now:
+        one whose message was just taken while no round opened, moved on or ended (``server.longpoll``)."""
+        return self._plan("in_round", wait, None)
+
+    def _plan(self, situation: Situation, wait: float, task: Task | None) -> CheckinAnswer:
         with self._rng_lock:
             draw = self._rng.random()
-        p = pacing.plan(situation, req.wait, self.pacing, draw)
+        p = pacing.plan(situation, wait, self.pacing, draw)
         return CheckinAnswer(CheckinResponse(retry_after=p.retry_after, task=task), p.hold)
 
     def woken(self, device_ids: Collection[str]) -> dict[str, CheckinResponse | None]:
@@ -102,13 +111,7 @@ class CheckIns:
         with self.ctx.device_read() as s:
             for device_id in device_ids:
                 task = self._lookup(s, device_id, now)[2]
-                if task is None:
-                    out[device_id] = None
-                    continue
-                with self._rng_lock:
-                    draw = self._rng.random()
-                told = pacing.plan("task", 0.0, self.pacing, draw).retry_after
-                out[device_id] = CheckinResponse(retry_after=told, task=task)
+                out[device_id] = None if task is None else self._plan("task", 0.0, task).response
         return out
 
     def _lookup(self, s: secure.Db, device_id: str, now: float) -> tuple[list[Any], list[Any], Task | None]:

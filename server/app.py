@@ -215,7 +215,9 @@ def create_app(settings: ServerSettings | None = None, *, run_ticker: bool = Tru
         """The public key that signs every model version."""
         return {"algorithm": "Ed25519", "public_key": b64e(public_key_bytes(fed.key))}
 
-    for router in (operators.router, jobs.router, audits.router, device_api.router):
+    # The devices' routes first: a request is matched against the routes in order, and theirs are the
+    # requests that come by the thousand (no other route's path begins /v1/device/ or is /v1/enroll).
+    for router in (device_api.router, operators.router, jobs.router, audits.router):
         add_routes(app, router)
     ui.mount(app)
     return app

@@ -65,6 +65,9 @@ class LongPolls:
         self.capacity = capacity
         # A held device's last_seen is written again before half the window has passed.
         self.refresh_every = max(interval, online_window / 2)
+        # Bumped (from any thread) as a round opens, moves on or ends in this process, once committed: a request
+        # that read it before its work and finds it unchanged after knows no round here moved meanwhile.
+        self.generation = 0
         self._held: dict[str, set[asyncio.Future[Woken]]] = {}
         self._count = 0
         self._fresh: set[str] = set()  # held since the last pass
@@ -79,11 +82,22 @@ class LongPolls:
         """Requests held now."""
         return self._count
 
-    async def hold(self, device_id: str, seconds: float, receive: Callable[[], Awaitable[Any]]) -> Woken:
+    async def hold(
+        self,
+        device_id: str,
+        seconds: float,
+        receive: Callable[[], Awaitable[Any]],
+        since: int | None = None,
+    ) -> Woken:
         """Hold a check-in until its device owes a message, its connection closes, or ``seconds`` pass.
 
         ``receive``: the request's ASGI receive, whose next message (the body was read) is the
         client's disconnect. A device woken by a pass comes with its answer when the pass read it.
+
+        ``since``: a hold whose answer was not read (a round message taken while no round here moved,
+        ``server.routers.device_api``): the ``generation`` before the message's work. If a round moved
+        since, a pass is made now, so that the device is not left waiting for the next tick if the pass
+        the move started missed it; its ``last_seen`` is written by the next pass.
         """
         if self._closing:
             return Woken(Outcome.CLOSING)
@@ -93,7 +107,9 @@ class LongPolls:
         self._held.setdefault(device_id, set()).add(fut)
         self._count += 1
         self._fresh.add(device_id)
-        self._seen.setdefault(device_id, self.clock())
+        self._seen.setdefault(device_id, self.clock() if since is None else float("-inf"))
+        if since is not None and since != self.generation and self._poked is not None:
+            self._poked.set()
         gone = asyncio.ensure_future(_disconnect(receive))
         try:
             either: set[asyncio.Future[Any]] = {fut, gone}
@@ -156,13 +172,17 @@ class LongPolls:
     # another replica drives are found by the pass every ``interval``.
 
     def round_opened(self, event: RoundOpened) -> None:
+        self.generation += 1
         self.poke()
 
     def stage_ended(self, event: StageEnded) -> None:
+        self.generation += 1
         self.poke()
 
     def round_ended(self, event: RoundEnded) -> None:
-        """Nothing to answer: a device that took part owes no more messages."""
+        """Nothing to answer (a device that took part owes no more messages), but its devices' next answer
+        is no longer ``in_round``."""
+        self.generation += 1
 
     async def _run(self) -> None:
         assert self._poked is not None

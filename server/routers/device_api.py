@@ -93,13 +93,15 @@ async def checkin(request: Request, who: SignedRequest = Depends(device_request)
 
 
 async def _held(
-    request: Request, device_id: str, req: CheckinRequest, answer: CheckinAnswer
+    request: Request, device_id: str, req: CheckinRequest, answer: CheckinAnswer, since: int | None = None
 ) -> CheckinResponse:
-    """``answer``, or, when it may be held, the device's task once it owes a message (no thread)."""
+    """``answer``, or, when it may be held, the device's task once it owes a message (no thread).
+
+    ``since``: ``answer`` was not read but known (``_accepted``), as of that ``LongPolls.generation``."""
     if answer.hold <= 0:
         return answer.response
     long_polls: LongPolls = request.app.state.long_polls
-    outcome, woken = await long_polls.hold(device_id, answer.hold, request.receive)
+    outcome, woken = await long_polls.hold(device_id, answer.hold, request.receive, since)
     if outcome is Outcome.WOKEN:
         if woken is None:  # the pass found it owing but read no task (it had none by then, or no reader)
             woken = await run_in_threadpool(federation(request).checkins.checkin, device_id, req)
@@ -125,19 +127,33 @@ Wait = Annotated[
 async def _accepted(
     request: Request, who: SignedRequest, work: Callable[[str, bytes], None], wait: float
 ) -> Accepted:
-    """Run a round message's ``work``; with ``wait``, answer with the device's next check-in as well."""
+    """Run a round message's ``work``; with ``wait``, answer with the device's next check-in as well.
+
+    The answer is read only if a round opened, moved on or ended in this process while the message was
+    worked on (its own message may have ended the stage). Otherwise the device, whose message was just
+    taken, is in its round and owes nothing until the stage moves on: it is held without a read (half of
+    a SecAgg+ round's transactions were these reads), and the pass that the stage's end starts wakes it
+    (``LongPolls.hold``'s ``since``). A round moved by another replica is found by the pass within a tick,
+    as for any held check-in. A device that declined its round is held as a device waiting for one is.
+    """
     checkins = federation(request).checkins
+    long_polls: LongPolls = request.app.state.long_polls
     req = CheckinRequest(wait=wait)
+    since = long_polls.generation
 
-    def work_then_answer(device_id: str, body: bytes) -> tuple[str, CheckinAnswer | None]:
+    def work_then_answer(device_id: str, body: bytes) -> tuple[str, CheckinAnswer | None, bool]:
         work(device_id, body)
-        return device_id, (checkins.answer(device_id, req) if wait > 0 else None)
+        if wait <= 0:
+            return device_id, None, False
+        if long_polls.generation == since:
+            return device_id, checkins.in_round(wait), True
+        return device_id, checkins.answer(device_id, req), False
 
-    device_id, answer = await who.run(work_then_answer)
+    device_id, answer, known = await who.run(work_then_answer)
     who.release()  # done with the body: no upload slot is held while the answer waits
     if answer is None:
         return Accepted()
-    return Accepted(next=await _held(request, device_id, req, answer))
+    return Accepted(next=await _held(request, device_id, req, answer, since if known else None))
 
 
 @router.get(
