@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractContextManager
 from typing import TypeVar
 
 from fastapi import Depends, Request
@@ -81,22 +82,35 @@ class SignedRequest:
     signature is not yet verified: a route reaches its device and body only through ``run``."""
 
     def __init__(
-        self, body: bytes, verify: Callable[[bytes], str], release: Callable[[], None] = lambda: None
+        self,
+        body: bytes,
+        verify: Callable[[bytes], str],
+        release: Callable[[], None] = lambda: None,
+        in_place: Callable[[], AbstractContextManager[bool]] | None = None,
     ):
         self._body = body
         self._verify = verify
         self.release = release  # frees the upload slot before the request is held (idempotent)
+        self._in_place = in_place  # EngineContext.in_place, for a small body; None: always a worker thread
 
     async def run(self, work: Callable[[str, bytes], T]) -> T:
-        """Verify the signature and spend the nonce, then ``work(device_id, body)``: in one worker thread.
+        """Verify the signature and spend the nonce, then ``work(device_id, body)``.
 
-        One thread hop per request rather than one for the check and one for the route's work: each hop
-        (a queue put that wakes a worker, a wake-up of the event loop when it is done) cost about a tenth
-        of the coordinator's CPU in a SecAgg+ round over HTTP (py-spy). The check commits in a
-        transaction of its own before ``work`` starts, so a request refused by the route still spends
-        its nonce, and nothing of the body is parsed before the signature holds.
+        Both in one worker thread, or, for a small body when the engine allows it (``EngineContext.in_place``:
+        SQLite and the local blob folder, the write lock free), here on the event loop. Each hand-off to a
+        thread (a queue put that wakes a worker, the GIL passed to it and back, a wake-up of the event loop
+        when it is done) cost more than a small message's work: run in place, a SecAgg+ round over HTTP
+        took about a third less of the coordinator's CPU (alternating ``bench/secagg.py`` runs). A large
+        upload, or storage over the network (PostgreSQL, S3), keeps the thread: its work would hold up
+        every other request. The check commits in a transaction of its own before ``work`` starts, so a
+        request refused by the route still spends its nonce, and nothing of the body is parsed before the
+        signature holds.
         """
         body, verify = self._body, self._verify
+        if self._in_place is not None:
+            with self._in_place() as here:
+                if here:
+                    return work(verify(body), body)
         return await run_in_threadpool(lambda: work(verify(body), body))
 
 
@@ -152,6 +166,6 @@ async def device_request(request: Request) -> AsyncIterator[SignedRequest]:
             with fed.device_write() as db:
                 return auth.authenticate_device_id(db, headers, method, target, signed, window_seconds=window)
 
-        yield SignedRequest(body, verify, release)
+        yield SignedRequest(body, verify, release, fed.in_place if slots is None else None)
     finally:
         release()
