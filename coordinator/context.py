@@ -34,6 +34,9 @@ _AFTER_COMMIT = "aicfl_after_commit"  # the key of a session's ``info`` that hol
 # work goes to a thread after all. Without a wait, one request handed to a thread kept the lock while it
 # waited for the GIL, the next found it taken, and so on: a quarter of a round's requests went to threads.
 IN_PLACE_WAIT = 0.01
+# After a wait that ran out (a long transaction: a round's finalize in the ticker), ``in_place`` does not
+# wait again for this long: the event loop is not held up ``IN_PLACE_WAIT`` by every request meanwhile.
+IN_PLACE_BACKOFF = 0.1
 
 
 @dataclass
@@ -72,6 +75,7 @@ class EngineContext:
         # Every statement and blob an in-process library call (SQLite, the local folder): no device request's
         # work waits on the network (``in_place``).
         self.in_process = self.sqlite and isinstance(blobs, LocalBlobStore)
+        self._in_place_after = 0.0  # in_place does not wait for the write lock before this (time.monotonic)
         self.reference: dict[str, Any] = {}  # reference data as the job's app parsed it, by blob hash
         # The newest version of each job, as registered here: the next round starts from it.
         self._latest: dict[int, tuple[str, dict[str, Any], np.ndarray]] = {}
@@ -128,16 +132,27 @@ class EngineContext:
         """Whether a small device request's work may be done on the calling thread, now, rather than handed
         to a worker thread: only with in-process storage (``in_process``) and the write lock free, which
         is then held until the block ends, so that nothing done in it waits for another writer of this
-        process. The server's event loop does so (``server.security.SignedRequest.run``): on SQLite the
-        hand-off to a thread and back cost more than the work itself.
+        process. A writer in another thread is waited for up to ``IN_PLACE_WAIT``, and not at all for
+        ``IN_PLACE_BACKOFF`` after such a wait ran out. The server's event loop does so
+        (``server.security.SignedRequest.run``): on SQLite the hand-off to a thread and back cost more
+        than the work itself.
         """
-        if not self.in_process or not self._write_lock.acquire(timeout=IN_PLACE_WAIT):
+        if not self.in_process:
             yield False
             return
+        lock = self._write_lock
+        if not lock.acquire(blocking=False):
+            if time.monotonic() < self._in_place_after:
+                yield False
+                return
+            if not lock.acquire(timeout=IN_PLACE_WAIT):
+                self._in_place_after = time.monotonic() + IN_PLACE_BACKOFF
+                yield False
+                return
         try:
             yield True
         finally:
-            self._write_lock.release()
+            lock.release()
 
     @contextmanager
     def device_read(self) -> Iterator[secure.Db]:

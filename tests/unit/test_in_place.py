@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import create_engine
 
 from coordinator.blobs import LocalBlobStore
-from coordinator.context import IN_PLACE_WAIT, EngineContext
+from coordinator.context import IN_PLACE_BACKOFF, IN_PLACE_WAIT, EngineContext
 from coordinator.s3blobs import S3BlobStore
 from coordinator.store import session_factory
 from server.security import SignedRequest
@@ -47,7 +47,7 @@ def test_sqlite_and_local_blobs_work_in_place_holding_the_write_lock(tmp_path: P
     assert _other_thread_can_write(ctx)  # and given back
 
 
-def test_a_writer_in_another_thread_is_waited_for_briefly_then_the_work_goes_to_a_thread(
+def test_a_writer_in_another_thread_is_waited_for_briefly_then_not_for_a_while(
     tmp_path: Path,
 ) -> None:
     ctx = _ctx(f"sqlite:///{tmp_path / 'db.sqlite'}", LocalBlobStore(tmp_path / "blobs"))
@@ -64,13 +64,21 @@ def test_a_writer_in_another_thread_is_waited_for_briefly_then_the_work_goes_to_
     with ctx.in_place() as here:
         assert here  # a short transaction is waited for
     taken.clear()
+    done.clear()
     threading.Thread(target=writer, args=(IN_PLACE_WAIT * 20,)).start()
     taken.wait()
     start = time.monotonic()
     with ctx.in_place() as here:
         assert not here  # a long one is not
     assert time.monotonic() - start < IN_PLACE_WAIT * 10
+    start = time.monotonic()
+    with ctx.in_place() as here:
+        assert not here
+    assert time.monotonic() - start < IN_PLACE_WAIT / 2  # nor waited for again at once: no wait at all
     done.wait()
+    time.sleep(IN_PLACE_BACKOFF)
+    with ctx.in_place() as here:
+        assert here  # the writer is gone and the back-off over
 
 
 def test_storage_over_the_network_never_works_in_place(tmp_path: Path) -> None:
