@@ -141,19 +141,20 @@ async def _accepted(
     req = CheckinRequest(wait=wait)
     since = long_polls.generation
 
-    def work_then_answer(device_id: str, body: bytes) -> tuple[str, CheckinAnswer | None, bool]:
+    def work_then_answer(device_id: str, body: bytes) -> tuple[str, CheckinAnswer | None, int | None]:
+        """The device, its answer, and ``since`` when that answer is known without a read (else None)."""
         work(device_id, body)
         if wait <= 0:
-            return device_id, None, False
+            return device_id, None, None
         if long_polls.generation == since:
-            return device_id, checkins.in_round(wait), True
-        return device_id, checkins.answer(device_id, req), False
+            return device_id, checkins.in_round(wait), since
+        return device_id, checkins.answer(device_id, req), None
 
-    device_id, answer, known = await who.run(work_then_answer)
+    device_id, answer, unread_since = await who.run(work_then_answer)
     who.release()  # done with the body: no upload slot is held while the answer waits
     if answer is None:
         return Accepted()
-    return Accepted(next=await _held(request, device_id, req, answer, since if known else None))
+    return Accepted(next=await _held(request, device_id, req, answer, unread_since))
 
 
 @router.get(
